@@ -1,0 +1,48 @@
+"""dflash.rms_norm and dflash.rope — the building blocks the fused ops are defined with."""
+
+import torch
+from torch import Tensor
+
+
+def rms_norm_reference(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """`x * rsqrt(mean(x², -1) + eps) * w`, statistics and the weight product in fp32, stored in x.dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Neox rope on the first rot_dim = cos.shape[-1] channels of x [B, S, H, D]; cos/sin [B, S, rot_dim]."""
+    rot_dim = cos.shape[-1]
+    xf = x.float()
+    rot, rest = xf[..., :rot_dim], xf[..., rot_dim:]
+    c, s = cos.float().unsqueeze(-2), sin.float().unsqueeze(-2)
+    return torch.cat((rot * c + rotate_half(rot) * s, rest), dim=-1).to(x.dtype)
+
+
+@torch.library.custom_op("dflash::rms_norm", mutates_args=())
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    return rms_norm_reference(x, weight, eps)
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("dflash::rope", mutates_args=())
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return rope_reference(x, cos, sin)
+
+
+@rope.register_fake
+def _(x, cos, sin):
+    torch._check(cos.shape[-1] <= x.shape[-1], lambda: "rope: rot_dim larger than head_dim")
+    return torch.empty_like(x)

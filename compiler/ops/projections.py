@@ -1,0 +1,65 @@
+"""dflash.qkv_norm_rope and dflash.kv_materialize — projection + per-head RMSNorm + rope in one op.
+
+qkv_norm_rope:  x[B,S,H] ─ x@w_qkvᵀ(+b) ─ split q|k|v ─ per-head rms_norm(q), rms_norm(k) ─ rope(q), rope(k)
+kv_materialize: the draft's context path: ctx[B,C,H] ─ ctx@w_kvᵀ(+b) ─ split k|v ─ rms_norm(k) ─ rope(k)
+Norm weights are optional (Llama has none); eps is shared by q and k (a pass refuses to fuse otherwise).
+"""
+
+import torch
+from torch import Tensor
+
+from .norm_rope import rms_norm_reference, rope_reference
+
+
+def _norm_rope(t: Tensor, norm_w: Tensor | None, eps: float, cos: Tensor, sin: Tensor) -> Tensor:
+    if norm_w is not None:
+        t = rms_norm_reference(t, norm_w, eps)
+    return rope_reference(t, cos, sin)
+
+
+def qkv_norm_rope_reference(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim):
+    qkv = torch.nn.functional.linear(x, w_qkv, b_qkv)
+    q, k, v = qkv.split([n_q * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    q = q.unflatten(-1, (n_q, head_dim))
+    k = k.unflatten(-1, (n_kv, head_dim))
+    v = v.unflatten(-1, (n_kv, head_dim))
+    return _norm_rope(q, q_norm_w, eps, cos, sin), _norm_rope(k, k_norm_w, eps, cos, sin), v.contiguous()
+
+
+def kv_materialize_reference(ctx, w_kv, b_kv, k_norm_w, eps, cos, sin, n_kv, head_dim):
+    kv = torch.nn.functional.linear(ctx, w_kv, b_kv)
+    k, v = kv.unflatten(-1, (2 * n_kv, head_dim)).split([n_kv, n_kv], dim=-2)
+    return _norm_rope(k, k_norm_w, eps, cos, sin), v.contiguous()
+
+
+def _check_width(w: Tensor, heads: int, head_dim: int, op: str) -> None:
+    torch._check(w.shape[0] == heads * head_dim,
+                 lambda: f"{op}: weight has {w.shape[0]} rows, expected {heads}×{head_dim}")
+
+
+@torch.library.custom_op("dflash::qkv_norm_rope", mutates_args=())
+def qkv_norm_rope(x: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, q_norm_w: Tensor | None,
+                  k_norm_w: Tensor | None, eps: float, cos: Tensor, sin: Tensor,
+                  n_q: int, n_kv: int, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    return qkv_norm_rope_reference(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim)
+
+
+@qkv_norm_rope.register_fake
+def _(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim):
+    _check_width(w_qkv, n_q + 2 * n_kv, head_dim, "qkv_norm_rope")
+    lead = x.shape[:-1]
+    return (x.new_empty(*lead, n_q, head_dim), x.new_empty(*lead, n_kv, head_dim),
+            x.new_empty(*lead, n_kv, head_dim))
+
+
+@torch.library.custom_op("dflash::kv_materialize", mutates_args=())
+def kv_materialize(ctx: Tensor, w_kv: Tensor, b_kv: Tensor | None, k_norm_w: Tensor | None, eps: float,
+                   cos: Tensor, sin: Tensor, n_kv: int, head_dim: int) -> tuple[Tensor, Tensor]:
+    return kv_materialize_reference(ctx, w_kv, b_kv, k_norm_w, eps, cos, sin, n_kv, head_dim)
+
+
+@kv_materialize.register_fake
+def _(ctx, w_kv, b_kv, k_norm_w, eps, cos, sin, n_kv, head_dim):
+    _check_width(w_kv, 2 * n_kv, head_dim, "kv_materialize")
+    lead = ctx.shape[:-1]
+    return ctx.new_empty(*lead, n_kv, head_dim), ctx.new_empty(*lead, n_kv, head_dim)

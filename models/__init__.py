@@ -1,0 +1,1 @@
+"""torch_dflash.models — plain PyTorch reference models and checkpoint loading."""

@@ -1,0 +1,1 @@
+"""torch_dflash.passes — FX graph passes over ATen graphs, one pass per file."""

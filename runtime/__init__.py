@@ -1,0 +1,1 @@
+"""torch_dflash.runtime — the DFLASH speculative-decoding engine."""

@@ -1,0 +1,6 @@
+"""torch-dflash: a PyTorch compiler backend and runtime for DFLASH speculative decoding."""
+
+from .errors import CheckpointError, ConfigError, DFlashError, InputError  # noqa: I001  (leaf first)
+from torch_dflash import compiler, models
+
+__all__ = ["CheckpointError", "ConfigError", "DFlashError", "InputError", "compiler", "models"]
