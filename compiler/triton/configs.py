@@ -6,6 +6,17 @@ Kernel modules read their row with `launch_config(kernel, family)`; edit the num
 
 TABLE: dict[str, dict[str, dict[str, int]]] = {
     # rows are added by the kernel modules' authors: "kernel_name": {"cuda": {...}, "rocm": {...}},
+    # norm_rope.py: tiles of `elems` elements (BLOCK_T tokens × head_dim, or BLOCK_M rows × BLOCK_N), about
+    # `elems_per_thread` per lane, at most `max_warps` warps/wavefronts of `warp` lanes; the head epilogue shrinks
+    # BLOCK_T until the grid has `min_programs` programs (≈ 4 per SM/CU: 132 on H100, 304 on MI300X) or BLOCK_T is 1.
+    "norm_rope_heads": {
+        "cuda": {"elems": 2048, "elems_per_thread": 8, "max_warps": 4, "warp": 32, "min_programs": 528},
+        "rocm": {"elems": 4096, "elems_per_thread": 8, "max_warps": 4, "warp": 64, "min_programs": 1216},
+    },
+    "rms_norm_rows": {
+        "cuda": {"elems": 4096, "elems_per_thread": 8, "max_warps": 8, "warp": 32},
+        "rocm": {"elems": 4096, "elems_per_thread": 8, "max_warps": 8, "warp": 64},
+    },
 }
 
 
