@@ -1,7 +1,10 @@
 """Small FX helpers shared by the passes: op tests, parameter lookup, replacing a subgraph's outputs."""
 
+import sympy
 import torch
 import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch.utils import _pytree as pytree
 
 aten = torch.ops.aten
 
@@ -41,3 +44,51 @@ def add_constant(gm: fx.GraphModule, anchor: fx.Node, prefix: str, value: torch.
 def meta_val(node: object):
     """The FakeTensor (or SymInt) recorded for node by export / AOT tracing, if any."""
     return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def node_arg(node: fx.Node, i: int, name: str, default=None):
+    """Argument `name` of a call, given positionally at index i or as a keyword."""
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def tensor_meta(node: object) -> torch.Tensor | None:
+    """The FakeTensor recorded for node when it is a tensor, else None."""
+    val = meta_val(node)
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def sym_expr(value):
+    """A python int / SymInt / SymBool (or a node whose meta value is one) as a sympy expression, else None."""
+    if isinstance(value, fx.Node):
+        value = meta_val(value)
+    if isinstance(value, bool):
+        return sympy.true if value else sympy.false
+    if isinstance(value, int):
+        return sympy.Integer(value)
+    if isinstance(value, (torch.SymInt, torch.SymBool)):
+        return value.node.expr
+    return None
+
+
+def same_sizes(a, b) -> bool:
+    """True when two shapes (ints / SymInts) are provably equal entry by entry."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        ex, ey = sym_expr(x), sym_expr(y)
+        if ex is None or ey is None or (ex - ey).expand() != 0:
+            return False
+    return True
+
+
+def infer_meta(node: fx.Node) -> None:
+    """Record node.meta["val"] for a freshly inserted call by running it on its inputs' fake values."""
+    inputs = [n for n in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(n, fx.Node)]
+    if any(meta_val(n) is None for n in inputs):
+        return
+    args, kwargs = pytree.tree_map_only(fx.Node, meta_val, (node.args, node.kwargs))
+    fake_mode = detect_fake_mode(pytree.tree_leaves((args, kwargs)))
+    if fake_mode is None:
+        return
+    with fake_mode:
+        node.meta["val"] = node.target(*args, **kwargs)
