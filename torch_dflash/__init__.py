@@ -2,5 +2,7 @@
 
 from .errors import CheckpointError, ConfigError, DFlashError, InputError  # noqa: I001  (leaf first)
 from torch_dflash import compiler, models
+from torch_dflash.models import load_draft, load_target
 
-__all__ = ["CheckpointError", "ConfigError", "DFlashError", "InputError", "compiler", "models"]
+__all__ = ["CheckpointError", "ConfigError", "DFlashError", "InputError", "compiler", "models", "load_draft",
+           "load_target"]
