@@ -41,6 +41,7 @@ class DecoderLM(StaticCacheLM):
         for i, layer in enumerate(self.model.layers):
             h = layer(h, cos, sin, cache_positions, mask)
             outputs[i] = h
-        h = outputs[len(outputs) - 1] = self.model.norm(h)  # transformers: hidden_states[-1] is after the norm
+        h = self.model.norm(h)
+        outputs[len(self.model.layers) - 1] = h  # as transformers: hidden_states[-1] is after the final norm
         features = self._features(outputs) if return_features else None
         return LMOutput(self.lm_head(self._select(h, logits_indices)), features)
