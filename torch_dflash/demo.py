@@ -7,6 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from torch_dflash.compiler.capture import DraftStep, VerifyStep
+from torch_dflash.errors import InputError
 from torch_dflash.models import DecoderConfig, DecoderLM, DFlashDraft, DFlashDraftConfig, build_target_layer_ids
 
 TARGET = dict(vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=8,
@@ -35,14 +36,26 @@ def build_demo_pair(seed: int = 0, *, device: str | torch.device = "cpu", dtype:
     return target, draft
 
 
+def resolve_device(name: str) -> torch.device:
+    """The torch.device a user named, or InputError when torch cannot use it here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"Unknown device '{name}'; use cpu or cuda (ROCm GPUs are 'cuda' in torch).") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"Device '{name}' was asked for, but torch sees no CUDA or ROCm GPU on this machine.")
+    return device
+
+
 def _timed(fn):
     start = time.perf_counter()
     result = fn()
     return result, (time.perf_counter() - start) * 1e3
 
 
-def run(console: Console, *, device: str = "cpu", seed: int = 0, prompt_len: int = 12, quiet: bool = False) -> dict:
+def run(console: Console, *, device: str | torch.device = "cpu", seed: int = 0, prompt_len: int = 12, quiet: bool = False) -> dict:
     """Prefill, one draft step and one verify step of the random pair, eagerly; prints what each did."""
+    device = resolve_device(device)
     target, draft = build_demo_pair(seed, device=device)
     b, vocab = draft.block_size, target.config.vocab_size
     prompt = torch.randint(0, vocab - 1, (1, prompt_len), device=device)
