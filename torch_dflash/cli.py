@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    console = Console(stderr=False, quiet=False)
+    console = Console()
     try:
         from torch_dflash import demo
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     except DFlashError as error:
         if args.debug:
             traceback.print_exc()
-        Console(stderr=True).print(f"[red]error:[/red] {error}", highlight=False)
+        Console(stderr=True).print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         return 1
     except Exception:  # noqa: BLE001 — an internal error: say so, with the traceback
         traceback.print_exc()
