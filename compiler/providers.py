@@ -41,6 +41,10 @@ def register(provider: Provider) -> Provider:
     return provider
 
 
+def all_providers(op: str) -> list[Provider]:
+    return list(_REGISTRY[op])
+
+
 def candidates(op: str, target: str) -> list[Provider]:
     """Providers of `op` that run on `target`, best first; the reference is always last."""
     found = [p for p in _REGISTRY[op] if p.runs_on(target)]
