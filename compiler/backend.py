@@ -1,11 +1,137 @@
-"""The `torch.compile(model, backend="dflash")` entry point (registered in pyproject under
-`torch_dynamo_backends`, so it resolves without importing torch_dflash first).
+"""`torch.compile(model, backend="dflash")` (registered in pyproject under `torch_dynamo_backends`).
 
-Today it runs the Dynamo graph it is given unchanged; the pass pipeline and lowering plug in here.
+Dynamo graph → AOT (functionalized, inference) → Inductor with parameters frozen into constants → OUR pass
+pipeline and lowering, run as Inductor's `post_grad_custom_pre_pass` (so merged weights are built once from
+the frozen parameters) → Inductor compiles what remains; dflash/provider ops stay opaque kernels inside it.
+With `inductor=False` the same passes run on the AOT graph (parameters stay inputs, merged weights are
+concatenated per call) and the graph runs eagerly — for debugging.
+Training graphs (anything requiring grad) are out of scope: they go to Inductor unchanged, with one warning.
 """
 
+import dataclasses
+import hashlib
+import inspect
+import json
+import logging
+from pathlib import Path
+
 import torch
+import torch.fx as fx
+
+from torch_dflash.errors import InputError
+
+from . import lowering, report
+
+log = logging.getLogger("torch_dflash")
 
 
-def dflash_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None):
-    return gm.forward
+@dataclasses.dataclass(frozen=True)
+class BackendOptions:
+    target: str = "auto"                  # auto | cpu | cuda | rocm | ascend
+    disable: tuple[str, ...] = ()         # pass names to skip, e.g. ("mhc_post_pre",)
+    inductor: bool = True                 # False: run the rewritten graph eagerly
+    report: str | None = None             # write each CompileReport as JSON to this path
+    cudagraphs: bool = False              # Inductor's CUDA graphs
+    snapshots: bool = False               # keep each pass's before/after code in the report
+
+    @classmethod
+    def parse(cls, options: dict | None) -> "BackendOptions":
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise InputError(f"Unknown dflash backend option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
+        if isinstance(options.get("disable"), str):
+            options["disable"] = (options["disable"],)
+        options["disable"] = tuple(options.get("disable", ()))
+        return cls(**options)
+
+
+def _passes_source_hash() -> str:
+    """Hash of every pass module's and the lowering's source: part of the compile-cache key."""
+    from torch_dflash import passes
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(passes.__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
+    digest.update(inspect.getsource(lowering).encode())
+    return digest.hexdigest()
+
+
+class DFlashGraphPass:
+    """Our pipeline + lowering over one ATen graph, recording a CompileReport. Also an Inductor custom pass."""
+
+    def __init__(self, options: BackendOptions, graph_name: str):
+        self.options, self.graph_name = options, graph_name
+        self.target = lowering.resolve_target(options.target)
+
+    def __call__(self, graph: fx.Graph) -> None:
+        from torch_dflash.passes.pipeline import default_pass_manager
+
+        gm = graph.owning_module
+        manager = default_pass_manager(disabled=self.options.disable, keep_snapshots=self.options.snapshots)
+        pipeline = manager.run(gm)
+        choices = lowering.lower(gm, self.target)
+        compile_report = report.CompileReport.build(self.target, pipeline, choices, self.graph_name)
+        report.record(compile_report)
+        if self.options.report:
+            Path(self.options.report).write_text(compile_report.to_json(snapshots=self.options.snapshots))
+
+    def uuid(self) -> str:
+        """Inductor's FX-graph cache key part: pass sources, options, target, torch/triton versions."""
+        import triton
+
+        key = {"passes": _passes_source_hash(), "options": dataclasses.asdict(self.options), "target": self.target,
+               "torch": torch.__version__, "triton": triton.__version__}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _needs_grad(gm: fx.GraphModule, example_inputs) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(p.requires_grad for p in gm.parameters()) or any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
+
+
+_COUNTER = [0]
+
+
+def dflash_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None):
+    from torch._inductor.compile_fx import compile_fx
+
+    opts = BackendOptions.parse(options)
+    if _needs_grad(gm, example_inputs):
+        log.warning("torch-dflash compiles inference graphs; this graph requires grad, so Inductor compiles it "
+                    "unchanged (run the model under torch.no_grad() or torch.inference_mode()).")
+        return compile_fx(gm, example_inputs)
+    _COUNTER[0] += 1
+    graph_pass = DFlashGraphPass(opts, f"graph#{_COUNTER[0]}")
+    if not opts.inductor:
+        return _eager_with_passes(gm, example_inputs, graph_pass)
+    patches = {"freezing": True, "post_grad_custom_pre_pass": _as_inductor_pass(graph_pass),
+               "triton.cudagraphs": opts.cudagraphs}
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def _as_inductor_pass(graph_pass: DFlashGraphPass):
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class InductorPass(CustomGraphPass):
+        def __call__(self, graph):
+            graph_pass(graph)
+
+        def uuid(self):
+            return graph_pass.uuid()
+
+    return InductorPass()
+
+
+def _eager_with_passes(gm, example_inputs, graph_pass):
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    def forward_compiler(aot_gm, aot_inputs):
+        graph_pass(aot_gm.graph)
+        return make_boxed_func(aot_gm.forward)
+
+    return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler)
