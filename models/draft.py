@@ -14,9 +14,10 @@ from torch_dflash.errors import InputError
 from .layers import MLP, RMSNorm, apply_rope, init_kv_cache, rope_cos_sin, write_kv
 
 
-def draft_mask(block_positions, max_seq_len, is_causal, window):
+def draft_mask(block_positions, max_seq_len, is_causal, window, context_window=None):
     """[B, 1, b, max_seq] bool. Non-causal: every block query sees every key up to the last block position;
-    causal: keys up to its own position; a window also keeps only keys with |q - kv| < window (z-lab)."""
+    causal: keys up to its own position; a window also keeps only keys with |q - kv| < window (z-lab).
+    `context_window` W (SGLang's draft window) also hides the keys before the first block position minus W."""
     kv = torch.arange(max_seq_len, device=block_positions.device)[None, None, None, :]
     q = block_positions[:, None, :, None]
     visible = kv <= (q if is_causal else block_positions[:, None, -1:, None])
@@ -24,6 +25,8 @@ def draft_mask(block_positions, max_seq_len, is_causal, window):
         visible = visible & (q - kv < window)
         if not is_causal:
             visible = visible & (kv - q < window)
+    if context_window is not None:
+        visible = visible & (kv >= block_positions[:, None, :1, None] - context_window)
     return visible
 
 
@@ -43,6 +46,7 @@ class DraftAttention(nn.Module):
         sliding = cfg.layer_type(layer_idx) == "sliding_attention"
         self.is_causal = sliding if cfg.is_causal is None else bool(cfg.is_causal)
         self.sliding_window = cfg.sliding_window if sliding else None
+        self.context_window = None  # set through DFlashDraft.context_window
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
 
@@ -53,7 +57,8 @@ class DraftAttention(nn.Module):
         v = torch.cat([self.v_proj(ctx), self.v_proj(x)], dim=1).view(B, positions.shape[1], -1, self.head_dim)
         q, k = apply_rope(q, cos[:, -b:], sin[:, -b:]), apply_rope(self.k_norm(k), cos, sin)
         k, v = write_kv(self.k_cache, self.v_cache, k, v, positions)
-        mask = draft_mask(positions[:, -b:], self.k_cache.shape[2], self.is_causal, self.sliding_window)
+        mask = draft_mask(positions[:, -b:], self.k_cache.shape[2], self.is_causal, self.sliding_window,
+                          self.context_window)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
         return self.o_proj(o.transpose(1, 2).reshape(B, b, -1))
 
@@ -84,6 +89,16 @@ class DFlashDraft(nn.Module):
         self.fc = nn.Linear(len(self.target_layer_ids) * config.hidden_size, config.hidden_size, bias=False)
         self.hidden_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.max_seq_len = None
+
+    @property
+    def context_window(self):
+        """SGLang's draft window: the block sees only the last `context_window` context tokens (None: all)."""
+        return self.layers[0].self_attn.context_window
+
+    @context_window.setter
+    def context_window(self, window):
+        for layer in self.layers:
+            layer.self_attn.context_window = window
 
     def setup_cache(self, max_batch_size, max_seq_len, dtype=None, device=None):
         """Preallocate every layer's KV cache [max_batch_size, n_kv, max_seq_len, head_dim] (zeros)."""
