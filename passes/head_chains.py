@@ -6,12 +6,13 @@ piece of a fused linear) or a `ConcatProj` (the DFlash draft's cat(linear(ctx), 
 Failures are returned as a sentence (str) for ctx.reject.
 """
 
+import operator
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from .fx_utils import is_call, node_arg
+from .fx_utils import is_call, node_arg, same_sizes
 from .rope_patterns import (Norm, Rope, dtype, is_interleaved_rope, is_noop, last_dim_range, match_rms_norm,
                             match_rope, norm_dim, shape, strip, SPLITS)
 
@@ -84,17 +85,25 @@ def same_param(a, b) -> bool:
                       and a.target == b.target)
 
 
-def match_source(node) -> Proj | ConcatProj | str:
+def _proj(node) -> Proj | None:
+    """linear(x, W, b), or a last-dim piece of one (a fused projection split into parts)."""
     node = strip(node, set(), is_noop)
     if (proj := _linear(node)) is not None:
         return proj
     piece = last_dim_range(node)
     if piece is not None and (whole := _linear(piece.src)) is not None:
         return Proj(whole.x, whole.weight, whole.bias, (piece.start, piece.end), node, whole.nodes | piece.nodes)
+    return None
+
+
+def match_source(node) -> Proj | ConcatProj | str:
+    if (proj := _proj(node)) is not None:
+        return proj
     if is_call(node, aten.cat) and len(node.args[0]) == 2 and len(shape(node) or ()) == 3 \
             and norm_dim(node_arg(node, 1, "dim", 0), 3) == 1:
-        ctx, block = (_linear(a) for a in node.args[0])
-        if ctx and block and same_param(ctx.weight, block.weight) and same_param(ctx.bias, block.bias):
+        ctx, block = (_proj(a) for a in node.args[0])
+        if ctx and block and same_param(ctx.weight, block.weight) and same_param(ctx.bias, block.bias) \
+                and ctx.rows == block.rows:
             return ConcatProj(ctx, block, node, ctx.nodes | block.nodes | {node})
     return f"the heads come from {describe(node)}, not from a linear projection"
 
@@ -132,7 +141,8 @@ def table(operand: fx.Node, head_axis: int, seq_axis: int) -> Table:
         elif seq is None and is_call(node, aten.slice) and node_arg(node, 4, "step", 1) == 1 \
                 and norm_dim(node_arg(node, 1, "dim", 0), rank) == rank + seq_axis:
             nodes.add(node)
-            node, seq = node.args[0], node
+            whole = same_sizes([shape(node)[seq_axis]], [shape(node.args[0])[seq_axis]])
+            node, seq = node.args[0], None if whole else node
         else:
             return Table(node, seq, head_axis if head_axis is not None and rank >= -head_axis else None,
                          frozenset(nodes))
@@ -168,20 +178,16 @@ def trace_roped(rope: Rope) -> Chain | str:
 
 
 def _projections(x: fx.Node) -> list[Proj | ConcatProj]:
-    """The projections of x: each linear(x), each last-dim piece of a split one, or the cat a linear(x) feeds."""
+    """The projections of x: each linear(x) or each last-dim piece of a split one; the cat one feeds if any."""
     found = []
     for lin in x.users:
-        proj = _linear(lin)
-        if proj is None or proj.x is not x:
+        if _linear(lin) is None or lin.args[0] is not x:
             continue
         users = _real_users(lin)
         pieces = [g for u in users for g in (u.users if is_call(u, *SPLITS) else [u])]
-        if users and all(last_dim_range(p) is not None for p in pieces):
-            found += [match_source(p) for p in pieces]
-        elif len(users) == 1 and is_call(users[0], aten.cat):
-            found.append(match_source(users[0]))
-        else:
-            found.append(proj)
+        for out in pieces if users and all(last_dim_range(p) for p in pieces) else [lin]:
+            nxt = _real_users(out)
+            found.append(match_source(nxt[0] if len(nxt) == 1 and is_call(nxt[0], aten.cat) else out))
     return [s for s in found if not isinstance(s, str)]
 
 
@@ -201,11 +207,16 @@ def plain_chains(x: fx.Node) -> list[Chain]:
 
 
 def _real_users(node) -> list[fx.Node]:
-    return [u for u in node.users if not is_assert(u)]
+    return [u for u in node.users if not is_idle(u)]
 
 
 def is_assert(node) -> bool:
     return is_call(node, aten._assert_tensor_metadata)
+
+
+def is_idle(node) -> bool:
+    """A user that does not count: a metadata assert, or an unused getitem (a split piece nobody reads)."""
+    return is_assert(node) or (node.target is operator.getitem and not node.users)
 
 
 def attention_operand(node: fx.Node, limit: int = 64) -> int | None:
@@ -229,7 +240,7 @@ def escaping_use(nodes: set, outs: set) -> tuple[fx.Node, fx.Node] | None:
     """(inner, user) where a node of the site other than its outputs is used outside the site."""
     for n in nodes - outs:
         for user in n.users:
-            if user not in nodes and not is_assert(user):
+            if user not in nodes and not is_idle(user):
                 return n, user
     return None
 

@@ -13,7 +13,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 
 from .fx_utils import add_constant, attr_tensor, infer_meta, meta_val, same_sizes
-from .head_chains import Proj, Table, is_assert
+from .head_chains import Proj, Table, is_idle
 from .rope_patterns import shape
 
 aten = torch.ops.aten
@@ -108,12 +108,12 @@ def insertion_anchor(graph: fx.Graph, inputs, outs) -> fx.Node | None:
 
 
 def erase_unused(gm: fx.GraphModule, nodes) -> None:
-    """Erase the nodes (and their _assert_tensor_metadata checks) that no longer have users, last first;
+    """Erase the nodes (with their metadata asserts and unused getitems) that no longer have users, last first;
     a parameter whose last get_attr goes is dropped from the module."""
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in sorted((n for n in nodes if n in order), key=order.__getitem__, reverse=True):
-        for user in [u for u in node.users if is_assert(u)]:
+        for user in [u for u in node.users if is_idle(u)]:
             graph.erase_node(user)
         if node.users or node.op in ("placeholder", "output"):
             continue
