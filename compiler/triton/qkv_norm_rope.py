@@ -1,0 +1,86 @@
+"""dflash.qkv_norm_rope on CUDA/ROCm: the merged GEMM through the vendor BLAS, then ONE epilogue launch.
+
+x[B,S,H] ─ F.linear(x, w_qkv, b_qkv) (cuBLAS / hipBLASLt) ─ proj[B·S, (n_q+2·n_kv)·hd]
+         ─ norm_rope_heads_kernel: per head, RMSNorm (q, k; fp32) → rope (q, k) → store; v copied
+         → q[B,S,n_q,hd], k/v[B,S,n_kv,hd]   or   k/v written into caches [B, n_kv, S_max, hd] at positions[B,S].
+"""
+
+import torch
+from torch import Tensor
+
+from ...errors import InputError
+from ..providers import Provider, register
+from .aot import KernelSpec
+from .norm_rope import (batch_and_seq, device_reason, dtype_reason, first_reason, head_dim_reason, heads_spec,
+                        launch_norm_rope_heads, rope_reason, rope_table, shape_reason)
+
+
+def qkv_norm_rope_supports(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim) -> str | None:
+    width = (n_q + 2 * n_kv) * head_dim
+    return first_reason(
+        device_reason(x), dtype_reason(x, w_qkv=w_qkv, b_qkv=b_qkv, q_norm_w=q_norm_w, k_norm_w=k_norm_w),
+        head_dim_reason(head_dim), shape_reason("w_qkv", w_qkv, (width, x.shape[-1])),
+        shape_reason("b_qkv", b_qkv, (width,)), shape_reason("q_norm_w", q_norm_w, (head_dim,)),
+        shape_reason("k_norm_w", k_norm_w, (head_dim,)), rope_reason(cos, sin, x.shape[:-1], head_dim, x.device))
+
+
+def _project(x: Tensor, w_qkv: Tensor, b_qkv: Tensor | None) -> Tensor:
+    return torch.nn.functional.linear(x, w_qkv, b_qkv).reshape(-1, w_qkv.shape[0])
+
+
+def qkv_norm_rope(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim, *,
+                  out: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The dflash.qkv_norm_rope provider; `out` = preallocated contiguous (q, k, v) of the op's output shapes."""
+    lead = x.shape[:-1]
+    B, S = batch_and_seq(lead)
+    q, k, v = out if out is not None else (x.new_empty(*lead, n, head_dim) for n in (n_q, n_kv, n_kv))
+    launch_norm_rope_heads(_project(x, w_qkv, b_qkv), rope_table(cos, lead), rope_table(sin, lead), q_norm_w,
+                           k_norm_w, eps, n_q, n_kv, head_dim, q,
+                           (k.view(1, B, S, n_kv, head_dim), v.view(1, B, S, n_kv, head_dim)))
+    return q, k, v
+
+
+def cache_reason(x: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, n_kv: int, head_dim: int,
+                 layers: int | None = None) -> str | None:
+    """Why caches [L?, B, n_kv, S_max, hd] and positions [B, S] cannot take the k/v of x [B, S, H]."""
+    if x.dim() != 3:
+        return f"writing into a KV cache needs x [B, S, H], got {tuple(x.shape)}"
+    B, S = x.shape[:2]
+    s_max = k_cache.shape[-2] if k_cache.dim() >= 2 else 0
+    want = (*(() if layers is None else (layers,)), B, n_kv, s_max, head_dim)
+    return first_reason(
+        shape_reason("k_cache", k_cache, want), shape_reason("v_cache", v_cache, want),
+        None if k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 else
+        "k_cache and v_cache must have equal strides and contiguous rows",
+        dtype_reason(x, k_cache=k_cache, v_cache=v_cache), shape_reason("cache_positions", positions, (B, S)),
+        None if positions.dtype in (torch.int32, torch.int64) and positions.device == x.device else
+        f"cache_positions must be int32/int64 on {x.device}, got {positions.dtype} on {positions.device}")
+
+
+def qkv_norm_rope_into_cache(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim,
+                             k_cache: Tensor, v_cache: Tensor, cache_positions: Tensor, *,
+                             q_out: Tensor | None = None) -> Tensor:
+    """Like qkv_norm_rope, but k/v go straight into caches [B, n_kv, S_max, hd] at slot cache_positions[b, s]
+    (positions outside [0, S_max) are skipped); returns q [B, S, n_q, hd]."""
+    why = first_reason(qkv_norm_rope_supports(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv,
+                                              head_dim),
+                       cache_reason(x, k_cache, v_cache, cache_positions, n_kv, head_dim))
+    if why is not None:
+        raise InputError(f"qkv_norm_rope_into_cache: {why}.")
+    lead = x.shape[:-1]
+    q = x.new_empty(*lead, n_q, head_dim) if q_out is None else q_out
+    launch_norm_rope_heads(_project(x, w_qkv, b_qkv), rope_table(cos, lead), rope_table(sin, lead), q_norm_w,
+                           k_norm_w, eps, n_q, n_kv, head_dim, q,
+                           (k_cache.unsqueeze(0).transpose(2, 3), v_cache.unsqueeze(0).transpose(2, 3)),
+                           cache_positions)
+    return q
+
+
+def aot_specs(family: str = "cuda") -> list[KernelSpec]:
+    """bf16, head_dim 128, full rotary, `family`'s launch config: q/k norm into plain outputs; no norm into caches."""
+    return [heads_spec(torch.bfloat16, 128, 128, q_norm=True, k_norm=True, cache=False, family=family),
+            heads_spec(torch.bfloat16, 128, 128, q_norm=False, k_norm=False, cache=True, family=family)]
+
+
+register(Provider("qkv_norm_rope", "triton", ("cuda", "rocm"), qkv_norm_rope, priority=10,
+                  supports=qkv_norm_rope_supports))
