@@ -9,7 +9,7 @@ epilogue). Anchors on H100 (docs §9), T = 8192: eager 1.88 ms, inductor 0.72 ms
 import torch
 import torch.nn.functional as F
 
-from benchmarks.case import Case
+from .case import Case
 from torch_dflash.compiler.ops import qkv_norm_rope_reference, rotate_half
 from torch_dflash.compiler.triton.qkv_norm_rope import qkv_norm_rope
 

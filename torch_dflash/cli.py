@@ -18,6 +18,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--prompt-len", type=int, default=12)
+    bench = commands.add_parser("bench", help="time kernels and steps on the GPU beside eager, inductor and the floor")
+    bench.add_argument("--suite", choices=("kernels", "steps", "all"), default="all")
+    bench.add_argument("--out", default="bench-out", help="directory for bench.json and bench.md")
+    bench.add_argument("--reps", type=int, default=100, help="timed repetitions per variant (median reported)")
+    bench.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, each variant once (CI)")
     return parser
 
 
@@ -29,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "demo":
             demo.run(console, device=args.device, seed=args.seed, prompt_len=args.prompt_len, quiet=args.quiet)
+        elif args.command == "bench":
+            from torch_dflash.benchmarks import run as bench
+
+            log = (lambda *a: None) if args.quiet else console.log
+            console.print(bench.main(args.suite, args.out, args.smoke, args.reps, log=log), markup=False)
         return 0
     except DFlashError as error:
         if args.debug:

@@ -445,7 +445,7 @@ def test_benchmark_cases_run_small(monkeypatch):
     """Every variant of every tiny case runs once, the eager/inductor baselines agree with the provider, and the
     case's own check (provider vs reference op) passes."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
-    from benchmarks.kernels_projections import cases
+    from torch_dflash.benchmarks.kernels_projections import cases
 
     built = cases(DEVICE, small=True)
     assert [c.extra["tokens"] for c in built] == [3, 8, 17]

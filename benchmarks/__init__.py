@@ -1,0 +1,1 @@
+"""The GPU benchmark harness (`torch-dflash bench`) and its cases."""

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One GPU call: install what the device image lacks (carried wheels in .whl/), run the gpu-marked tests, then
+# the benchmark suites. Usage on the device machine: bash benchmarks/gpu_session.sh [pytest paths] ; results in $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+if [ "${RUN_TESTS:-1}" = 1 ]; then
+  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -m gpu -p no:cacheprovider "${@:-tests}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+fi
+for suite in ${SUITES:-kernels}; do
+  timeout "${BENCH_TIMEOUT:-300}" torch-dflash bench --suite "$suite" --out "$OUT/$suite" 2>&1 | tee "$OUT/bench_$suite.log" | tail -40
+done

@@ -1,0 +1,41 @@
+"""`torch-dflash bench`: ceilings, then the chosen suites' cases; writes bench.json + bench.md, returns the table."""
+
+import importlib
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from . import harness
+
+SUITES = {
+    "kernels": ("kernels_projections", "kernels_mhc", "kernels_attention"),
+    "steps": ("steps",),
+}
+
+
+def collect(suite: str, device: str, small: bool, log):
+    names = [m for s in (SUITES if suite == "all" else {suite: SUITES[suite]}).values() for m in s]
+    cases = []
+    for name in names:
+        module = importlib.import_module(f"{__package__}.{name}")
+        log(f"building {name} cases …")
+        cases += module.cases(device, small=small)
+    return cases
+
+
+def main(suite: str = "all", out: str = "bench-out", smoke: bool = False, reps: int = 100, log=print) -> str:
+    """Run on CUDA (timed) or, with smoke=True, once on CPU at tiny shapes (nothing meaningful timed)."""
+    device = "cpu" if smoke else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        from torch_dflash.errors import InputError
+
+        raise InputError("torch-dflash bench times GPU kernels and needs a CUDA/ROCm GPU; use --smoke on a CPU.")
+    env = harness.environment(device)
+    log(f"measuring ceilings on {env.get('gpu', device)} …")
+    ceilings = harness.measure_ceilings(device)
+    rows = harness.run_cases(collect(suite, device, smoke, log), ceilings, device, reps=1 if smoke else reps, log=log)
+    command = "torch-dflash bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else \
+        f"torch-dflash bench --suite {suite}"
+    return harness.write(Path(out), rows, ceilings, env, command)
