@@ -12,6 +12,8 @@ Sq keys (bottom-right aligned). With qp = q_pos and kv = key index, a key is vis
 import torch
 from torch import Tensor
 
+from torch_dflash.errors import InputError
+
 KINDS = ("non_causal", "causal", "sliding", "custom")
 
 
@@ -34,10 +36,13 @@ def visibility(kind: str, window: int, q_pos: Tensor | None, sq: int, sk: int, d
 
 
 def check_args(q, k, v, kind, window, mask):
-    torch._check(kind in KINDS, lambda: f"attention: kind {kind!r} is not one of {KINDS}")
-    torch._check((mask is not None) == (kind == "custom"), lambda: "attention: a mask is given iff kind is custom")
-    torch._check(kind != "sliding" or window > 0, lambda: "attention: sliding needs window > 0")
-    torch._check(q.shape[1] % k.shape[1] == 0, lambda: "attention: q heads must be a multiple of kv heads")
+    torch._check_with(InputError, kind in KINDS, lambda: f"attention: kind {kind!r} is not one of {KINDS}.")
+    torch._check_with(InputError, (mask is not None) == (kind == "custom"),
+                      lambda: "attention: a mask is given iff kind is custom.")
+    torch._check_with(InputError, kind != "sliding" or window > 0,
+                      lambda: f"attention: sliding needs window > 0, got {window}.")
+    torch._check_with(InputError, q.shape[1] % k.shape[1] == 0,
+                      lambda: f"attention: q heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]}).")
 
 
 def attention_reference(q, k, v, kind, scale, window=0, mask=None, q_pos=None):
@@ -48,7 +53,7 @@ def attention_reference(q, k, v, kind, scale, window=0, mask=None, q_pos=None):
     out = torch.nn.functional.scaled_dot_product_attention(
         q.float(), k.float(), v.float(), attn_mask=mask if mask.dtype == torch.bool else mask.float(),
         scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    return out.to(q.dtype)
+    return out.to(q.dtype).contiguous()  # SDPA may return a strided view
 
 
 @torch.library.custom_op("dflash::attention", mutates_args=())

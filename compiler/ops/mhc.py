@@ -8,10 +8,19 @@ mhc_post_pre = mhc_post of sublayer L → mhc_pre of sublayer L+1 → that subla
 import torch
 from torch import Tensor
 
+from torch_dflash.errors import InputError
+
 from .norm_rope import rms_norm_reference
 
 
+def _check_fn(res: Tensor, fn: Tensor) -> None:
+    n = res.shape[-2]
+    torch._check_with(InputError, fn.shape[0] == (2 + n) * n,
+                      lambda: f"mhc: fn has {fn.shape[0]} rows, expected (2+n)·n = {(2 + n) * n} for n = {n}.")
+
+
 def mhc_pre_reference(res, fn, base, scale, rms_eps, hc_eps, iters):
+    _check_fn(res, fn)
     n = res.shape[-2]
     xf = res.flatten(-2).float()
     r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + rms_eps)
@@ -32,7 +41,7 @@ def mhc_pre_reference(res, fn, base, scale, rms_eps, hc_eps, iters):
 def mhc_post_reference(x, res, post, comb):
     mixed = post.float().unsqueeze(-1) * x.float().unsqueeze(-2)
     mixed = mixed + comb.float().transpose(-1, -2) @ res.float()
-    return mixed.to(res.dtype)
+    return mixed.to(res.dtype).contiguous()  # the broadcast may follow x's layout
 
 
 def mhc_post_pre_reference(x, res, post, comb, fn, base, scale, norm_w, rms_eps, hc_eps, iters, norm_eps):
@@ -42,8 +51,8 @@ def mhc_post_pre_reference(x, res, post, comb, fn, base, scale, norm_w, rms_eps,
 
 
 def _pre_fake(res: Tensor, fn: Tensor):
+    _check_fn(res, fn)
     n = res.shape[-2]
-    torch._check(fn.shape[0] == (2 + n) * n, lambda: f"mhc: fn has {fn.shape[0]} rows, expected (2+n)·n")
     lead = res.shape[:-2]
     f32 = torch.float32
     return res.new_empty(*lead, res.shape[-1]), res.new_empty(*lead, n, dtype=f32), res.new_empty(*lead, n, n, dtype=f32)
@@ -67,7 +76,7 @@ def mhc_post(x: Tensor, res: Tensor, post: Tensor, comb: Tensor) -> Tensor:
 
 @mhc_post.register_fake
 def _(x, res, post, comb):
-    return torch.empty_like(res)
+    return res.new_empty(res.shape)
 
 
 @torch.library.custom_op("dflash::mhc_post_pre", mutates_args=())
@@ -80,4 +89,4 @@ def mhc_post_pre(x: Tensor, res: Tensor, post: Tensor, comb: Tensor, fn: Tensor,
 @mhc_post_pre.register_fake
 def _(x, res, post, comb, fn, base, scale, norm_w, rms_eps, hc_eps, iters, norm_eps):
     layer_in, post_next, comb_next = _pre_fake(res, fn)
-    return torch.empty_like(res), layer_in, post_next, comb_next
+    return res.new_empty(res.shape), layer_in, post_next, comb_next

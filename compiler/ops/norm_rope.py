@@ -3,6 +3,8 @@
 import torch
 from torch import Tensor
 
+from torch_dflash.errors import InputError
+
 
 def rms_norm_reference(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     """`x * rsqrt(mean(x², -1) + eps) * w`, statistics and the weight product in fp32, stored in x.dtype."""
@@ -18,13 +20,21 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _check_rot_dim(x: Tensor, cos: Tensor) -> None:
+    torch._check_with(InputError, cos.shape[-1] <= x.shape[-1],
+                      lambda: f"rope: rot_dim {cos.shape[-1]} is larger than head_dim {x.shape[-1]}.")
+
+
 def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Neox rope on the first rot_dim = cos.shape[-1] channels of x [B, S, H, D]; cos/sin [B, S, rot_dim]."""
+    """Neox rope on the first rot_dim = cos.shape[-1] channels of x [B, S, H, D]; cos/sin [B, S, rot_dim].
+    The result is contiguous whatever the layout of x."""
+    _check_rot_dim(x, cos)
     rot_dim = cos.shape[-1]
     xf = x.float()
     rot, rest = xf[..., :rot_dim], xf[..., rot_dim:]
     c, s = cos.float().unsqueeze(-2), sin.float().unsqueeze(-2)
-    return torch.cat((rot * c + rotate_half(rot) * s, rest), dim=-1).to(x.dtype)
+    out = torch.cat((rot * c + rotate_half(rot) * s, rest), dim=-1)
+    return out.to(x.dtype).contiguous()
 
 
 @torch.library.custom_op("dflash::rms_norm", mutates_args=())
@@ -44,5 +54,5 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 @rope.register_fake
 def _(x, cos, sin):
-    torch._check(cos.shape[-1] <= x.shape[-1], lambda: "rope: rot_dim larger than head_dim")
-    return torch.empty_like(x)
+    _check_rot_dim(x, cos)
+    return x.new_empty(x.shape)

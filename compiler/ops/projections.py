@@ -8,6 +8,8 @@ Norm weights are optional (Llama has none); eps is shared by q and k (a pass ref
 import torch
 from torch import Tensor
 
+from torch_dflash.errors import InputError
+
 from .norm_rope import rms_norm_reference, rope_reference
 
 
@@ -18,23 +20,30 @@ def _norm_rope(t: Tensor, norm_w: Tensor | None, eps: float, cos: Tensor, sin: T
 
 
 def qkv_norm_rope_reference(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim):
+    _check_width(w_qkv, n_q + 2 * n_kv, head_dim, "qkv_norm_rope")
     qkv = torch.nn.functional.linear(x, w_qkv, b_qkv)
     q, k, v = qkv.split([n_q * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
     q = q.unflatten(-1, (n_q, head_dim))
     k = k.unflatten(-1, (n_kv, head_dim))
     v = v.unflatten(-1, (n_kv, head_dim))
-    return _norm_rope(q, q_norm_w, eps, cos, sin), _norm_rope(k, k_norm_w, eps, cos, sin), v.contiguous()
+    return _norm_rope(q, q_norm_w, eps, cos, sin), _norm_rope(k, k_norm_w, eps, cos, sin), _fresh(v)
 
 
 def kv_materialize_reference(ctx, w_kv, b_kv, k_norm_w, eps, cos, sin, n_kv, head_dim):
+    _check_width(w_kv, 2 * n_kv, head_dim, "kv_materialize")
     kv = torch.nn.functional.linear(ctx, w_kv, b_kv)
     k, v = kv.unflatten(-1, (2 * n_kv, head_dim)).split([n_kv, n_kv], dim=-2)
-    return _norm_rope(k, k_norm_w, eps, cos, sin), v.contiguous()
+    return _norm_rope(k, k_norm_w, eps, cos, sin), _fresh(v)
+
+
+def _fresh(v: Tensor) -> Tensor:
+    """A contiguous copy at storage offset 0 (what the fake promises; `.contiguous()` may return a view)."""
+    return v.clone(memory_format=torch.contiguous_format)
 
 
 def _check_width(w: Tensor, heads: int, head_dim: int, op: str) -> None:
-    torch._check(w.shape[0] == heads * head_dim,
-                 lambda: f"{op}: weight has {w.shape[0]} rows, expected {heads}×{head_dim}")
+    torch._check_with(InputError, w.shape[0] == heads * head_dim,
+                      lambda: f"{op}: weight has {w.shape[0]} rows, expected {heads}×{head_dim}.")
 
 
 @torch.library.custom_op("dflash::qkv_norm_rope", mutates_args=())
