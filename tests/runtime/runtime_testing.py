@@ -39,12 +39,22 @@ def ar_greedy(target, prompt, max_new_tokens, stop_token_ids=()):
     """The target's own greedy decoding, one token per forward over a private copy's static cache."""
     model = copy.deepcopy(target)
     model.setup_cache(1, len(prompt) + max_new_tokens)
+    device = model.lm_head.weight.device
     seq, n = list(prompt.tolist()), len(prompt)
     with torch.no_grad():
-        logits = model(prompt[None], positions=torch.arange(n)[None]).logits[0, -1]
+        logits = model(prompt[None].to(device), positions=torch.arange(n, device=device)[None]).logits[0, -1]
         for i in range(max_new_tokens):
             seq.append(int(logits.argmax()))
             if seq[-1] in stop_token_ids or i == max_new_tokens - 1:
                 break
-            logits = model(torch.tensor([[seq[-1]]]), positions=torch.tensor([[n + i]])).logits[0, -1]
+            ids, pos = torch.tensor([[seq[-1]]], device=device), torch.tensor([[n + i]], device=device)
+            logits = model(ids, positions=pos).logits[0, -1]
     return seq
+
+
+def one_thread():
+    """The test machine is shared: one intra-op thread is many times faster than two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

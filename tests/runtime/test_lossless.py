@@ -3,7 +3,7 @@ transformers' generate) and to z-lab's reference loop, acceptance lengths includ
 
 import pytest
 import torch
-from runtime_testing import ar_greedy, prompts_of, tiny_pair
+from runtime_testing import ar_greedy, one_thread, prompts_of, tiny_pair
 
 import torch_dflash as td
 
@@ -16,13 +16,7 @@ CASES = {  # seed, block size, prompt lengths, max_new_tokens, stop tokens
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test machine is shared: one intra-op thread is many times faster than two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+single_thread = pytest.fixture(autouse=True)(one_thread)
 
 
 @pytest.mark.parametrize("case", CASES)
