@@ -124,7 +124,6 @@ class DFlashEngine:
             rows, seq_host, start_host = self._compact(rows, done_host, seq_host, start_host)
             if not seq_host:
                 break
-            stats.overhead_s += clock.lap()
             rows, produced, done = self._step(rows, tokens, sampling, stats, clock)
             produced, done_host, start_host = torch.stack([produced, done.long(), rows.start]).tolist()
             for r, count in enumerate(produced):

@@ -9,7 +9,7 @@ import torch
 class GenerateStats:
     """Acceptance and time of one generate call (times in seconds, synchronised on CUDA).
 
-    acceptance_lengths: tokens committed by each (sequence, step) pair, in step order — accepted drafts + the
+    acceptance_lengths: tokens committed by each (sequence, step) pair, sequence by sequence — accepted drafts + the
     bonus, cut by the length limit and at a stop token (z-lab's `acceptance_lengths`); the first token, sampled
     from the prefill, is not a step. histogram[k]: how many of those committed k tokens (k = 0 … block_size).
     mean_acceptance: τ, the mean of acceptance_lengths. steps: batched draft+verify iterations.
