@@ -14,5 +14,5 @@ if [ "${RUN_TESTS:-1}" = 1 ]; then
   timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -m gpu -p no:cacheprovider "${@:-tests}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 fi
 for suite in ${SUITES:-kernels}; do
-  timeout "${BENCH_TIMEOUT:-300}" torch-dflash bench --suite "$suite" --out "$OUT/$suite" 2>&1 | tee "$OUT/bench_$suite.log" | tail -40
+  timeout "${BENCH_TIMEOUT:-300}" torch-dflash bench --suite "$suite" --out "$OUT/$suite" ${BENCH_ONLY:+--only $BENCH_ONLY} 2>&1 | tee "$OUT/bench_$suite.log" | tail -40
 done

@@ -15,8 +15,9 @@ SUITES = {
 }
 
 
-def collect(suite: str, device: str, small: bool, log):
+def collect(suite: str, device: str, small: bool, log, only: tuple[str, ...] = ()):
     names = [m for s in (SUITES if suite == "all" else {suite: SUITES[suite]}).values() for m in s]
+    names = [m for m in names if not only or m in only]
     cases = []
     for name in names:
         module = importlib.import_module(f"{__package__}.{name}")
@@ -25,7 +26,8 @@ def collect(suite: str, device: str, small: bool, log):
     return cases
 
 
-def main(suite: str = "all", out: str = "bench-out", smoke: bool = False, reps: int = 100, log=print) -> str:
+def main(suite: str = "all", out: str = "bench-out", smoke: bool = False, reps: int = 100, log=print,
+         only: tuple[str, ...] = ()) -> str:
     """Run on CUDA (timed) or, with smoke=True, once on CPU at tiny shapes (nothing meaningful timed)."""
     device = "cpu" if smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -35,7 +37,7 @@ def main(suite: str = "all", out: str = "bench-out", smoke: bool = False, reps: 
     env = harness.environment(device)
     log(f"measuring ceilings on {env.get('gpu', device)} …")
     ceilings = harness.measure_ceilings(device)
-    rows = harness.run_cases(collect(suite, device, smoke, log), ceilings, device, reps=1 if smoke else reps, log=log)
+    rows = harness.run_cases(collect(suite, device, smoke, log, only), ceilings, device, reps=1 if smoke else reps, log=log)
     command = "torch-dflash bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else \
         f"torch-dflash bench --suite {suite}"
     return harness.write(Path(out), rows, ceilings, env, command)

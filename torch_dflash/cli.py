@@ -23,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench-out", help="directory for bench.json and bench.md")
     bench.add_argument("--reps", type=int, default=100, help="timed repetitions per variant (median reported)")
     bench.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, each variant once (CI)")
+    bench.add_argument("--only", default="", help="comma-separated case modules, e.g. kernels_attention,steps")
     return parser
 
 
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
             from torch_dflash.benchmarks import run as bench
 
             log = (lambda *a: None) if args.quiet else console.log
-            console.print(bench.main(args.suite, args.out, args.smoke, args.reps, log=log), markup=False)
+            console.print(bench.main(args.suite, args.out, args.smoke, args.reps, log=log,
+                                     only=tuple(filter(None, args.only.split(",")))), markup=False)
         return 0
     except DFlashError as error:
         if args.debug:
