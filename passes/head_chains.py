@@ -172,7 +172,8 @@ def trace_roped(rope: Rope) -> Chain | str:
     cos, sin = table(rope.cos, head_axis, seq_axis), table(rope.sin, head_axis, seq_axis)
     for t, name in ((cos, "cos"), (sin, "sin")):
         base = shape(t.base)
-        if base is None or base[-1] != rope.rot_dim or (t.head_axis is not None and base[t.head_axis] != 1):
+        if base is None or base[-1] != rope.rot_dim or len(base) - (t.head_axis is not None) > 3 \
+                or (t.head_axis is not None and base[t.head_axis] != 1):
             return f"the rope's {name} {describe(t.base)} of shape {base} is not a [B, S, {rope.rot_dim}] table"
     return Chain(source, *head, bhsd, rope.out, frozenset(nodes), norm, rope, cos, sin)
 

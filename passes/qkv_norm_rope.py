@@ -34,13 +34,9 @@ def q_and_k(a: Chain, b: Chain) -> tuple[Chain, Chain] | str:
             f"reach an attention op as its query and key")
 
 
-def norm_guards(q: Chain, k: Chain) -> str | None:
+def eps_guard(q: Chain, k: Chain) -> str | None:
     if q.norm and k.norm and q.norm.eps != k.norm.eps:
         return f"k_norm eps {k.norm.eps} ≠ q_norm eps {q.norm.eps}"
-    for chain, name in ((q, "q"), (k, "k")):
-        if chain.norm and chain.norm.weight is not None and chain.norm.weight.meta.get("val") is not None \
-                and tuple(chain.norm.weight.meta["val"].shape) != (chain.head_dim,):
-            return f"the {name}_norm weight is not per head_dim {chain.head_dim}"
     return None
 
 
@@ -57,7 +53,7 @@ def site_guards(x: fx.Node, q: Chain, k: Chain, v: Chain, extra_nodes=frozenset(
     """The guards every fused projection site shares (qkv_norm_rope and kv_materialize)."""
     if not q.head_dim == k.head_dim == v.head_dim:
         return f"head_dim differs: q {q.head_dim}, k {k.head_dim}, v {v.head_dim}"
-    reason = norm_guards(q, k)
+    reason = eps_guard(q, k)
     if reason:
         return reason
     named = {"cos": q.cos.base, "sin": q.sin.base, "q": q.out, "k": k.out, "v": v.out}

@@ -56,6 +56,14 @@ def test_fuses_every_layer_of_transformers_models(kind):
     assert len(merged) == layers * (2 if kind == "llama_bias" else 1)
 
 
+def test_bf16_model_fuses_within_bf16_rounding():
+    """In bf16 the op computes rope and the norm's weight product in fp32 where HF rounds to bf16 first."""
+    model = tiny_transformers("qwen3").to(torch.bfloat16)
+    args = {"input_ids": torch.randint(0, 128, (2, 8)), "use_cache": False}
+    check_pass(model, args, {**args, "input_ids": torch.randint(0, 128, (2, 8))}, PASSES, {"qkv_norm_rope": 2},
+               atol=2e-2, rtol=2e-2)
+
+
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True)
 @given(head_dim=st.sampled_from([64, 128, 256]), n_kv=st.integers(1, 2), group=st.integers(1, 8),
        bias=st.booleans(), qk_norm=st.booleans(), norm_style=st.sampled_from(["hf", "functional", "plain"]),
