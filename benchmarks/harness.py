@@ -31,7 +31,7 @@ class Row:
     case: str
     variant: str
     median_us: float | None
-    floor_us: float
+    floor_us: float | None
     vs_floor: float | None
     vs_inductor: float | None
     graph: bool
@@ -53,7 +53,7 @@ def _cuda_time_ms(fn, reps: int) -> list[float]:
 def measure_ceilings(device: str) -> Ceilings:
     """Device-to-device copy of 2 GiB (bytes read + written) and an 8192³ bf16 matmul on random data."""
     if device != "cuda":
-        return Ceilings(1.0, 1.0)
+        return Ceilings(0.0, 0.0)  # not measured: floors are shown as "—"
     src = torch.randn(2**29, device=device)
     dst = torch.empty_like(src)
     copy_ms = statistics.median(_cuda_time_ms(lambda: dst.copy_(src), 20))
@@ -96,7 +96,9 @@ def time_variant(fn, device: str, reps: int, use_graph: bool) -> tuple[float, bo
     return statistics.median(_cuda_time_ms(fn, reps)) * 1e3, graphed
 
 
-def floor_us(case: Case, ceilings: Ceilings) -> float:
+def floor_us(case: Case, ceilings: Ceilings) -> float | None:
+    if not ceilings.copy_bytes_per_s:
+        return None
     return max(case.floor_bytes / ceilings.copy_bytes_per_s, case.floor_flops / ceilings.bf16_flops_per_s) * 1e6
 
 
@@ -124,12 +126,13 @@ def run_cases(cases: list[Case], ceilings: Ceilings, device: str, reps: int = 10
 def markdown(rows: list[Row], ceilings: Ceilings, header: str) -> str:
     lines = [header, "",
              f"Ceilings measured in this run: copy {ceilings.copy_bytes_per_s / 1e12:.2f} TB/s (read + write), "
-             f"bf16 matmul {ceilings.bf16_flops_per_s / 1e12:.0f} TFLOP/s.", "",
+             f"bf16 matmul {ceilings.bf16_flops_per_s / 1e12:.0f} TFLOP/s." if ceilings.copy_bytes_per_s else
+             "Smoke run on CPU: nothing meaningful is timed and no floors are given.", "",
              "| suite | case | variant | median µs | floor µs | × floor | inductor / this | CUDA graph |",
              "|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
-        lines.append(f"| {r.suite} | {r.case} | {r.variant} | {fmt(r.median_us, '.1f')} | {r.floor_us:.1f} | "
+        lines.append(f"| {r.suite} | {r.case} | {r.variant} | {fmt(r.median_us, '.1f')} | {fmt(r.floor_us, '.1f')} | "
                      f"{fmt(r.vs_floor, '.2f')} | {fmt(r.vs_inductor, '.2f')} | {'yes' if r.graph else 'no'} |")
     return "\n".join(lines)
 

@@ -1,6 +1,7 @@
 """`torch-dflash bench`: ceilings, then the chosen suites' cases; writes bench.json + bench.md, returns the table."""
 
 import importlib
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -30,6 +31,8 @@ def main(suite: str = "all", out: str = "bench-out", smoke: bool = False, reps: 
          only: tuple[str, ...] = ()) -> str:
     """Run on CUDA (timed) or, with smoke=True, once on CPU at tiny shapes (nothing meaningful timed)."""
     device = "cpu" if smoke else "cuda"
+    if smoke and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when kernels are decorated: before they import
     if device == "cuda" and not torch.cuda.is_available():
         from torch_dflash.errors import InputError
 

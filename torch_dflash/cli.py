@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
             from torch_dflash.benchmarks import run as bench
 
             log = (lambda *a: None) if args.quiet else console.log
-            console.print(bench.main(args.suite, args.out, args.smoke, args.reps, log=log,
-                                     only=tuple(filter(None, args.only.split(",")))), markup=False)
+            print(bench.main(args.suite, args.out, args.smoke, args.reps, log=log,
+                             only=tuple(filter(None, args.only.split(","))))), markup=False)
         return 0
     except DFlashError as error:
         if args.debug:
