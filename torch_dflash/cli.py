@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
             log = (lambda *a: None) if args.quiet else console.log
             print(bench.main(args.suite, args.out, args.smoke, args.reps, log=log,
-                             only=tuple(filter(None, args.only.split(","))))), markup=False)
+                             only=tuple(filter(None, args.only.split(",")))))
         return 0
     except DFlashError as error:
         if args.debug:
