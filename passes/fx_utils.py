@@ -88,7 +88,35 @@ def infer_meta(node: fx.Node) -> None:
         return
     args, kwargs = pytree.tree_map_only(fx.Node, meta_val, (node.args, node.kwargs))
     fake_mode = detect_fake_mode(pytree.tree_leaves((args, kwargs)))
+    if fake_mode is None:  # only SymInt inputs (arange(n)): take the mode of the graph's first fake tensor
+        fake = next((v for n in node.graph.nodes if isinstance(v := meta_val(n), torch.Tensor)), None)
+        fake_mode = detect_fake_mode([fake]) if fake is not None else None
     if fake_mode is None:
         return
     with fake_mode:
         node.meta["val"] = node.target(*args, **kwargs)
+
+
+VIEW_CHAIN = (aten.view, aten._unsafe_view, aten.reshape, aten.transpose, aten.permute, aten.t, aten.unsqueeze,
+              aten.squeeze, aten.expand, aten.slice, aten.select, aten.alias)
+
+
+def relax_views(node: fx.Node) -> None:
+    """After `node` replaced another op: its output may be laid out differently from the traced op's (a fused op
+    returns contiguous tensors where e.g. a CPU flash kernel returned [B, S, H, D]-strided ones), and an AOT graph's
+    `view` downstream assumed the old strides. Turn the views in the chain of view ops after node into reshapes
+    (the same values; still a view where the strides allow), unless something writes through the chain."""
+    chain, stack = [], [node]
+    while stack:
+        for user in stack.pop().users:
+            if is_call(user, *VIEW_CHAIN) and user.args[0] in (node, *chain):
+                chain.append(user)
+                stack.append(user)
+    for n in (node, *chain):
+        for user in n.users:
+            schema = getattr(user.target, "_schema", None)
+            if schema is not None and schema.is_mutable:
+                return
+    for n in chain:
+        if is_call(n, aten.view, aten._unsafe_view):
+            n.target = aten.reshape.default
