@@ -6,6 +6,40 @@ Kernel modules read their row with `launch_config(kernel, family)`; edit the num
 
 TABLE: dict[str, dict[str, dict[str, int]]] = {
     # rows are added by the kernel modules' authors: "kernel_name": {"cuda": {...}, "rocm": {...}},
+    # attention_*.py (16-bit rows; fp32 halves block_m/max_rows/block_n): decode packs a GQA group × all queries
+    # into one tile, used while that tile has <= max_rows rows; the cache gets at most `max_splits` splits, each
+    # dealt >= min_keys_per_split visible keys. prefill tiles block_m queries of one head. Shared memory stays
+    # within sm_80's 163 KiB and gfx942's 64 KiB LDS (tests/kernels/test_triton_attention.py checks).
+    "attention_decode_hd64": {
+        "cuda": {"block_n": 64, "num_warps": 4, "num_stages": 3, "max_rows": 64, "min_keys_per_split": 128,
+                 "max_splits": 64, "reduce_num_warps": 1},
+        "rocm": {"block_n": 64, "num_warps": 4, "num_stages": 2, "max_rows": 64, "min_keys_per_split": 128,
+                 "max_splits": 64, "reduce_num_warps": 1},
+    },
+    "attention_decode_hd128": {
+        "cuda": {"block_n": 64, "num_warps": 4, "num_stages": 3, "max_rows": 64, "min_keys_per_split": 128,
+                 "max_splits": 64, "reduce_num_warps": 2},
+        "rocm": {"block_n": 32, "num_warps": 4, "num_stages": 2, "max_rows": 64, "min_keys_per_split": 128,
+                 "max_splits": 64, "reduce_num_warps": 2},
+    },
+    "attention_decode_hd256": {
+        "cuda": {"block_n": 32, "num_warps": 8, "num_stages": 2, "max_rows": 64, "min_keys_per_split": 128,
+                 "max_splits": 64, "reduce_num_warps": 4},
+        "rocm": {"block_n": 16, "num_warps": 8, "num_stages": 1, "max_rows": 64, "min_keys_per_split": 128,
+                 "max_splits": 64, "reduce_num_warps": 4},
+    },
+    "attention_prefill_hd64": {
+        "cuda": {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3},
+        "rocm": {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 2},
+    },
+    "attention_prefill_hd128": {
+        "cuda": {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3},
+        "rocm": {"block_m": 128, "block_n": 32, "num_warps": 8, "num_stages": 2},
+    },
+    "attention_prefill_hd256": {
+        "cuda": {"block_m": 64, "block_n": 32, "num_warps": 8, "num_stages": 2},
+        "rocm": {"block_m": 64, "block_n": 16, "num_warps": 8, "num_stages": 1},
+    },
     # norm_rope.py: tiles of `elems` elements (BLOCK_T tokens × head_dim, or BLOCK_M rows × BLOCK_N), about
     # `elems_per_thread` per lane, at most `max_warps` warps/wavefronts of `warp` lanes; the head epilogue shrinks
     # BLOCK_T until the grid has `min_programs` programs (≈ 4 per SM/CU: 132 on H100, 304 on MI300X) or BLOCK_T is 1.

@@ -1,0 +1,168 @@
+"""Split-KV decode attention: few queries (DFLASH draft / verify blocks of 16), long static KV cache.
+
+Grid (batch × kv head, kv split). A program packs ALL the q heads of its GQA group × all Sq queries into one
+tile of rows (row r = head r // Sq, query r % Sq: 4 heads × 16 queries = 64 rows), so K and V are read once per
+kv head. Each split covers 1/num_splits of the visible key range (computed on the device from q_pos) and writes
+its normalised partial output and log-sum-exp to a workspace; `reduce_splits_kernel` combines the splits.
+With one split the decode kernel writes the output directly and no reduce is launched.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_common import (LOG2E, attend, family, key_range, launch_params, mask_args, qpos_args, query_positions,
+                               widen_dot)
+
+
+@triton.jit
+def attention_decode_kernel(
+        Q, K, V, OUT, QPOS, MASK, WS_O, WS_LSE,
+        stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_os, stride_od,
+        stride_pb, stride_ps, stride_mb, stride_mh, stride_mq, stride_mk,
+        n_kv_heads, group, sq, sk, window, num_splits, min_blocks_per_split, qk_scale,
+        KIND: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_QPOS: tl.constexpr, SPLIT_KV: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+        WIDEN_DOT: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // n_kv_heads
+    kvh = pid_bh % n_kv_heads
+    rows = tl.arange(0, BLOCK_M)
+    n_rows = group * sq
+    row_ok = rows < n_rows
+    head = kvh * group + rows // sq
+    i = rows % sq
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    qp = query_positions(QPOS, b, i, row_ok, stride_pb, stride_ps, sq, sk, HAS_QPOS)
+    qp_last = query_positions(QPOS, b, sq - 1, True, stride_pb, stride_ps, sq, sk, HAS_QPOS)
+    lo, hi = key_range(qp, qp_last, row_ok, window, sk, KIND)
+    # the visible blocks are dealt to as many splits as give each >= min_blocks_per_split; the others stay empty
+    n_blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
+    used_splits = tl.maximum(tl.minimum(num_splits, tl.cdiv(n_blocks, min_blocks_per_split)), 1)
+    blocks_per_split = tl.cdiv(n_blocks, used_splits)
+    start = lo + split * blocks_per_split * BLOCK_N
+    end = tl.minimum(start + blocks_per_split * BLOCK_N, hi)
+
+    b64 = b.to(tl.int64)
+    q = tl.load(Q + b64 * stride_qb + head[:, None] * stride_qh + i[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0)
+    mask_rows = MASK
+    if KIND == "custom":
+        mask_rows = MASK + b64 * stride_mb + head * stride_mh + i * stride_mq
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = attend(
+        acc, m_i, l_i, q, qp, row_ok, mask_rows, stride_mk,
+        K + b64 * stride_kb + kvh * stride_kh, V + b64 * stride_vb + kvh * stride_vh,
+        stride_kn, stride_kd, stride_vn, stride_vd, start, end, qk_scale, window,
+        KIND, MASK_BOOL, BLOCK_N, HEAD_DIM, WIDEN_DOT)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)     # a row that sees no key: o = 0 (as SDPA's math path), lse = -inf
+    o = acc / l_safe[:, None]
+    if SPLIT_KV:
+        ws_row = (pid_bh * num_splits + split) * n_rows + rows
+        tl.store(WS_LSE + ws_row, m_i + tl.math.log2(l_safe), mask=row_ok)
+        if start < end:     # an empty split's lse = -inf tells the reduce not to read its o
+            tl.store(WS_O + ws_row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=row_ok[:, None])
+    else:
+        out_rows = OUT + b64 * stride_ob + head * stride_oh + i * stride_os
+        tl.store(out_rows[:, None] + offs_d[None, :] * stride_od, o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def reduce_splits_kernel(
+        WS_O, WS_LSE, OUT, stride_ob, stride_oh, stride_os, stride_od,
+        n_kv_heads, group, sq, num_splits,
+        SPLITS_P2: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """One program per (batch × kv head, packed row): out = Σ_s 2^(lse_s − M)·o_s / Σ_s 2^(lse_s − M), reading
+    o_s only where lse_s > -inf (a split that saw no key of the row wrote no o)."""
+    pid_bh = tl.program_id(0)
+    row = tl.program_id(1)
+    n_rows = group * sq
+    splits = tl.arange(0, SPLITS_P2)
+    split_ok = splits < num_splits
+    offs_d = tl.arange(0, HEAD_DIM)
+    ws_row = (pid_bh * num_splits + splits) * n_rows + row
+    lse = tl.load(WS_LSE + ws_row, mask=split_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    o = tl.load(WS_O + ws_row[:, None] * HEAD_DIM + offs_d[None, :], mask=(lse > float("-inf"))[:, None], other=0.0)
+    w_sum = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(w_sum == 0.0, 1.0, w_sum)
+    b = (pid_bh // n_kv_heads).to(tl.int64)
+    head = (pid_bh % n_kv_heads) * group + row // sq
+    tl.store(OUT + b * stride_ob + head * stride_oh + (row % sq) * stride_os + offs_d * stride_od,
+             out.to(OUT.dtype.element_ty))
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """SMs (CUDA) or CUs (ROCm) of the device; 1 for the interpreter, whose programs run one after another."""
+    return _gpu_multiprocessors(device.index or 0) if device.type == "cuda" else 1
+
+
+@functools.cache
+def _gpu_multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_kv_splits(programs: int, cache_len: int, num_sms: int, min_keys_per_split: int, max_splits: int) -> int:
+    """How many kv splits a decode launch has: enough that `programs` (batch × kv heads) × splits fills every
+    SM once, at most one per `min_keys_per_split` keys of the cache (a split writes a D-wide fp32 partial per
+    row: at hd 128 that costs as much as reading 64 keys' K and V) and at most `max_splits`.
+
+    It is chosen on the host from the static cache length, because q_pos lives on the device and a CUDA graph
+    must not depend on its values. The kernel then deals the *visible* blocks to as many of these splits as
+    get >= min_keys_per_split keys each; the rest write only lse = -inf, so a short prefix in a long cache costs
+    few partials and no stale reads. Draft on H100 (132 SMs, 8 kv heads, cache 8192): 16 splits of 512 keys.
+    """
+    fill = max(num_sms // max(programs, 1), 1)
+    longest = max(cache_len // min_keys_per_split, 1)
+    return max(1, min(fill, longest, max_splits))
+
+
+def decode_block_m(group: int, sq: int) -> int:
+    """Rows of the packed tile: all q heads of a kv group × all queries, padded to a power of two ≥ 16."""
+    return max(16, triton.next_power_of_2(group * sq))
+
+
+def attention_decode(q, k, v, kind, scale, window=0, mask=None, q_pos=None, num_splits=None, out=None):
+    """dflash.attention with the split-KV decode kernel; `out` is an optional preallocated [B, Hq, Sq, D] result.
+
+    `num_splits` overrides the heuristic, and then a split may be as short as one block (tests use it to run
+    the reduce on small shapes); otherwise a split gets at least min_keys_per_split of the visible keys."""
+    batch, n_q_heads, sq, head_dim = q.shape
+    n_kv_heads, sk = k.shape[1], k.shape[2]
+    group = n_q_heads // n_kv_heads
+    cfg = launch_params("decode", head_dim, q.dtype, family(q.device))
+    min_blocks_per_split = 1
+    if num_splits is None:
+        num_splits = num_kv_splits(batch * n_kv_heads, sk, multiprocessor_count(q.device), cfg["min_keys_per_split"],
+                                   cfg["max_splits"])
+        min_blocks_per_split = triton.cdiv(cfg["min_keys_per_split"], cfg["block_n"])
+    out = q.new_empty(batch, n_q_heads, sq, head_dim) if out is None else out
+    n_rows = group * sq
+    split_kv = num_splits > 1
+    ws_o = ws_lse = None
+    if split_kv:
+        ws_o = torch.empty(batch * n_kv_heads, num_splits, n_rows, head_dim, device=q.device, dtype=torch.float32)
+        ws_lse = torch.empty(batch * n_kv_heads, num_splits, n_rows, device=q.device, dtype=torch.float32)
+    mask, mask_strides, mask_bool = mask_args(mask, (batch, n_q_heads, sq, sk))
+    q_pos, stride_pb, stride_ps = qpos_args(q_pos)
+    attention_decode_kernel[(batch * n_kv_heads, num_splits)](
+        q, k, v, out, q_pos, mask, ws_o, ws_lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        stride_pb, stride_ps, *mask_strides, n_kv_heads, group, sq, sk, window, num_splits, min_blocks_per_split,
+        scale * LOG2E,
+        KIND=kind, MASK_BOOL=mask_bool, HAS_QPOS=q_pos is not None, SPLIT_KV=split_kv,
+        BLOCK_M=decode_block_m(group, sq), BLOCK_N=cfg["block_n"], HEAD_DIM=head_dim, WIDEN_DOT=widen_dot(q),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if split_kv:
+        reduce_splits_kernel[(batch * n_kv_heads, n_rows)](
+            ws_o, ws_lse, out, *out.stride(), n_kv_heads, group, sq, num_splits,
+            SPLITS_P2=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, num_warps=cfg["reduce_num_warps"])
+    return out
