@@ -11,7 +11,7 @@ with the index mask), 'dflash' (the Triton provider). Anchors on H100 (docs §9)
 
 import torch
 
-from benchmarks.case import Case
+from .case import Case
 from torch_dflash.compiler.ops.attention import attention_reference, visibility
 from torch_dflash.compiler.triton.attention import attention_triton
 

@@ -260,7 +260,7 @@ def test_aot_compiles_every_spec(aot_results, arch):
 
 
 def test_benchmark_cases_run_on_cpu():
-    from benchmarks.kernels_attention import cases
+    from torch_dflash.benchmarks.kernels_attention import cases
     for case in cases("cpu", small=True):
         for name, variant in case.variants.items():
             assert variant().isfinite().all(), (case.name, name)
