@@ -1,10 +1,9 @@
 """`torch.compile(model, backend="dflash")` (registered in pyproject under `torch_dynamo_backends`).
 
-Dynamo graph → AOT (functionalized, inference) → Inductor with parameters frozen into constants → OUR pass
-pipeline and lowering, run as Inductor's `post_grad_custom_pre_pass` (so merged weights are built once from
-the frozen parameters) → Inductor compiles what remains; dflash/provider ops stay opaque kernels inside it.
-With `inductor=False` the same passes run on the AOT graph (parameters stay inputs, merged weights are
-concatenated per call) and the graph runs eagerly — for debugging.
+Dynamo graph → AOT (functionalized inference ATen graph) → parameters frozen into constants (those the graph
+does not mutate; KV caches stay inputs) → OUR pass pipeline and lowering (merged weights built once from the
+frozen values) → Inductor compiles the rewritten graph (its own AOT pass decomposes what remains; dflash and
+provider ops stay opaque kernels inside it). With `inductor=False` the rewritten graph runs eagerly (debugging).
 Training graphs (anything requiring grad) are out of scope: they go to Inductor unchanged, with one warning.
 """
 
@@ -97,6 +96,8 @@ _COUNTER = [0]
 
 
 def dflash_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None):
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
     from torch._inductor.compile_fx import compile_fx
 
     opts = BackendOptions.parse(options)
@@ -106,32 +107,42 @@ def dflash_backend(gm: fx.GraphModule, example_inputs, options: dict | None = No
         return compile_fx(gm, example_inputs)
     _COUNTER[0] += 1
     graph_pass = DFlashGraphPass(opts, f"graph#{_COUNTER[0]}")
-    if not opts.inductor:
-        return _eager_with_passes(gm, example_inputs, graph_pass)
-    patches = {"freezing": True, "post_grad_custom_pre_pass": _as_inductor_pass(graph_pass),
-               "triton.cudagraphs": opts.cudagraphs}
-    return compile_fx(gm, example_inputs, config_patches=patches)
 
-
-def _as_inductor_pass(graph_pass: DFlashGraphPass):
-    from torch._inductor.custom_graph_pass import CustomGraphPass
-
-    class InductorPass(CustomGraphPass):
-        def __call__(self, graph):
-            graph_pass(graph)
-
-        def uuid(self):
-            return graph_pass.uuid()
-
-    return InductorPass()
-
-
-def _eager_with_passes(gm, example_inputs, graph_pass):
-    from functorch.compile import make_boxed_func
-    from torch._functorch.aot_autograd import aot_module_simplified
-
-    def forward_compiler(aot_gm, aot_inputs):
+    def forward_compiler(aot_gm: fx.GraphModule, aot_inputs):
+        kept = freeze_parameters(aot_gm)
         graph_pass(aot_gm.graph)
-        return make_boxed_func(aot_gm.forward)
+        if not opts.inductor:
+            run = aot_gm.forward
+        else:
+            patches = {"triton.cudagraphs": opts.cudagraphs}
+            run = compile_fx(aot_gm, [aot_inputs[i] for i in kept], config_patches=patches)
+        return make_boxed_func(lambda *args: run(*[args[i] for i in kept]))
 
     return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler)
+
+
+def freeze_parameters(aot_gm: fx.GraphModule) -> list[int]:
+    """Turn the parameter/buffer placeholders that the graph does not mutate into get_attr constants (inference
+    only), so passes see weight values and merged weights are built once. Returns the indices of the inputs the
+    graph still takes. Like Inductor's freezing: weights changed in place after compiling are not seen."""
+    from torch._guards import TracingContext
+
+    context = TracingContext.try_get()
+    params = list(context.params_flat or []) if context is not None else []
+    meta = context.fw_metadata if context is not None else None
+    placeholders = [n for n in aot_gm.graph.nodes if n.op == "placeholder"]
+    kept = []
+    for i, node in enumerate(placeholders):
+        mutated = meta is not None and i < len(meta.input_info) and meta.input_info[i].mutates_data
+        if i < len(params) and isinstance(params[i], torch.Tensor) and not mutated:
+            name = f"_frozen_param{i}"
+            aot_gm.register_buffer(name, params[i].detach(), persistent=False)
+            with aot_gm.graph.inserting_before(node):
+                constant = aot_gm.graph.get_attr(name)
+            constant.meta = dict(node.meta)
+            node.replace_all_uses_with(constant)
+            aot_gm.graph.erase_node(node)
+        else:
+            kept.append(i)
+    aot_gm.recompile()
+    return kept

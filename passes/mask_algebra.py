@@ -99,7 +99,7 @@ class MaskEvaluator:
     def _finish(self, node, value) -> SymTensor:
         val = tensor_meta(node)
         shape = tuple(sym_expr(s) for s in val.shape)
-        value = value.xreplace({IDX[k]: 0 for k, size in enumerate(shape) if size == 1})
+        value = sympy.sympify(value).xreplace({IDX[k]: sympy.S.Zero for k, size in enumerate(shape) if size == 1})
         return SymTensor(value, shape, val.dtype == torch.bool)
 
     def scalar(self, x):
@@ -273,8 +273,8 @@ class MaskEvaluator:
         if prepend is None:
             return as_number(x).xreplace({i: i + 1}) - as_number(x)
         step = as_number(x) - as_number(x).xreplace({i: i - 1})
-        first = as_number(x).xreplace({i: 0}) - as_number(self.operand(prepend, src.ndim))
-        if sympy.expand(step.xreplace({i: 0}) - first) != 0:
+        first = as_number(x).xreplace({i: sympy.S.Zero}) - as_number(self.operand(prepend, src.ndim))
+        if sympy.expand(step.xreplace({i: sympy.S.Zero}) - first) != 0:
             raise NotIndexArithmetic("takes a diff whose first element differs from the others")
         return step
 
@@ -310,7 +310,8 @@ class MaskEvaluator:
 def agrees(value, formula, i, start, size) -> bool:
     """value equals formula at every index of [start, start + size)."""
     if size == 1:
-        return sympy.expand(value.xreplace({i: start}) - formula.xreplace({i: start})) == 0
+        at = sympy.sympify(start)
+        return sympy.expand(value.xreplace({i: at}) - formula.xreplace({i: at})) == 0
     return sympy.expand(value - formula) == 0
 
 
