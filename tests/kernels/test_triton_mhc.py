@@ -1,0 +1,290 @@
+"""Triton provider of dflash.mhc_post_pre / mhc_pre / mhc_post vs the reference ops (compiler/ops/mhc.py).
+
+Without a GPU the kernels run on CPU tensors through TRITON_INTERPRET=1 (tests/conftest.py sets it). Every
+buffer the launcher allocates (outputs and the partials workspace) is poisoned with NaN first, so an element
+a kernel fails to write fails the comparison. Each launch path is forced with an explicit config row: 'small'
+(1 token per program, D split over programs, CUDA-core GEMV), 'medium' (16 tokens, split, tensor-core GEMV),
+'large' (64 tokens, one program per token block).
+
+bf16 on the interpreter: Triton 3.9's interpreter truncates fp32 → bf16 where the GPU (and torch) round to
+nearest even, so new_res and layer_in may differ from the reference by one bf16 ulp; the 2e-2 bound covers it,
+and `test_bf16_pre_matches_reference_on_the_kernels_own_new_res` checks the rest of the chain at fp32 tightness.
+"""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from torch_dflash.compiler import providers
+from torch_dflash.compiler.ops.mhc import mhc_post_pre_reference, mhc_post_reference, mhc_pre_reference
+from torch_dflash.compiler.ops.norm_rope import rms_norm_reference
+from torch_dflash.compiler.triton import mhc as tm
+from torch_dflash.compiler.triton.aot import ARCHS, family
+from torch_dflash.errors import InputError
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+       torch.float16: dict(rtol=2e-2, atol=2e-2)}
+EPS = dict(rms_eps=1e-6, hc_eps=1e-6)
+NORM_EPS = 1e-6
+# A100 163 KiB, H100 227 KiB, MI300 (gfx942) 64 KiB LDS, MI350 (gfx950) 160 KiB.
+SHARED_LIMIT = {"sm_80": 166912, "sm_90": 232448, "gfx942": 65536, "gfx950": 163840}
+
+
+def row(bucket: str, **override) -> dict:
+    return {**tm.launch_config(f"mhc.{bucket}", "cuda"), **override}
+
+
+def make_inputs(tokens, n, d, dtype, seed, lead=None):
+    """x, res, post, comb, fn, base, scale, norm_w at realistic magnitudes: unit-RMS activations, post in (0, 2),
+    comb row-stochastic, fn ~ N(0, 1/(n·D)) so the mixes are O(1) at any D (DeepSeek-V4's 0.02 at n·D = 2500)."""
+    g = torch.Generator().manual_seed(seed)
+    lead = lead or (tokens,)
+    rand = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    x, res = rand(*lead, d), rand(*lead, n, d)
+    post = 2 * torch.sigmoid(rand(*lead, n))
+    comb = torch.softmax(rand(*lead, n, n), -1)
+    fn = rand((2 + n) * n, n * d) / (n * d) ** 0.5
+    base, scale, norm_w = rand((2 + n) * n) * 0.5, 0.5 + torch.rand(3, generator=g), 1 + 0.1 * rand(d)
+    acts = [t.to(DEVICE, dtype) for t in (x, res)]
+    return (*acts, *(t.to(DEVICE) for t in (post, comb, fn, base, scale, norm_w)))
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """torch.empty / empty_like return NaN-filled floating tensors while the kernel's launcher runs."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = lambda *a, **k: nan(empty(*a, **k))
+    torch.empty_like = lambda *a, **k: nan(empty_like(*a, **k))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = empty, empty_like
+
+
+def assert_outputs_close(got, want, dtype):
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape and g.dtype == w.dtype, (i, g.shape, w.shape, g.dtype, w.dtype)
+        assert g.isfinite().all(), f"output {i} has unwritten (NaN) elements"
+        torch.testing.assert_close(g.float(), w.float(), **TOL[dtype], msg=lambda m: f"output {i}: {m}")
+
+
+def run_post_pre(tokens, n, d, dtype, iters, config, seed=0, lead=None):
+    x, res, post, comb, fn, base, scale, w = make_inputs(tokens, n, d, dtype, seed, lead)
+    args = (x, res, post, comb, fn, base, scale, w, EPS["rms_eps"], EPS["hc_eps"], iters, NORM_EPS)
+    with poisoned_allocations():
+        got = tm.mhc_post_pre(*args, config=config)
+    return got, mhc_post_pre_reference(*args), args
+
+
+POST_PRE_CASES = [  # (tokens, n, D, dtype, iters, config)
+    (3, 4, 96, torch.float32, 20, row("small")),          # D = 1.5 blocks, split over 2 programs per token
+    (1, 2, 64, torch.bfloat16, 3, row("small")),
+    (17, 4, 96, torch.float32, 20, row("medium")),        # 2 token blocks (one ragged) × 3 slices
+    (17, 4, 100, torch.bfloat16, 20, row("medium")),      # D not a multiple of 16
+    (5, 3, 96, torch.float32, 20, row("medium")),         # n not a power of two: padded streams
+    (17, 8, 64, torch.float32, 3, row("large")),          # n = 8: (2+8)·8 = 80 mixes
+    (17, 4, 256, torch.bfloat16, 20, row("large")),
+    (3, 4, 256, torch.float16, 20, row("large")),
+]
+
+
+@pytest.mark.parametrize("tokens, n, d, dtype, iters, config", POST_PRE_CASES,
+                         ids=lambda v: v.get("block_t") if isinstance(v, dict) else str(v))
+def test_post_pre_matches_reference(tokens, n, d, dtype, iters, config):
+    got, want, _ = run_post_pre(tokens, n, d, dtype, iters, config)
+    assert_outputs_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("tokens, config", [(5, row("small")), (17, row("medium"))], ids=["small", "medium"])
+def test_bf16_pre_matches_reference_on_the_kernels_own_new_res(tokens, config):
+    """Past new_res (rounded by the interpreter), the mixes and Sinkhorn agree at fp32 tightness; the normed
+    layer_in differs by at most the roundings: the interpreter truncates layer_in and normed (< 2^-7 relative
+    each), the reference rounds normed to nearest (<= 2^-8)."""
+    (new_res, normed, post, comb), _, args = run_post_pre(tokens, 4, 96, torch.bfloat16, 20, config, seed=3)
+    layer_in, post_ref, comb_ref = mhc_pre_reference(new_res, *args[4:7], EPS["rms_eps"], EPS["hc_eps"], 20)
+    torch.testing.assert_close(post, post_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(comb, comb_ref, rtol=1e-5, atol=1e-5)
+    want = rms_norm_reference(layer_in, args[7], NORM_EPS).float()
+    assert ((normed.float() - want).abs() <= (2 ** -7 + 2 ** -7 + 2 ** -8) * want.abs()).all()
+
+
+@pytest.mark.parametrize("tokens, n, d, dtype, iters, config", [
+    (3, 4, 96, torch.float32, 20, row("small")),
+    (17, 4, 100, torch.bfloat16, 3, row("medium")),
+    (17, 2, 64, torch.float32, 20, row("large")),
+], ids=["small", "medium", "large"])
+def test_pre_matches_reference(tokens, n, d, dtype, iters, config):
+    _, res, _, _, fn, base, scale, _ = make_inputs(tokens, n, d, dtype, seed=1)
+    args = (res, fn, base, scale, EPS["rms_eps"], EPS["hc_eps"], iters)
+    with poisoned_allocations():
+        got = tm.mhc_pre(*args, config=config)
+    assert_outputs_close(got, mhc_pre_reference(*args), dtype)
+
+
+@pytest.mark.parametrize("tokens, n, d, dtype", [(17, 4, 96, torch.float32), (5, 8, 300, torch.bfloat16)])
+def test_post_matches_reference(tokens, n, d, dtype):
+    x, res, post, comb, *_ = make_inputs(tokens, n, d, dtype, seed=2)
+    with poisoned_allocations():
+        got = tm.mhc_post(x, res, post, comb)
+    assert_outputs_close([got], [mhc_post_reference(x, res, post, comb)], dtype)
+
+
+def test_leading_dims_and_repeated_split_launches():
+    """res [B, S, n, D] keeps its leading dims; the split path leaves its arrival tickets at zero, so a second
+    launch (same buffer) gives the same answer."""
+    config = row("small")
+    got, want, args = run_post_pre(None, 4, 64, torch.float32, 20, config, lead=(2, 1))
+    assert [tuple(t.shape) for t in got] == [(2, 1, 4, 64), (2, 1, 64), (2, 1, 4), (2, 1, 4, 4)]
+    assert_outputs_close(got, want, torch.float32)
+    assert all(int(buf.abs().sum()) == 0 for buf in tm._COUNTERS.values())
+    again = tm.mhc_post_pre(*args, config=config)
+    for a, b in zip(got, again):
+        assert torch.equal(a, b)
+
+
+def test_pick_config_by_token_count():
+    assert [tm.pick_config("mhc_post_pre", t, "cuda")["block_t"] for t in (1, 16, 64, 256, 1024, 4096, 16384)] == \
+        [1, 1, 1, 16, 16, 64, 64]
+    assert tm.pick_config("mhc_pre", 16, "rocm") == tm.launch_config("mhc.small", "rocm")
+    assert tm.pick_config("mhc_post", 16, "cuda") == tm.launch_config("mhc.post", "cuda")
+
+
+def test_plan_splits_d_without_empty_slices():
+    meta, split = tm._plan(tm._Problem("mhc_post_pre", 4, 7168, torch.bfloat16), row("medium"))
+    assert (meta["BLOCK_D"], split, meta["NM"], meta["USE_DOT"]) == (32, 8, 32, True)
+    _, split = tm._plan(tm._Problem("mhc_post_pre", 4, 160, torch.bfloat16), row("medium"))  # 5 chunks
+    assert split == 5
+    meta, _ = tm._plan(tm._Problem("mhc_pre", 8, 4096, torch.float32), row("large"))
+    assert (meta["NM"], meta["BLOCK_D"], meta["FN_BF16_PARTS"]) == (128, 16, False)
+
+
+def test_providers_registered_first_on_gpu_targets():
+    for op in ("mhc_post_pre", "mhc_pre", "mhc_post"):
+        for target in ("cuda", "rocm"):
+            assert providers.candidates(op, target)[0].name == "triton"
+        assert all(p.name != "triton" for p in providers.candidates(op, "cpu"))
+
+
+def test_supports_reasons(monkeypatch):
+    x, res, post, comb, fn, base, scale, w = make_inputs(3, 4, 64, torch.float32, seed=0)
+    ok = (x, res, post, comb, fn, base, scale, w, 1e-6, 1e-6, 20, 1e-6)
+    assert tm.supports_mhc_post_pre(*ok) is None
+    bad = {
+        "int": (x, res.int(), post, comb, fn, base, scale, w, 1e-6, 1e-6, 20, 1e-6),
+        "fn": (x, res, post, comb, fn[:, :-1], base, scale, w, 1e-6, 1e-6, 20, 1e-6),
+        "x dtype": (x.double(), res, post, comb, fn, base, scale, w, 1e-6, 1e-6, 20, 1e-6),
+        "comb": (x, res, post, comb[:, :2], fn, base, scale, w, 1e-6, 1e-6, 20, 1e-6),
+        "norm_w": (x, res, post, comb, fn, base, scale, w[:-1], 1e-6, 1e-6, 20, 1e-6),
+        "iters": (x, res, post, comb, fn, base, scale, w, 1e-6, 1e-6, 0, 1e-6),
+    }
+    for name, args in bad.items():
+        reason = tm.supports_mhc_post_pre(*args)
+        assert isinstance(reason, str) and reason.endswith("."), (name, reason)
+        with pytest.raises(InputError):
+            tm.mhc_post_pre(*args)
+    wide = torch.zeros(3, 9, 64)
+    assert "n = 9" in tm.supports_mhc_pre(wide, fn, base, scale, 1e-6, 1e-6, 20)
+    assert tm.supports_mhc_post(x, res, post, comb) is None
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if DEVICE == "cpu":
+        assert "TRITON_INTERPRET" in tm.supports_mhc_post(x, res, post, comb)
+
+
+AOT_SCRIPT = """
+import json, sys
+import triton
+from triton.compiler import ASTSource
+from torch_dflash.compiler.triton.aot import ARCHS, binary, compile_spec, family
+from torch_dflash.compiler.triton.mhc import aot_specs
+
+results = {}
+for spec in aot_specs(sys.argv[1]):
+    for arch in (a for a in ARCHS if family(a) == sys.argv[1]):
+        try:
+            compiled = compile_spec(spec, arch)
+            results[f"{spec.name}@{arch}"] = [len(binary(compiled, arch)), compiled.metadata.shared]
+        except Exception as e:
+            results[f"{spec.name}@{arch}"] = f"{type(e).__name__}: {e}"[:500]
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def aot_results():
+    """{"spec@arch": [binary bytes, shared memory bytes] or the error}, compiled without the interpreter (one
+    process per family, side by side)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = [subprocess.Popen([sys.executable, "-c", AOT_SCRIPT, fam], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for fam in ("cuda", "rocm")]
+    results = {}
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-2000:]
+        results.update(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_aot_compiles_every_spec(aot_results, arch):
+    """Every aot_specs() entry (each op × each token bucket, bf16, n = 4, D 4096 and 7168 sharing binaries)
+    compiles for the arch within its shared memory budget."""
+    specs = [s.name for s in tm.aot_specs(family(arch))]
+    assert len(specs) == 7 and all("D4096+7168" in name for name in specs), specs
+    for name in specs:
+        result = aot_results[f"{name}@{arch}"]
+        assert isinstance(result, list) and result[0] > 0, (name, result)
+        assert result[1] <= SHARED_LIMIT[arch], (name, result)
+
+
+def test_benchmark_cases_run_on_cpu():
+    from benchmarks.kernels_mhc import cases
+    for case in cases("cpu", small=True):
+        for name, variant in case.variants.items():
+            assert all(t.isfinite().all() for t in variant()), (case.name, name)
+        case.check()
+        assert case.floor_bytes > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [4096, 7168])
+@pytest.mark.parametrize("tokens", [16, 256, 4096])
+def test_gpu_post_pre_model_shapes(tokens, d):
+    """DeepSeek-V4 shapes in bf16 through the launcher's own config choice (small / medium / large)."""
+    got, want, _ = run_post_pre(tokens, 4, d, torch.bfloat16, 20, None, seed=tokens)
+    assert_outputs_close(got, want, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [16, 4096])
+def test_gpu_fp32_pre_and_post(tokens):
+    x, res, post, comb, fn, base, scale, _ = make_inputs(tokens, 4, 4096, torch.float32, seed=5)
+    args = (res, fn, base, scale, EPS["rms_eps"], EPS["hc_eps"], 20)
+    assert_outputs_close(tm.mhc_pre(*args), mhc_pre_reference(*args), torch.float32)
+    assert_outputs_close([tm.mhc_post(x, res, post, comb)], [mhc_post_reference(x, res, post, comb)],
+                         torch.float32)
+
+
+@pytest.mark.gpu
+def test_gpu_split_path_in_a_cuda_graph():
+    """T = 16 (D split over programs, arrival tickets) replayed from a CUDA graph with new inputs each time."""
+    x, res, post, comb, fn, base, scale, w = make_inputs(16, 4, 4096, torch.bfloat16, seed=7)
+    args = (x, res, post, comb, fn, base, scale, w, EPS["rms_eps"], EPS["hc_eps"], 20, NORM_EPS)
+    tm.mhc_post_pre(*args)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = tm.mhc_post_pre(*args)
+    for seed in (8, 9):
+        for dst, src in zip(args[:8], make_inputs(16, 4, 4096, torch.bfloat16, seed=seed)):
+            dst.copy_(src)
+        graph.replay()
+        assert_outputs_close(got, mhc_post_pre_reference(*args), torch.bfloat16)
