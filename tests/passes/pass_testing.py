@@ -120,7 +120,8 @@ class ProjectionAttention(torch.nn.Module):
     """One attention site. forward(x, positions[, ctx]): q, k, v projections of x (separate linears or one
     fused linear + split), optional per-head q/k norm, neox rope on rot_dim channels, SDPA with GQA, o_proj.
     draft=True: the z-lab draft — k, v = cat(proj(ctx), proj(x)) on the seq dim, rope over ctx + block, q with
-    the last b rows of cos / sin. layout 'bhsd' ropes after the transpose (HF), 'bshd' before (ours).
+    the last b rows of cos / sin. layout: 'bhsd' norm → transpose → rope (HF Qwen3), 'bhsd_norm_last'
+    transpose → norm → rope (DeepSeek-V4's q), 'bshd' norm → rope → transpose (ours).
     The k_eps / k_cos_shift / rope_style='interleaved' / norm_dtype / q_rows='first' knobs build the cases the
     passes refuse."""
 
@@ -155,13 +156,15 @@ class ProjectionAttention(torch.nn.Module):
 
     def heads(self, t, norm, cos, sin):
         t = t.view(*t.shape[:2], -1, self.hd)
+        if self.layout == "bhsd_norm_last":
+            t = t.transpose(1, 2)
         if norm is not None:
             t = norm(t)
         if cos is None:
-            return t.transpose(1, 2)
-        if self.layout == "bhsd":
-            return rope(t.transpose(1, 2), cos, sin, 1, self.rope_style)
-        return rope(t, cos, sin, 2, self.rope_style).transpose(1, 2)
+            return t if self.layout == "bhsd_norm_last" else t.transpose(1, 2)
+        if self.layout == "bshd":
+            return rope(t, cos, sin, 2, self.rope_style).transpose(1, 2)
+        return rope(t if self.layout == "bhsd_norm_last" else t.transpose(1, 2), cos, sin, 1, self.rope_style)
 
     def forward(self, x, positions, ctx=None):
         b = x.shape[1]

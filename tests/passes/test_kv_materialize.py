@@ -75,7 +75,7 @@ def test_our_draft_takes_every_layer_whole():
 @given(head_dim=st.sampled_from([64, 128, 256]), n_kv=st.integers(1, 2), group=st.integers(1, 8),
        bias=st.booleans(), norm_style=st.sampled_from(["hf", "functional", "plain"]),
        rot_fraction=st.sampled_from([1, 2]), theta=st.sampled_from([1e4, 1e6]), eps=st.sampled_from([1e-5, 1e-6]),
-       fused=st.booleans(), layout=st.sampled_from(["bhsd", "bshd"]), block=st.integers(4, 16),
+       fused=st.booleans(), layout=st.sampled_from(["bhsd", "bhsd_norm_last", "bshd"]), block=st.integers(4, 16),
        batch=st.integers(1, 4), contexts=st.tuples(st.integers(2, 12), st.integers(2, 12)),
        dynamic=st.sampled_from([False] * 7 + [True]))
 def test_sweep_of_draft_attention_spellings(head_dim, n_kv, group, bias, norm_style, rot_fraction, theta, eps,

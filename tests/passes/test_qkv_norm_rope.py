@@ -68,7 +68,7 @@ def test_bf16_model_fuses_within_bf16_rounding():
 @given(head_dim=st.sampled_from([64, 128, 256]), n_kv=st.integers(1, 2), group=st.integers(1, 8),
        bias=st.booleans(), qk_norm=st.booleans(), norm_style=st.sampled_from(["hf", "functional", "plain"]),
        rot_fraction=st.sampled_from([1, 2, 4]), theta=st.sampled_from([1e4, 5e5, 1e6]),
-       eps=st.sampled_from([1e-5, 1e-6]), fused=st.booleans(), layout=st.sampled_from(["bhsd", "bshd"]),
+       eps=st.sampled_from([1e-5, 1e-6]), fused=st.booleans(), layout=st.sampled_from(["bhsd", "bhsd_norm_last", "bshd"]),
        rotate=st.sampled_from(["slice", "chunk"]), batch=st.integers(1, 4), seqs=st.tuples(
            st.integers(4, 16), st.integers(4, 16)), dynamic=st.sampled_from([False] * 7 + [True]))
 def test_sweep_of_attention_spellings(head_dim, n_kv, group, bias, qk_norm, norm_style, rot_fraction, theta, eps,
