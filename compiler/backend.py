@@ -108,9 +108,15 @@ def dflash_backend(gm: fx.GraphModule, example_inputs, options: dict | None = No
     _COUNTER[0] += 1
     graph_pass = DFlashGraphPass(opts, f"graph#{_COUNTER[0]}")
 
+    # Dynamo hands nn.Module parameters in as graph inputs (the real Parameter objects); freeze those.
+    user_params = {i: x for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)}
+
     def forward_compiler(aot_gm: fx.GraphModule, aot_inputs):
-        kept = freeze_parameters(aot_gm)
-        graph_pass(aot_gm.graph)
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():  # the passes compute merged weights from real frozen tensors
+            kept = freeze_parameters(aot_gm, user_params)
+            graph_pass(aot_gm.graph)
         if not opts.inductor:
             run = aot_gm.forward
         else:
@@ -121,22 +127,25 @@ def dflash_backend(gm: fx.GraphModule, example_inputs, options: dict | None = No
     return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler)
 
 
-def freeze_parameters(aot_gm: fx.GraphModule) -> list[int]:
-    """Turn the parameter/buffer placeholders that the graph does not mutate into get_attr constants (inference
-    only), so passes see weight values and merged weights are built once. Returns the indices of the inputs the
-    graph still takes. Like Inductor's freezing: weights changed in place after compiling are not seen."""
+def freeze_parameters(aot_gm: fx.GraphModule, user_params: dict[int, torch.Tensor]) -> list[int]:
+    """Turn the placeholders that hold parameters (AOT's lifted params_flat, then the user inputs that are
+    nn.Parameters) and that the graph does not mutate into get_attr constants (inference only), so passes see
+    weight values and merged weights are built once. Returns the indices of the inputs the graph still takes.
+    Like Inductor's freezing: weights changed in place after compiling are not seen."""
     from torch._guards import TracingContext
 
     context = TracingContext.try_get()
-    params = list(context.params_flat or []) if context is not None else []
+    flat = list(context.params_flat or []) if context is not None else []
     meta = context.fw_metadata if context is not None else None
+    values = {i: t for i, t in enumerate(flat) if isinstance(t, torch.Tensor)}
+    values.update({len(flat) + i: t for i, t in user_params.items()})
     placeholders = [n for n in aot_gm.graph.nodes if n.op == "placeholder"]
     kept = []
     for i, node in enumerate(placeholders):
         mutated = meta is not None and i < len(meta.input_info) and meta.input_info[i].mutates_data
-        if i < len(params) and isinstance(params[i], torch.Tensor) and not mutated:
+        if i in values and not mutated:
             name = f"_frozen_param{i}"
-            aot_gm.register_buffer(name, params[i].detach(), persistent=False)
+            aot_gm.register_buffer(name, values[i].detach(), persistent=False)
             with aot_gm.graph.inserting_before(node):
                 constant = aot_gm.graph.get_attr(name)
             constant.meta = dict(node.meta)
