@@ -6,6 +6,7 @@ before → after (each site counted as "canonicalize.<what>"):
   linear_views: view(linear(view(x, [N, K]), w, b), [*lead, M]) → linear(x, w, b)  (x [*lead, K], N = Π lead)
   sdpa:    getitem(_scaled_dot_product_{flash_attention_for_cpu | efficient_attention | flash_attention |
            cudnn_attention}(q, k, v, …), 0)  (no other output used) → scaled_dot_product_attention(q, k, v, mask, …)
+           (enable_gqa=True when k has fewer heads than q: those kernels take GQA heads as they are)
   cast:    _to_copy(x, dtype=d) | prims.convert_element_type(x, d) | to.dtype_layout(x, dtype=d)
                                                                    → to.dtype(x, d)
            (only when device, layout and memory format stay as they are)
@@ -122,6 +123,12 @@ def sdpa_to_aten(node: fx.Node) -> bool:
     is_causal = node_arg(node, dropout_index + 1, "is_causal", False)
     scale = node.kwargs.get("scale")
     kwargs = {} if scale is None else {"scale": scale}
+    qm, km = tensor_meta(q), tensor_meta(k)
+    if qm is None or km is None or qm.shape[-3] != km.shape[-3]:  # the fused kernels take GQA heads as they are
+        kwargs["enable_gqa"] = True
+    q_meta, k_meta = tensor_meta(q), tensor_meta(k)
+    if q_meta is not None and k_meta is not None and q_meta.shape[-3] != k_meta.shape[-3]:
+        kwargs["enable_gqa"] = True  # the fused variants take GQA natively; the composite op must be told
     first = users[0]
     for extra in users[1:]:
         extra.replace_all_uses_with(first)
