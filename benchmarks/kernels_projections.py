@@ -74,7 +74,7 @@ def _case(tokens: int, hidden: int, n_q: int, n_kv: int, head_dim: int, device, 
         check=check,
         floor_bytes=(width * hidden + tokens * hidden + tokens * width) * x.element_size(),
         floor_flops=2 * tokens * hidden * width,
-        use_cuda_graph=tokens <= 32,
+        use_cuda_graph=True,
         notes=f"H {hidden}, {n_q}/{n_kv} heads, hd {head_dim}, bf16, q/k norm, full rotary",
         extra={"tokens": tokens})
 

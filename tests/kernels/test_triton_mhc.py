@@ -248,7 +248,7 @@ def test_aot_compiles_every_spec(aot_results, arch):
 
 
 def test_benchmark_cases_run_on_cpu():
-    from benchmarks.kernels_mhc import cases
+    from torch_dflash.benchmarks.kernels_mhc import cases
     for case in cases("cpu", small=True):
         for name, variant in case.variants.items():
             assert all(t.isfinite().all() for t in variant()), (case.name, name)
