@@ -10,7 +10,9 @@ before → after, for each aten.scaled_dot_product_attention(q, k, v, attn_mask=
                      cache_positions, expanded to [B, Sq]), or arange(Sq) + c for a constant c
   anything else    → custom with M (correct, slower) plus a rejection that says why: the mask reads data (a
                      padding mask, a buffer), is random, or is not provably one of the kinds (a non-causal window)
-The mask's nodes are left dead; cleanup removes them.
+GQA: k and v spelled repeat_kv(x) (transformers: x[:, :, None].expand(B, Hkv, rep, S, D).reshape(B, Hkv·rep, S, D))
+are replaced by x — dflash.attention maps q head i to kv head i // rep itself, so no repeated K/V is materialized.
+The mask's nodes and the repeats are left dead; cleanup removes them.
 Guards (the site stays SDPA, with a rejection): dropout_p ≠ 0, q not [B, H, S, D], q heads not a multiple of kv heads.
 """
 
@@ -19,7 +21,7 @@ import math
 import torch
 import torch.fx as fx
 
-from .fx_utils import infer_meta, node_arg, relax_views, sym_expr, tensor_meta
+from .fx_utils import infer_meta, is_call, node_arg, relax_views, same_sizes, sym_expr, tensor_meta
 from .manager import GraphPass, PassContext
 from .mask_algebra import B, IDX, Q, Kind, MaskEvaluator, NotIndexArithmetic, NotProven, classify, visibility
 
@@ -101,6 +103,34 @@ def positions_tensor(graph, q: fx.Node, kind: Kind, evaluator) -> fx.Node | None
     return x if tensor_meta(x).dtype == torch.int64 else emit(graph, aten.to.dtype, x, torch.int64)
 
 
+def skip_full_slices(node):
+    while is_call(node, aten.slice) and tensor_meta(node) is not None and tensor_meta(node.args[0]) is not None \
+            and same_sizes(tensor_meta(node).shape, tensor_meta(node.args[0]).shape):
+        node = node.args[0]
+    return node
+
+
+def unrepeated(kv: fx.Node) -> fx.Node:
+    """x when kv = repeat_kv(x) = reshape(expand(x[:, :, None], [B, Hkv, rep, S, D]), [B, Hkv·rep, S, D]), else kv.
+    (AOT graphs add full slices and a clone on the way.)"""
+    if not is_call(kv, aten.reshape, aten.view, aten._unsafe_view):
+        return kv
+    expand = kv.args[0].args[0] if is_call(kv.args[0], aten.clone, aten.contiguous) else kv.args[0]
+    if not is_call(expand, aten.expand):
+        return kv
+    unsqueeze = skip_full_slices(expand.args[0])
+    if not is_call(unsqueeze, aten.unsqueeze) or unsqueeze.args[1] != 2:
+        return kv
+    x = skip_full_slices(unsqueeze.args[0])
+    xs, es, ks = (tensor_meta(n) for n in (x, expand, kv))
+    if xs is None or es is None or ks is None or xs.dim() != 4 or es.dim() != 5:
+        return kv
+    b, h, s, d = xs.shape
+    if not same_sizes(es.shape, [b, h, es.shape[2], s, d]) or not same_sizes(ks.shape, [b, h * es.shape[2], s, d]):
+        return kv
+    return x
+
+
 def guard(q, k, dropout) -> str | None:
     qm, km = tensor_meta(q), tensor_meta(k)
     if dropout != 0.0:
@@ -115,7 +145,7 @@ def guard(q, k, dropout) -> str | None:
 
 
 def rewrite(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> None:
-    q, k, v = node.args[:3]
+    q, k, v = node.args[0], unrepeated(node.args[1]), unrepeated(node.args[2])
     mask = node_arg(node, 3, "attn_mask")
     is_causal = node_arg(node, 5, "is_causal", False)
     if reason := guard(q, k, node_arg(node, 4, "dropout_p", 0.0)):

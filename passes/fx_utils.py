@@ -93,7 +93,7 @@ def infer_meta(node: fx.Node) -> None:
         fake_mode = detect_fake_mode([fake]) if fake is not None else None
     if fake_mode is None:
         return
-    with fake_mode:
+    with fake_mode, torch.no_grad():
         node.meta["val"] = node.target(*args, **kwargs)
 
 

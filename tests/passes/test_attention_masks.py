@@ -67,6 +67,8 @@ def test_transformers_decoder_is_causal_on_every_layer(family):
     _, gm, report = check_pass(model, args, second, PASSES, expected(causal=2), dims)
     no_dense_mask(gm)
     assert all(n.args[7] is None for n in attention_nodes(gm)), "Sq = Sk: the queries are bottom-right"
+    kv_heads = {n.args[i].meta["val"].shape[1] for n in attention_nodes(gm) for i in (1, 2)}
+    assert kv_heads == {2}, "repeat_kv is dropped: dflash.attention gets the 2 kv heads (GQA)"
 
 
 # ---------------------------------------------------------------------------------------- z-lab draft

@@ -1,0 +1,172 @@
+"""mhc_post_pre on transformers' DeepseekV4ForCausalLM and on our models/mhc.py target.
+
+transformers: the WHOLE tiny DeepseekV4ForCausalLM exports (heavily-compressed attention layers, top-k MoE; the
+sequence length dynamic), so the test runs on the real model, not on a stack of stand-in sublayers.
+L layers have 2L sublayers: 1 mhc_pre (layer 0's attention), 2L − 1 mhc_post_pre, 1 mhc_post (before the hc_head).
+Each fused op is checked to carry the right layer's parameters and eps / iters, and the numerics (fp32, 1e-5)
+on a second sequence length. The refusals use a small stack whose hyper-connection spells one thing differently.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pass_testing import check_pass, op_diff
+from torch.export import Dim
+
+from torch_dflash.models import MHCConfig, MHCDecoderLM
+from torch_dflash.models.mhc import HCRMSNorm, hc_post, hc_pre
+from torch_dflash.passes import canonicalize, cleanup, mhc_post_pre
+
+PASSES = [canonicalize.PASS, mhc_post_pre.PASS, cleanup.PASS]
+dflash = torch.ops.dflash
+
+
+def counts(layers):
+    return {"mhc_pre": 1, "mhc_post_pre": 2 * layers - 1, "mhc_post": 1}
+
+
+def fused_sites(gm):
+    ops = (dflash.mhc_pre.default, dflash.mhc_post_pre.default, dflash.mhc_post.default)
+    return [n for n in gm.graph.nodes if n.target in ops]
+
+
+def check_boundaries(gm, layers, iters, eps, prefix):
+    """Sites in graph order: mhc_pre(layer 0 attn), then post_pre with (fn, norm) of each following sublayer."""
+    sites = fused_sites(gm)
+    assert [s.target for s in sites] == [dflash.mhc_pre.default] + [dflash.mhc_post_pre.default] * (2 * layers - 1) \
+        + [dflash.mhc_post.default]
+    hc = [f"{prefix}layers.{i}.{kind}_hc" for i in range(layers) for kind in ("attn", "ffn")]
+    norms = [f"{prefix}layers.{i}.{kind}" for i in range(layers) for kind in ("input_layernorm", "post_attention_layernorm")]
+    assert sites[0].args[1].target == f"{hc[0]}.fn" and sites[0].args[4:] == (eps, eps, iters)
+    for site, fn, norm in zip(sites[1:-1], hc[1:], norms[1:]):
+        assert (site.args[4].target, site.args[5].target, site.args[6].target) == (f"{fn}.fn", f"{fn}.base", f"{fn}.scale")
+        assert site.args[7].target == f"{norm}.weight"
+        assert site.args[8:] == (eps, eps, iters, eps)
+
+
+# ---------------------------------------------------------------------------------------- transformers
+def deepseek_v4(layers=2, iters=3):
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    cfg = DeepseekV4Config(vocab_size=128, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=32, q_lora_rank=32,
+                           n_routed_experts=4, num_experts_per_tok=2, o_groups=2, o_lora_rank=32, index_n_heads=2,
+                           index_head_dim=16, index_topk=4, hc_mult=4, hc_sinkhorn_iters=iters, sliding_window=8,
+                           layer_types=["heavily_compressed_attention"] * layers, mlp_layer_types=["moe"] * layers)
+    torch.manual_seed(0)
+    model = DeepseekV4ForCausalLM(cfg)
+    with torch.no_grad():  # post_init leaves base = 0 and scale = 1: make every mixing weight matter
+        for name, p in model.named_parameters():
+            if "_hc." in name or "hc_head" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def test_transformers_deepseek_v4_every_boundary():
+    model = deepseek_v4(layers=2, iters=3)
+    args = {"input_ids": torch.randint(0, 128, (1, 8)), "use_cache": False}
+    second = {"input_ids": torch.randint(0, 128, (1, 11)), "use_cache": False}
+    dims = {"input_ids": {1: Dim("seq", min=2, max=64)}, "use_cache": None}
+    before, gm, _ = check_pass(model, args, second, PASSES, counts(2), dims)
+    check_boundaries(gm, layers=2, iters=3, eps=1e-6, prefix="model.")
+    gone, _ = op_diff(before, gm)
+    assert gone["aten.softmax.int"] == 4 and gone["aten.matmul.default"] == 4  # every hc comb and hc_post
+    assert gone["aten.sigmoid.default"] == 8                                   # pre and post of each sublayer
+
+
+# ---------------------------------------------------------------------------------------- our models/mhc.py
+def own_target(layers, iters, n=4):
+    cfg = MHCConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, hc_mult=n, hc_sinkhorn_iters=iters)
+    torch.manual_seed(0)
+    model = MHCDecoderLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.setup_cache(2, 32)
+    return model
+
+
+def own_inputs(batch, seq):
+    return {"input_ids": torch.randint(0, 128, (batch, seq)), "positions": torch.arange(seq).expand(batch, seq)}
+
+
+@pytest.mark.parametrize("layers, iters, n", [(2, 20, 4), (1, 1, 2), (3, 2, 3)])
+def test_own_mhc_target_every_boundary(layers, iters, n):
+    seq = Dim("seq", min=2, max=16)
+    _, gm, _ = check_pass(own_target(layers, iters, n), own_inputs(2, 8), own_inputs(2, 11), PASSES, counts(layers),
+                          {"input_ids": {1: seq}, "positions": {1: seq}})
+    check_boundaries(gm, layers, iters, eps=1e-6, prefix="model.")
+
+
+# ---------------------------------------------------------------------------------------- refusals
+class Variant(torch.nn.Module):
+    """Two sublayers (linears) between hyper-connections spelled like models/mhc.py, except for one knob."""
+
+    def __init__(self, knob=None, n=4, dim=32, iters=3):
+        super().__init__()
+        self.knob, self.n, self.iters = knob, n, iters
+        self.hc = torch.nn.ParameterList()
+        for _ in range(2):
+            self.hc.append(torch.nn.Parameter(0.05 * torch.randn((2 + n) * n, n * dim)))
+            self.hc.append(torch.nn.Parameter(0.3 * torch.randn((2 + n) * n)))
+            self.hc.append(torch.nn.Parameter(1 + 0.3 * torch.randn(3)))
+        self.norms = torch.nn.ModuleList(HCRMSNorm(dim, 1e-6) for _ in range(2))
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(dim, dim) for _ in range(2))
+
+    def pre(self, x, i):
+        fn, base, scale = self.hc[3 * i: 3 * i + 3]
+        if self.knob in ("rows_first", "sinkhorn_eps"):
+            return variant_pre(x, fn, base, scale, self.n, self.iters, self.knob)
+        return hc_pre(x, fn, base, scale, self.n, self.iters, 1e-6, 1e-6)
+
+    def post(self, out, x, post, comb):
+        if self.knob == "untransposed":
+            return post.unsqueeze(-1) * out.unsqueeze(-2) + torch.matmul(comb, x)
+        return hc_post(out, x, post, comb)
+
+    def forward(self, h):
+        x = h.unsqueeze(2).expand(-1, -1, self.n, -1).contiguous()
+        extra = 0
+        for i in range(2):
+            post, comb, collapsed = self.pre(x, i)
+            if self.knob == "leak" and i == 1:
+                extra = collapsed.sum()
+            x = self.post(self.layers[i](self.norms[i](collapsed)), x, post, comb)
+        return x.sum(2) + extra
+
+
+def variant_pre(x, fn, base, scale, n, iters, knob):
+    """models/mhc.hc_pre with the Sinkhorn changed: rows normalized first, or a different eps in the loop."""
+    flat = x.flatten(2).float()
+    flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + 1e-6)
+    pre_w, post_w, comb_w = F.linear(flat, fn.float()).split([n, n, n * n], dim=-1)
+    pre_b, post_b, comb_b = base.split([n, n, n * n])
+    s0, s1, s2 = scale.unbind(0)
+    pre = torch.sigmoid(pre_w * s0 + pre_b) + 1e-6
+    post = 2 * torch.sigmoid(post_w * s1 + post_b)
+    comb = torch.softmax(comb_w.view(*comb_w.shape[:-1], n, n) * s2 + comb_b.view(n, n), dim=-1) + 1e-6
+    first, second, eps = (-1, -2, 1e-6) if knob == "rows_first" else (-2, -1, 1e-4)
+    comb = comb / (comb.sum(dim=first, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(dim=second, keepdim=True) + eps)
+        comb = comb / (comb.sum(dim=first, keepdim=True) + eps)
+    return post, comb, (pre.unsqueeze(-1) * x).sum(dim=2).to(x.dtype)
+
+
+@pytest.mark.parametrize("knob, kinds, reason", [
+    (None, {"mhc_pre": 1, "mhc_post_pre": 1, "mhc_post": 1}, None),
+    ("rows_first", {"mhc_pre": 0, "mhc_post_pre": 0, "mhc_post": 2}, "Sinkhorn normalizes along [-1, -2"),
+    ("sinkhorn_eps", {"mhc_pre": 0, "mhc_post_pre": 0, "mhc_post": 2}, "the hc eps differ: [1e-06, 0.0001]"),
+    ("untransposed", {"mhc_pre": 2, "mhc_post_pre": 0, "mhc_post": 0}, "comb is used untransposed"),
+    ("leak", {"mhc_pre": 2, "mhc_post_pre": 0, "mhc_post": 2}, "the layer input is read by more than its RMSNorm"),
+])
+def test_refusals_keep_the_site_and_say_why(knob, kinds, reason):
+    seq = Dim("seq", min=2, max=16)
+    _, _, report = check_pass(Variant(knob), (torch.randn(2, 6, 32),), (torch.randn(2, 9, 32),), PASSES, kinds,
+                              ({1: seq},))
+    reasons = [r.reason for r in report.rejections() if r.pass_name == "mhc_post_pre"]
+    if reason is None:
+        assert not reasons
+    else:
+        assert reasons and all(reason in r for r in reasons), reasons

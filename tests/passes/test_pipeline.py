@@ -1,0 +1,214 @@
+"""The default pipeline end to end: counts and numerics on a second shape, and golden graphs (expecttest).
+
+Goldens: a tiny transformers Qwen3 forward over a block (the verify step's shape: logits for every position) and
+a tiny z-lab DFlash draft forward (context features + block). When a pass changes its output on purpose,
+re-accept with `EXPECTTEST_ACCEPT=1 pytest tests/passes/test_pipeline.py` and review the diff.
+"""
+
+import expecttest
+import pytest
+import torch
+from pass_testing import check_pass
+from torch.export import Dim
+
+from torch_dflash.errors import InputError
+from torch_dflash.passes.pipeline import DEFAULT_PASSES, default_pass_manager
+
+
+def qwen3_block():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, head_dim=16)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(cfg)
+    block = lambda b, s: {"input_ids": torch.randint(0, 128, (b, s)), "use_cache": False}  # noqa: E731
+    dims = {"input_ids": {1: Dim("block", min=2, max=16)}, "use_cache": None}
+    return model, block(2, 8), block(2, 5), dims
+
+
+def zlab_draft():
+    from dflash.model import DFlashDraftModel
+    from transformers import Qwen3Config
+
+    cfg = Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, head_dim=16)
+    cfg.num_target_layers = 4
+    cfg.dflash_config = {"block_size": 4, "mask_token_id": 5, "target_layer_ids": [1, 2]}
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = DFlashDraftModel(cfg)
+
+    def step(ctx, block):
+        return {"position_ids": torch.arange(ctx + block)[None], "noise_embedding": torch.randn(1, block, 64),
+                "target_hidden": torch.randn(1, ctx, 128)}
+
+    dims = {"position_ids": {1: Dim("positions", min=4, max=80)}, "noise_embedding": {1: Dim("block", max=16)},
+            "target_hidden": {1: Dim("ctx", min=2, max=64)}}
+    return model, step(6, 4), step(9, 3), dims
+
+
+def test_pass_order_and_disabling():
+    assert [p.name for p in DEFAULT_PASSES] == ["canonicalize", "kv_materialize", "qkv_norm_rope", "mhc_post_pre",
+                                                "attention_masks", "cleanup"]
+    assert [p.name for p in default_pass_manager(disabled=("cleanup",)).passes][-1] == "attention_masks"
+    with pytest.raises(InputError, match="Unknown pass"):
+        default_pass_manager(disabled=("qkv_norm_rop",))
+
+
+class TestGoldenGraphs(expecttest.TestCase):
+    def run_pipeline(self, build, expected):
+        model, args, second, dims = build()
+        _, gm, _ = check_pass(model, args, second, list(DEFAULT_PASSES), expected, dims)
+        return gm.code.strip()
+
+    def test_qwen3_verify_block(self):
+        code = self.run_pipeline(qwen3_block, {"qkv_norm_rope": 1, "attention.causal": 1})
+        self.assertExpectedInline(code, """\
+def forward(self, input_ids, use_cache):
+    input_ids, use_cache, = fx_pytree.tree_flatten_spec(([], {'input_ids':input_ids, 'use_cache':use_cache}), self._in_spec)
+    model_embed_tokens_weight = self.model.embed_tokens.weight
+    model_layers_0_self_attn_o_proj_weight = getattr(self.model.layers, "0").self_attn.o_proj.weight
+    model_layers_0_self_attn_q_norm_weight = getattr(self.model.layers, "0").self_attn.q_norm.weight
+    model_layers_0_self_attn_k_norm_weight = getattr(self.model.layers, "0").self_attn.k_norm.weight
+    model_layers_0_mlp_gate_proj_weight = getattr(self.model.layers, "0").mlp.gate_proj.weight
+    model_layers_0_mlp_up_proj_weight = getattr(self.model.layers, "0").mlp.up_proj.weight
+    model_layers_0_mlp_down_proj_weight = getattr(self.model.layers, "0").mlp.down_proj.weight
+    model_layers_0_input_layernorm_weight = getattr(self.model.layers, "0").input_layernorm.weight
+    model_layers_0_post_attention_layernorm_weight = getattr(self.model.layers, "0").post_attention_layernorm.weight
+    model_norm_weight = self.model.norm.weight
+    lm_head_weight = self.lm_head.weight
+    model_rotary_emb_inv_freq = self.model.rotary_emb.inv_freq
+    _guards_fn = self._guards_fn(input_ids, use_cache);  use_cache = _guards_fn = None
+    sym_size_int_7 = torch.ops.aten.sym_size.int(input_ids, 1)
+    embedding = torch.ops.aten.embedding.default(model_embed_tokens_weight, input_ids);  model_embed_tokens_weight = input_ids = None
+    arange = torch.ops.aten.arange.default(sym_size_int_7, device = device(type='cpu'), pin_memory = False)
+    add = torch.ops.aten.add.Tensor(arange, 0);  arange = None
+    unsqueeze = torch.ops.aten.unsqueeze.default(add, 0);  add = None
+    submod_3 = self.submod_1
+    wrap_with_set_grad_enabled = torch.ops.higher_order.wrap_with_set_grad_enabled(False, submod_3, unsqueeze, model_rotary_emb_inv_freq);  submod_3 = unsqueeze = model_rotary_emb_inv_freq = None
+    to_4 = wrap_with_set_grad_enabled[0]
+    to_5 = wrap_with_set_grad_enabled[1];  wrap_with_set_grad_enabled = None
+    pow_1 = torch.ops.aten.pow.Tensor_Scalar(embedding, 2)
+    mean = torch.ops.aten.mean.dim(pow_1, [-1], True);  pow_1 = None
+    add_3 = torch.ops.aten.add.Tensor(mean, 1e-06);  mean = None
+    rsqrt = torch.ops.aten.rsqrt.default(add_3);  add_3 = None
+    mul_3 = torch.ops.aten.mul.Tensor(embedding, rsqrt);  rsqrt = None
+    mul_4 = torch.ops.aten.mul.Tensor(model_layers_0_input_layernorm_weight, mul_3);  model_layers_0_input_layernorm_weight = mul_3 = None
+    dflash_qkv_weight_0 = self.dflash_qkv_weight_0
+    sym_size_int = torch.ops.aten.sym_size.int(mul_4, 1)
+    expand_default = torch.ops.aten.expand.default(to_4, [2, sym_size_int, -1]);  to_4 = None
+    expand_default_1 = torch.ops.aten.expand.default(to_5, [2, sym_size_int, -1]);  to_5 = sym_size_int = None
+    qkv_norm_rope_default = torch.ops.dflash.qkv_norm_rope.default(mul_4, dflash_qkv_weight_0, None, model_layers_0_self_attn_q_norm_weight, model_layers_0_self_attn_k_norm_weight, 1e-06, expand_default, expand_default_1, 4, 2, 16);  mul_4 = dflash_qkv_weight_0 = model_layers_0_self_attn_q_norm_weight = model_layers_0_self_attn_k_norm_weight = expand_default = expand_default_1 = None
+    getitem = qkv_norm_rope_default[0]
+    getitem_1 = qkv_norm_rope_default[1]
+    getitem_2 = qkv_norm_rope_default[2];  qkv_norm_rope_default = None
+    transpose_int = torch.ops.aten.transpose.int(getitem, 1, 2);  getitem = None
+    transpose_int_1 = torch.ops.aten.transpose.int(getitem_1, 1, 2);  getitem_1 = None
+    transpose_int_2 = torch.ops.aten.transpose.int(getitem_2, 1, 2);  getitem_2 = None
+    attention_default = torch.ops.dflash.attention.default(transpose_int, transpose_int_1, transpose_int_2, 'causal', 0.25, 0, None, None);  transpose_int = transpose_int_1 = transpose_int_2 = None
+    transpose_3 = torch.ops.aten.transpose.int(attention_default, 1, 2);  attention_default = None
+    reshape_3 = torch.ops.aten.reshape.default(transpose_3, [2, sym_size_int_7, -1]);  transpose_3 = sym_size_int_7 = None
+    linear_3 = torch.ops.aten.linear.default(reshape_3, model_layers_0_self_attn_o_proj_weight);  reshape_3 = model_layers_0_self_attn_o_proj_weight = None
+    add_8 = torch.ops.aten.add.Tensor(embedding, linear_3);  embedding = linear_3 = None
+    pow_4 = torch.ops.aten.pow.Tensor_Scalar(add_8, 2)
+    mean_3 = torch.ops.aten.mean.dim(pow_4, [-1], True);  pow_4 = None
+    add_9 = torch.ops.aten.add.Tensor(mean_3, 1e-06);  mean_3 = None
+    rsqrt_3 = torch.ops.aten.rsqrt.default(add_9);  add_9 = None
+    mul_21 = torch.ops.aten.mul.Tensor(add_8, rsqrt_3);  rsqrt_3 = None
+    mul_22 = torch.ops.aten.mul.Tensor(model_layers_0_post_attention_layernorm_weight, mul_21);  model_layers_0_post_attention_layernorm_weight = mul_21 = None
+    linear_4 = torch.ops.aten.linear.default(mul_22, model_layers_0_mlp_gate_proj_weight);  model_layers_0_mlp_gate_proj_weight = None
+    silu = torch.ops.aten.silu.default(linear_4);  linear_4 = None
+    linear_5 = torch.ops.aten.linear.default(mul_22, model_layers_0_mlp_up_proj_weight);  mul_22 = model_layers_0_mlp_up_proj_weight = None
+    mul_23 = torch.ops.aten.mul.Tensor(silu, linear_5);  silu = linear_5 = None
+    linear_6 = torch.ops.aten.linear.default(mul_23, model_layers_0_mlp_down_proj_weight);  mul_23 = model_layers_0_mlp_down_proj_weight = None
+    add_10 = torch.ops.aten.add.Tensor(add_8, linear_6);  add_8 = linear_6 = None
+    pow_5 = torch.ops.aten.pow.Tensor_Scalar(add_10, 2)
+    mean_4 = torch.ops.aten.mean.dim(pow_5, [-1], True);  pow_5 = None
+    add_11 = torch.ops.aten.add.Tensor(mean_4, 1e-06);  mean_4 = None
+    rsqrt_4 = torch.ops.aten.rsqrt.default(add_11);  add_11 = None
+    mul_24 = torch.ops.aten.mul.Tensor(add_10, rsqrt_4);  add_10 = rsqrt_4 = None
+    mul_25 = torch.ops.aten.mul.Tensor(model_norm_weight, mul_24);  model_norm_weight = mul_24 = None
+    linear_7 = torch.ops.aten.linear.default(mul_25, lm_head_weight);  mul_25 = lm_head_weight = None
+    return pytree.tree_unflatten((linear_7,), self._out_spec)""")
+
+    def test_zlab_draft_step(self):
+        code = self.run_pipeline(zlab_draft, {"kv_materialize": 1, "qkv_norm_rope": 1, "attention.non_causal": 1})
+        self.assertExpectedInline(code, """\
+def forward(self, position_ids, noise_embedding, target_hidden):
+    position_ids, noise_embedding, target_hidden, = fx_pytree.tree_flatten_spec(([], {'position_ids':position_ids, 'noise_embedding':noise_embedding, 'target_hidden':target_hidden}), self._in_spec)
+    layers_0_self_attn_o_proj_weight = getattr(self.layers, "0").self_attn.o_proj.weight
+    layers_0_self_attn_q_norm_weight = getattr(self.layers, "0").self_attn.q_norm.weight
+    layers_0_self_attn_k_norm_weight = getattr(self.layers, "0").self_attn.k_norm.weight
+    layers_0_mlp_gate_proj_weight = getattr(self.layers, "0").mlp.gate_proj.weight
+    layers_0_mlp_up_proj_weight = getattr(self.layers, "0").mlp.up_proj.weight
+    layers_0_mlp_down_proj_weight = getattr(self.layers, "0").mlp.down_proj.weight
+    layers_0_input_layernorm_weight = getattr(self.layers, "0").input_layernorm.weight
+    layers_0_post_attention_layernorm_weight = getattr(self.layers, "0").post_attention_layernorm.weight
+    norm_weight = self.norm.weight
+    fc_weight = self.fc.weight
+    hidden_norm_weight = self.hidden_norm.weight
+    rotary_emb_inv_freq = self.rotary_emb.inv_freq
+    _guards_fn = self._guards_fn(position_ids, noise_embedding, target_hidden);  _guards_fn = None
+    sym_size_int_4 = torch.ops.aten.sym_size.int(noise_embedding, 1)
+    linear = torch.ops.aten.linear.default(target_hidden, fc_weight);  target_hidden = fc_weight = None
+    pow_1 = torch.ops.aten.pow.Tensor_Scalar(linear, 2)
+    mean = torch.ops.aten.mean.dim(pow_1, [-1], True);  pow_1 = None
+    add = torch.ops.aten.add.Tensor(mean, 1e-06);  mean = None
+    rsqrt = torch.ops.aten.rsqrt.default(add);  add = None
+    mul = torch.ops.aten.mul.Tensor(linear, rsqrt);  linear = rsqrt = None
+    mul_1 = torch.ops.aten.mul.Tensor(hidden_norm_weight, mul);  hidden_norm_weight = mul = None
+    submod_3 = self.submod_1
+    wrap_with_set_grad_enabled = torch.ops.higher_order.wrap_with_set_grad_enabled(False, submod_3, position_ids, rotary_emb_inv_freq);  submod_3 = position_ids = rotary_emb_inv_freq = None
+    to_4 = wrap_with_set_grad_enabled[0]
+    to_5 = wrap_with_set_grad_enabled[1];  wrap_with_set_grad_enabled = None
+    pow_2 = torch.ops.aten.pow.Tensor_Scalar(noise_embedding, 2)
+    mean_1 = torch.ops.aten.mean.dim(pow_2, [-1], True);  pow_2 = None
+    add_1 = torch.ops.aten.add.Tensor(mean_1, 1e-06);  mean_1 = None
+    rsqrt_1 = torch.ops.aten.rsqrt.default(add_1);  add_1 = None
+    mul_5 = torch.ops.aten.mul.Tensor(noise_embedding, rsqrt_1);  rsqrt_1 = None
+    mul_6 = torch.ops.aten.mul.Tensor(layers_0_input_layernorm_weight, mul_5);  layers_0_input_layernorm_weight = mul_5 = None
+    dflash_qkv_weight_0 = self.dflash_qkv_weight_0
+    dflash_kv_weight_0 = self.dflash_kv_weight_0
+    sym_size_int = torch.ops.aten.sym_size.int(mul_1, 1)
+    slice_tensor = torch.ops.aten.slice.Tensor(to_4, 1, 0, sym_size_int)
+    slice_tensor_1 = torch.ops.aten.slice.Tensor(to_5, 1, 0, sym_size_int)
+    slice_tensor_2 = torch.ops.aten.slice.Tensor(to_4, 1, sym_size_int, 9223372036854775807);  to_4 = None
+    slice_tensor_3 = torch.ops.aten.slice.Tensor(to_5, 1, sym_size_int, 9223372036854775807);  to_5 = sym_size_int = None
+    qkv_norm_rope_default = torch.ops.dflash.qkv_norm_rope.default(mul_6, dflash_qkv_weight_0, None, layers_0_self_attn_q_norm_weight, layers_0_self_attn_k_norm_weight, 1e-06, slice_tensor_2, slice_tensor_3, 4, 2, 16);  mul_6 = dflash_qkv_weight_0 = layers_0_self_attn_q_norm_weight = slice_tensor_2 = slice_tensor_3 = None
+    getitem = qkv_norm_rope_default[0]
+    getitem_1 = qkv_norm_rope_default[1]
+    getitem_2 = qkv_norm_rope_default[2];  qkv_norm_rope_default = None
+    kv_materialize_default = torch.ops.dflash.kv_materialize.default(mul_1, dflash_kv_weight_0, None, layers_0_self_attn_k_norm_weight, 1e-06, slice_tensor, slice_tensor_1, 2, 16);  mul_1 = dflash_kv_weight_0 = layers_0_self_attn_k_norm_weight = slice_tensor = slice_tensor_1 = None
+    getitem_3 = kv_materialize_default[0]
+    getitem_4 = kv_materialize_default[1];  kv_materialize_default = None
+    transpose_int = torch.ops.aten.transpose.int(getitem, 1, 2);  getitem = None
+    cat_default = torch.ops.aten.cat.default([getitem_3, getitem_1], 1);  getitem_3 = getitem_1 = None
+    transpose_int_1 = torch.ops.aten.transpose.int(cat_default, 1, 2);  cat_default = None
+    cat_default_1 = torch.ops.aten.cat.default([getitem_4, getitem_2], 1);  getitem_4 = getitem_2 = None
+    transpose_int_2 = torch.ops.aten.transpose.int(cat_default_1, 1, 2);  cat_default_1 = None
+    attention_default = torch.ops.dflash.attention.default(transpose_int, transpose_int_1, transpose_int_2, 'non_causal', 0.25, 0, None, None);  transpose_int = transpose_int_1 = transpose_int_2 = None
+    transpose_3 = torch.ops.aten.transpose.int(attention_default, 1, 2);  attention_default = None
+    reshape_1 = torch.ops.aten.reshape.default(transpose_3, [1, sym_size_int_4, -1]);  transpose_3 = sym_size_int_4 = None
+    linear_6 = torch.ops.aten.linear.default(reshape_1, layers_0_self_attn_o_proj_weight);  reshape_1 = layers_0_self_attn_o_proj_weight = None
+    add_8 = torch.ops.aten.add.Tensor(noise_embedding, linear_6);  noise_embedding = linear_6 = None
+    pow_5 = torch.ops.aten.pow.Tensor_Scalar(add_8, 2)
+    mean_4 = torch.ops.aten.mean.dim(pow_5, [-1], True);  pow_5 = None
+    add_9 = torch.ops.aten.add.Tensor(mean_4, 1e-06);  mean_4 = None
+    rsqrt_4 = torch.ops.aten.rsqrt.default(add_9);  add_9 = None
+    mul_17 = torch.ops.aten.mul.Tensor(add_8, rsqrt_4);  rsqrt_4 = None
+    mul_18 = torch.ops.aten.mul.Tensor(layers_0_post_attention_layernorm_weight, mul_17);  layers_0_post_attention_layernorm_weight = mul_17 = None
+    linear_7 = torch.ops.aten.linear.default(mul_18, layers_0_mlp_gate_proj_weight);  layers_0_mlp_gate_proj_weight = None
+    silu = torch.ops.aten.silu.default(linear_7);  linear_7 = None
+    linear_8 = torch.ops.aten.linear.default(mul_18, layers_0_mlp_up_proj_weight);  mul_18 = layers_0_mlp_up_proj_weight = None
+    mul_19 = torch.ops.aten.mul.Tensor(silu, linear_8);  silu = linear_8 = None
+    linear_9 = torch.ops.aten.linear.default(mul_19, layers_0_mlp_down_proj_weight);  mul_19 = layers_0_mlp_down_proj_weight = None
+    add_10 = torch.ops.aten.add.Tensor(add_8, linear_9);  add_8 = linear_9 = None
+    pow_6 = torch.ops.aten.pow.Tensor_Scalar(add_10, 2)
+    mean_5 = torch.ops.aten.mean.dim(pow_6, [-1], True);  pow_6 = None
+    add_11 = torch.ops.aten.add.Tensor(mean_5, 1e-06);  mean_5 = None
+    rsqrt_5 = torch.ops.aten.rsqrt.default(add_11);  add_11 = None
+    mul_20 = torch.ops.aten.mul.Tensor(add_10, rsqrt_5);  add_10 = rsqrt_5 = None
+    mul_21 = torch.ops.aten.mul.Tensor(norm_weight, mul_20);  norm_weight = mul_20 = None
+    return pytree.tree_unflatten((mul_21,), self._out_spec)""")
