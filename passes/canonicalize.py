@@ -26,7 +26,8 @@ from .manager import GraphPass, PassContext
 aten, prims = torch.ops.aten, torch.ops.prims
 
 VIEWS = (aten.view, aten.reshape, aten._unsafe_view)
-# fused SDPA kernel → (position of attn_mask / attn_bias, its name, position of dropout_p); is_causal follows dropout_p.
+# fused SDPA kernel → (position of attn_mask / attn_bias, its name, position of dropout_p); is_causal follows
+# dropout_p.
 # A position of None means keyword-only; a name of None means the kernel takes no mask.
 SDPA_VARIANTS = {
     aten._scaled_dot_product_flash_attention_for_cpu.default: (None, "attn_mask", 3),

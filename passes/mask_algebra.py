@@ -23,7 +23,6 @@ arithmetic between different relations (kv ≤ q ∧ kv ≤ q + 3), or through b
 only (kv ≤ Sk − 1 as a literal relation), are not proven and stay custom.
 """
 
-import operator
 from dataclasses import dataclass
 
 import sympy
@@ -183,7 +182,8 @@ class MaskEvaluator:
         elif is_call(node, aten.zeros, aten.new_zeros, aten.zeros_like):
             fill = 0
         else:  # full(size, v), full_like(x, v), scalar_tensor(v), new_full(x, size, v)
-            fill = node.args[{"full": 1, "full_like": 1, "scalar_tensor": 0, "new_full": 2}[node.target.__name__.split(".")[0]]]
+            position = {"full": 1, "full_like": 1, "scalar_tensor": 0, "new_full": 2}
+            fill = node.args[position[node.target.__name__.split(".")[0]]]
         value = self.scalar(fill)
         return as_bool(value) if node_is_bool(node) else as_number(value)
 

@@ -76,7 +76,8 @@ def scale_piece(node) -> tuple[fx.Node, int] | None:
     node = strip(node, set())
     if is_call(node, aten.select) and node.args[1] == 0:
         return strip(node.args[0], set()), node.args[2]
-    if node.target is operator.getitem and is_call(node.args[0], aten.unbind) and node_arg(node.args[0], 1, "dim", 0) == 0:
+    unbind = node.args[0] if node.target is operator.getitem else None
+    if is_call(unbind, aten.unbind) and node_arg(unbind, 1, "dim", 0) == 0:
         return strip(node.args[0].args[0], set()), node.args[1]
     return None
 
@@ -262,7 +263,8 @@ def match_post(add) -> Post | str | None:
     post, x = strip(weighted[0].args[0], set()), weighted[1].args[0]
     n = shape(res)[-2]
     transposed = strip(matmul.args[0], set())
-    if not is_call(transposed, aten.transpose) or {norm_dim(d, rank) for d in transposed.args[1:]} != {rank - 2, rank - 1}:
+    last_two = {rank - 2, rank - 1}
+    if not is_call(transposed, aten.transpose) or {norm_dim(d, rank) for d in transposed.args[1:]} != last_two:
         if same_shape(shape(transposed), shape(res)[:-1] + (n,)):
             return "comb is used untransposed (comb @ res, not combᵀ @ res)"
         return None

@@ -189,8 +189,11 @@ def test_sdpa_is_causal_is_top_left(same_length):
     (a q_pos of None would be wrong and fail the numerics)."""
     sq, sk = Dim("sq", min=2, max=16), Dim("sk", min=2, max=32)
     qdims = {2: sk if same_length else sq}
-    args = (torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6 if same_length else 9, 8), torch.randn(1, 2, 6 if same_length else 9, 8))
-    second = (torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5 if same_length else 12, 8), torch.randn(1, 2, 5 if same_length else 12, 8))
+    def qkv(sq, sk):
+        return torch.randn(1, 2, sq, 8), torch.randn(1, 2, sq if same_length else sk, 8), \
+            torch.randn(1, 2, sq if same_length else sk, 8)
+
+    args, second = qkv(6, 9), qkv(5, 12)
     _, gm, _ = check_pass(IsCausal(), args, second, PASSES, expected(causal=1), (qdims, {2: sk}, {2: sk}))
     [site] = attention_nodes(gm)
     assert (site.args[7] is None) == same_length
@@ -211,7 +214,8 @@ class DataMask(torch.nn.Module):
         elif self.extra == "float_input":
             mask = torch.where(mask, 0.0, float("-inf")) + padding[:, None, None, :].float()
         else:  # a random mask (the diagonal kept visible so no row is empty)
-            mask = mask & ((torch.rand(sq, sk) > 0.5) | (torch.arange(sk)[None, :] == (sk - sq + torch.arange(sq))[:, None]))
+            diagonal = torch.arange(sk)[None, :] == (sk - sq + torch.arange(sq))[:, None]
+            mask = mask & ((torch.rand(sq, sk) > 0.5) | diagonal)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -220,7 +224,8 @@ class DataMask(torch.nn.Module):
                                            ("random", "is random")])
 def test_masks_that_read_data_stay_custom(extra, reason):
     module = DataMask(extra).eval()
-    args = (torch.randn(2, 2, 4, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8), torch.ones(2, 7, dtype=torch.bool))
+    args = (torch.randn(2, 2, 4, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8),
+            torch.ones(2, 7, dtype=torch.bool))
     if extra == "float_input":
         args = args[:3] + (torch.zeros(2, 7),)
     gm = export_graph(module, args)
@@ -283,7 +288,8 @@ def swept_masks(draw):
     kind = draw(st.sampled_from(["non_causal", "causal", "sliding"]))
     window = draw(st.integers(1, 5)) if kind == "sliding" else None
     spelling = (draw(st.sampled_from(["le", "ge", "not_gt", "diff", "lt_plus_one"])),
-                draw(st.sampled_from(["lt", "gt", "ge", "not_ge"])), draw(st.sampled_from(["and", "mul", "logical", "where"])))
+                draw(st.sampled_from(["lt", "gt", "ge", "not_ge"])),
+                draw(st.sampled_from(["and", "mul", "logical", "where"])))
     # broken variants: keys past the query's own position visible (a non_causal qp_last may move freely; a
     # two-sided window of 1 is the one-sided window of 1)
     broken = draw(st.sampled_from([None, None] + (["offset"] if kind != "non_causal" else [])
@@ -294,7 +300,8 @@ def swept_masks(draw):
 
 def swept_args(batch, sq, sk):
     starts = torch.randint(0, sk - sq + 1, (batch, 1))  # every query sees at least its own key
-    return torch.randn(batch, 2, sq, 16), torch.randn(batch, 2, sk, 16), torch.randn(batch, 2, sk, 16), starts + torch.arange(sq)
+    q, k, v = torch.randn(batch, 2, sq, 16), torch.randn(batch, 2, sk, 16), torch.randn(batch, 2, sk, 16)
+    return q, k, v, starts + torch.arange(sq)
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True)

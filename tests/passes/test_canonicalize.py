@@ -142,7 +142,8 @@ def test_fused_sdpa_variants(op, takes_mask, is_causal):
     q, k, v = (torch.randn(2, 3, 5, 8) for _ in range(3))
     mask = torch.rand(5, 5) > 0.3
     mask.fill_diagonal_(True)
-    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if with_mask else None, is_causal=is_causal, scale=0.3)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if with_mask else None, is_causal=is_causal,
+                                          scale=0.3)
     torch.testing.assert_close(gm(q, k, v, mask), want)
 
 

@@ -36,10 +36,11 @@ def check_boundaries(gm, layers, iters, eps, prefix):
     assert [s.target for s in sites] == [dflash.mhc_pre.default] + [dflash.mhc_post_pre.default] * (2 * layers - 1) \
         + [dflash.mhc_post.default]
     hc = [f"{prefix}layers.{i}.{kind}_hc" for i in range(layers) for kind in ("attn", "ffn")]
-    norms = [f"{prefix}layers.{i}.{kind}" for i in range(layers) for kind in ("input_layernorm", "post_attention_layernorm")]
+    norms = [f"{prefix}layers.{i}.{kind}" for i in range(layers)
+             for kind in ("input_layernorm", "post_attention_layernorm")]
     assert sites[0].args[1].target == f"{hc[0]}.fn" and sites[0].args[4:] == (eps, eps, iters)
     for site, fn, norm in zip(sites[1:-1], hc[1:], norms[1:]):
-        assert (site.args[4].target, site.args[5].target, site.args[6].target) == (f"{fn}.fn", f"{fn}.base", f"{fn}.scale")
+        assert [a.target for a in site.args[4:7]] == [f"{fn}.fn", f"{fn}.base", f"{fn}.scale"]
         assert site.args[7].target == f"{norm}.weight"
         assert site.args[8:] == (eps, eps, iters, eps)
 
