@@ -12,18 +12,19 @@ from . import harness
 
 SUITES = {
     "kernels": ("kernels_projections", "kernels_mhc", "kernels_attention"),
-    "steps": ("steps",),
+    "steps": ("steps.draft_cases", "steps.target_cases"),
 }
 
 
 def collect(suite: str, device: str, small: bool, log, only: tuple[str, ...] = ()):
     names = [m for s in (SUITES if suite == "all" else {suite: SUITES[suite]}).values() for m in s]
-    names = [m for m in names if not only or m in only]
+    names = [m for m in names if not only or m in only or m.split(".")[0] in only]
     cases = []
     for name in names:
-        module = importlib.import_module(f"{__package__}.{name}")
+        module_name, _, function = name.partition(".")
+        module = importlib.import_module(f"{__package__}.{module_name}")
         log(f"building {name} cases …")
-        cases += module.cases(device, small=small)
+        cases += getattr(module, function or "cases")(device, small=small)
     return cases
 
 
@@ -41,6 +42,5 @@ def main(suite: str = "all", out: str = "bench-out", smoke: bool = False, reps: 
     log(f"measuring ceilings on {env.get('gpu', device)} …")
     ceilings = harness.measure_ceilings(device)
     rows = harness.run_cases(collect(suite, device, smoke, log, only), ceilings, device, reps=1 if smoke else reps, log=log)
-    command = "torch-dflash bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else \
-        f"torch-dflash bench --suite {suite}"
+    command = " ".join(["torch-dflash", *map(shlex.quote, sys.argv[1:])])
     return harness.write(Path(out), rows, ceilings, env, command)

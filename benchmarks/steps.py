@@ -32,7 +32,7 @@ def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
                 p.copy_(torch.randn(p.shape, generator=g, device=p.device) * p.shape[-1] ** -0.5)
             else:
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g, device=p.device))
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def _build(cls, config, device, dtype, seed):
@@ -65,26 +65,24 @@ def _check_against_eager(variants, tol):
     return check
 
 
-def _zlab_draft(draft: DFlashDraft, cfg: dict, ctx: int, device, dtype):
-    """z-lab's DFlashDraftModel on the same weights, its DynamicCache prefilled with `ctx` positions."""
+def _zlab_draft(draft: DFlashDraft, cfg: dict, prefill: tuple, device, dtype):
+    """z-lab's DFlashDraftModel on the same weights, its DynamicCache prefilled with the same context as ours."""
     from dflash.model import DFlashDraftModel, _crop_to, _make_cache
     from transformers import Qwen3Config
 
     hf_cfg = Qwen3Config(**{k: cfg[k] for k in QWEN3_8B if k in cfg}, num_target_layers=cfg["num_target_layers"],
                          dflash_config={k: cfg[k] for k in ("block_size", "mask_token_id", "target_layer_ids")})
     hf_cfg.num_hidden_layers = cfg["num_hidden_layers"]
-    with torch.device("meta"):
-        zlab = DFlashDraftModel(hf_cfg)
-    zlab.load_state_dict(draft.state_dict(), assign=True)
-    zlab = zlab.to(device=device, dtype=dtype).eval()
+    with torch.device(device):
+        zlab = DFlashDraftModel(hf_cfg).to(dtype)
+    zlab.load_state_dict(draft.state_dict(), assign=True)  # shares our draft's weight tensors
+    zlab.eval()
     cache = _make_cache(zlab.config)
-    hidden = cfg["hidden_size"]
-    k = len(cfg["target_layer_ids"])
+    features, block = prefill
     with torch.no_grad():
-        zlab(target_hidden=torch.randn(1, ctx, k * hidden, device=device, dtype=dtype),
-             noise_embedding=torch.randn(1, 1, hidden, device=device, dtype=dtype),
-             position_ids=torch.arange(ctx + 1, device=device)[None], past_key_values=cache, use_cache=True)
-        _crop_to(cache, ctx)
+        zlab(target_hidden=features, noise_embedding=block, past_key_values=cache, use_cache=True,
+             position_ids=torch.arange(features.shape[1] + block.shape[1], device=device)[None])
+        _crop_to(cache, features.shape[1])
     return zlab, cache, _crop_to
 
 
@@ -108,7 +106,11 @@ def draft_cases(device="cuda", small=False) -> list[Case]:
     def step():
         return draft(features, block, ctx_pos, block_pos)
 
-    zlab, cache, crop = _zlab_draft(draft, cfg, ctx_cached, device, dtype)
+    prefill = (torch.randn(1, ctx_cached, k * H, device=device, dtype=dtype), block[:, :1])
+    with torch.no_grad():  # the same cached context for both: ours in its static cache, z-lab's DynamicCache
+        draft(prefill[0], prefill[1], torch.arange(ctx_cached, device=device)[None],
+              torch.tensor([[ctx_cached]], device=device))
+    zlab, cache, crop = _zlab_draft(draft, cfg, prefill, device, dtype)
     positions = torch.arange(ctx_cached + new_ctx + b, device=device)[None]
 
     def zlab_step():
