@@ -4,7 +4,8 @@ before → after (each rewrite counted as "cleanup.<what>"):
   noop_cast: to.dtype(x, x.dtype) | _to_copy(x, dtype=x.dtype) | prims.convert_element_type(x, x.dtype) → x
   noop_view: view | reshape | _unsafe_view | expand | alias (x) with x's shape, slice(x, d, 0, end ≥ size)  → x
   cse:       view-like nodes (views, slices, selects, splits and their getitems, unsqueeze, transpose, sym_size, …)
-             with the same target, arguments and keywords → the first of them
+             with the same target, arguments and keywords → the first of them (not reshapes in a graph that
+             mutates tensors: a reshape may copy, and a copy taken before a write is not one taken after it)
   dead_code: nodes nobody uses and that have no side effects. A mutating op counts as dead only when what it
              updates is a tensor made inside the graph that nothing else reads (a mask built with `visible &= …`);
              updates of inputs and buffers (a KV-cache index_put_ / copy_) stay. An _assert_tensor_metadata of a
@@ -101,8 +102,9 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> None:
             graph.erase_node(node)
             ctx.matched(f"cleanup.{kind}")
     seen: dict = {}
+    writes = any(mutates(n) for n in graph.nodes)
     for node in list(graph.nodes):
-        if node.op != "call_function" or not is_view_like(node):
+        if node.op != "call_function" or not is_view_like(node) or (writes and is_call(node, aten.reshape)):
             continue
         try:
             key = (node.target, frozen(node.args), frozen(node.kwargs))
