@@ -132,12 +132,12 @@ def markdown(rows: list[Row], ceilings: Ceilings, header: str) -> str:
              f"Ceilings measured in this run: copy {ceilings.copy_bytes_per_s / 1e12:.2f} TB/s (read + write), "
              f"bf16 matmul {ceilings.bf16_flops_per_s / 1e12:.0f} TFLOP/s." if ceilings.copy_bytes_per_s else
              "Smoke run on CPU: nothing meaningful is timed and no floors are given.", "",
-             "| suite | case | variant | median µs | floor µs | × floor | inductor / this | CUDA graph |",
-             "|---|---|---|---:|---:|---:|---:|---|"]
+             "| suite | case | variant | median µs | floor µs | × floor | inductor / this | CUDA graph | notes |",
+             "|---|---|---|---:|---:|---:|---:|---|---|"]
     for r in rows:
         fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
         lines.append(f"| {r.suite} | {r.case} | {r.variant} | {fmt(r.median_us, '.1f')} | {fmt(r.floor_us, '.1f')} | "
-                     f"{fmt(r.vs_floor, '.2f')} | {fmt(r.vs_inductor, '.2f')} | {'yes' if r.graph else 'no'} |")
+                     f"{fmt(r.vs_floor, '.2f')} | {fmt(r.vs_inductor, '.2f')} | {'yes' if r.graph else 'no'} | {r.notes} |")
     return "\n".join(lines)
 
 
