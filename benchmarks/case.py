@@ -2,7 +2,7 @@
 
 A case holds zero-argument callables over inputs it made once (fresh random data, never zeros), one per
 variant ('eager', 'inductor', 'dflash', 'zlab', ...), a `check` that raises if the dflash variant disagrees
-with the reference, and the floor: the bytes that must cross HBM at least once (read + written) and/or the
+with the reference (it may return a string of what it measured, shown in the table's notes), and the floor: the bytes that must cross HBM at least once (read + written) and/or the
 FLOPs that must be done, from which the harness derives a time floor with the measured ceilings.
 """
 
@@ -15,7 +15,7 @@ class Case:
     suite: str                                  # "kernels" | "steps" | "e2e"
     name: str                                   # "qkv_norm_rope T=8192"
     variants: dict[str, Callable[[], object]]
-    check: Callable[[], None]
+    check: Callable[[], str | None]
     floor_bytes: int = 0
     floor_flops: int = 0
     use_cuda_graph: bool = False                # small, launch-bound cases are timed as graph replays

@@ -106,7 +106,9 @@ def run_cases(cases: list[Case], ceilings: Ceilings, device: str, reps: int = 10
     rows = []
     for case in cases:
         try:
-            case.check()
+            found = case.check()
+            if isinstance(found, str):  # a check may say what it measured (e.g. distances to the reference)
+                case.notes = f"{found}; {case.notes}"
         except AssertionError as error:  # keep timing, but the table says the numbers are of a wrong result
             case.notes = f"CHECK FAILED: {error}; " + case.notes
             log(f"  {case.name}: check failed: {error}")

@@ -56,14 +56,19 @@ def _variants(fn, with_zlab=None):
 
 
 def _check_against_eager(variants, tol):
-    """dflash (and z-lab, when present) agree with our eager model on the same inputs and cache state:
-    ‖got − want‖ / ‖want‖ ≤ tol (bf16 runs accumulate rounding differently in each implementation)."""
+    """dflash (and z-lab) agree with our eager model on the same inputs and cache state: ‖got − eager‖ / ‖eager‖
+    ≤ max(tol, 2 × inductor's own distance) — in bf16 every implementation rounds differently, and deep random
+    models amplify it, so Inductor's distance on the same step is the yardstick. Distances go in the notes."""
+    def relative(name, want):
+        return ((variants[name]().float() - want).norm() / want.norm()).item()
+
     def check():
         want = variants["eager"]().float()
-        for name in ("dflash", "zlab"):
-            if name in variants:
-                error = ((variants[name]().float() - want).norm() / want.norm()).item()
-                assert error <= tol, f"{name} differs from eager by {error:.2e} (relative norm) > {tol}"
+        distances = {name: relative(name, want) for name in ("inductor", "dflash", "zlab") if name in variants}
+        bound = max(tol, 2 * distances["inductor"])
+        bad = {n: d for n, d in distances.items() if n != "inductor" and d > bound}
+        assert not bad, f"differ from eager beyond {bound:.1e}: {bad}"
+        return "relative distance to eager: " + ", ".join(f"{n} {d:.1e}" for n, d in distances.items())
     return check
 
 
