@@ -16,6 +16,7 @@ the runtime's loop; the models supply the configuration (checked against the man
 import contextlib
 import dataclasses
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +133,9 @@ def export(target, draft, out_dir, *, device: str = "auto", gpu_archs=(), mlir: 
 
     device: the lowering target (auto | cpu | cuda | rocm | ascend); the models must already be where it runs.
     gpu_archs: GPU archs (sm_80, sm_90, gfx942, gfx950) to compile the graphs' Triton kernels for, on any machine.
-    mlir: also write <graph>.<dialect>.mlir (linalg | stablehlo | tosa). Returns the artifact, loaded back.
+    mlir: also write <graph>.<dialect>.mlir (linalg | stablehlo | tosa).
+    Returns the Artifact as written; its programs share weights and caches with the models (load_artifact
+    gives independent copies).
     """
     target_name = lowering.resolve_target(device)
     model_device = check_pair(target, draft)
@@ -147,13 +150,13 @@ def export(target, draft, out_dir, *, device: str = "auto", gpu_archs=(), mlir: 
     target.feature_layer_ids = list(draft.target_layer_ids)
     for model in (target, draft):
         model.setup_cache(max_batch, max_seq_len)
-    with step("capture the draft step"):
+    with step("capture draft"):
         programs = {"draft": capture_draft(target, draft, max_batch=max_batch)}
-    with step("capture the verify step"):
+    with step("capture verify"):
         programs["verify"] = capture_verify(target, block_size=draft.block_size, max_batch=max_batch)
     compiled = {}
     for graph, program in programs.items():
-        with step(f"passes, lowering for {target_name} and re-export of the {graph} step"):
+        with step(f"passes + lowering ({target_name}) + re-export: {graph}"):
             compiled[graph] = compile_graph(program, target_name, graph)
         with step(f"save {graph}.pt2"):
             torch.export.save(compiled[graph].program, out / f"{graph}.pt2")
@@ -162,21 +165,21 @@ def export(target, draft, out_dir, *, device: str = "auto", gpu_archs=(), mlir: 
         from torch_dflash.compiler.mlir import to_mlir
 
         for graph, result in compiled.items():
-            with step(f"MLIR ({mlir}) of the {graph} step"):
+            with step(f"MLIR {mlir}: {graph}"):
                 (out / f"{graph}.{mlir}.mlir").write_text(to_mlir(result.program, mlir, graph))
     report = {graph: {"report": json.loads(c.report.to_json(snapshots=True)), "attention": c.attention}
               for graph, c in compiled.items()}
     (out / "report.json").write_text(json.dumps(report, indent=1))
     ops = sorted({(op, provider) for c in compiled.values() for op, chosen in c.report.providers.items()
                   for provider in chosen})
-    with step("manifest (sha256 of every file)"):
-        write_manifest(out, {
+    with step("manifest.json (sha256 of every file)"):
+        manifest = write_manifest(out, {
             "target": target_name, "device": str(model_device), "gpu_archs": list(gpu_archs), "mlir": mlir,
             "engine": {"max_batch": max_batch, "max_seq_len": max_seq_len, "block_size": draft.block_size,
                        "context_window": draft.context_window},
             "models": {"target": model_config(target), "draft": model_config(draft)},
             "ops": [list(pair) for pair in ops]})
-    return load_artifact(out)
+    return Artifact(out, manifest, compiled["draft"].program, compiled["verify"].program, report)
 
 
 def _write_kernels(out, compiled, archs, step, on_kernel) -> None:
@@ -184,7 +187,7 @@ def _write_kernels(out, compiled, archs, step, on_kernel) -> None:
     if archs and ops:
         from torch_dflash.kernel_export import write_triton_kernels
 
-        with step(f"Triton kernels ahead of time for {', '.join(archs)}"):
+        with step(f"Triton kernels for {','.join(archs)}"):
             write_triton_kernels(out / "kernels", ops, archs, on_kernel)
     for graph, result in compiled.items():
         if result.ascend_source is not None:
@@ -207,11 +210,19 @@ def _register_ops(manifest: dict) -> None:
                                 f"(the {manifest['target']} providers are unavailable on this machine).") from None
 
 
-def _load_program(path: Path) -> ExportedProgram:
+def load_program(path: Path) -> ExportedProgram:
+    """torch.export.load, with a damaged file reported in one sentence (and torch's warning log silenced)."""
+    export_log = logging.getLogger("torch.export")
+    level = export_log.level
+    export_log.setLevel(logging.ERROR)     # torch logs a traceback before trying its legacy format
     try:
         return torch.export.load(path)
     except Exception as error:  # noqa: BLE001 — torch raises many kinds for a damaged archive
-        raise ArtifactError(f"{path} could not be read as an exported program ({type(error).__name__}).") from error
+        detail = (str(error).strip().splitlines() or [""])[0][:200]
+        raise ArtifactError(f"{path} could not be read as an exported program ({type(error).__name__}: "
+                            f"{detail}).") from error
+    finally:
+        export_log.setLevel(level)
 
 
 def load_artifact(out_dir) -> "Artifact":
@@ -219,7 +230,7 @@ def load_artifact(out_dir) -> "Artifact":
     out = Path(out_dir)
     manifest = read_manifest(out)
     _register_ops(manifest)
-    programs = {graph: _load_program(out / f"{graph}.pt2") for graph in GRAPHS}
+    programs = {graph: load_program(out / f"{graph}.pt2") for graph in GRAPHS}
     reports = json.loads((out / "report.json").read_text())
     return Artifact(out, manifest, programs["draft"], programs["verify"], reports)
 

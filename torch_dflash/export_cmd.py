@@ -73,7 +73,7 @@ class StepProgress:
         self.progress.update(self.task, completed=1)
 
     def kernel(self, done: int, total: int, name: str) -> None:
-        self.progress.update(self.task, detail=f"{done}/{total} {name}")
+        self.progress.update(self.task, detail=f"{done}/{total} kernels")
 
 
 def run(console: Console, args) -> None:

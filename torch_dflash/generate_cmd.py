@@ -20,9 +20,9 @@ def parse_ids(text: str) -> list[int]:
     return ids
 
 
-def _stats_table(out, source: str) -> Table:
+def _stats_table(out) -> Table:
     stats = out.stats
-    table = Table(title=f"acceptance — {source}")
+    table = Table(title="acceptance")
     table.add_column("statistic")
     table.add_column("value", justify="right")
     rows = [("steps (draft + verify)", stats.steps), ("new tokens", stats.new_tokens),
@@ -58,4 +58,5 @@ def run(console: Console, args) -> None:
         return
     console.print(f"prompt {prompt}", highlight=False, soft_wrap=True)
     console.print(f"new tokens {tokens[len(prompt):]}", highlight=False, soft_wrap=True)
-    console.print(_stats_table(out, source))
+    console.print(f"steps run by {source}", highlight=False, soft_wrap=True)
+    console.print(_stats_table(out))

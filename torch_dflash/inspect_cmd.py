@@ -16,14 +16,9 @@ from torch_dflash.manifest import ArtifactError, read_manifest
 
 
 def _bare_program_report(path: Path) -> dict:
-    import torch
+    from torch_dflash.artifact import compile_graph, load_program
 
-    from torch_dflash.artifact import compile_graph
-
-    try:
-        program = torch.export.load(path)
-    except Exception as error:  # noqa: BLE001 — torch raises many kinds for a damaged archive
-        raise InputError(f"{path} is not a readable exported program (.pt2): {type(error).__name__}.") from error
+    program = load_program(path)
     compiled = compile_graph(program, "cpu", path.stem, reexport=False)
     return {"report": json.loads(compiled.report.to_json(snapshots=True)), "attention": compiled.attention}
 

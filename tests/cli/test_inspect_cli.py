@@ -1,0 +1,97 @@
+"""torch-dflash inspect: the tables hold the passes and counts of report.json; --pass, --diff, --why, --json and
+--html show the snapshots and rejections; a bare .pt2 is run through the pipeline."""
+
+import json
+import re
+import shutil
+from html.parser import HTMLParser
+
+from cli_testing import run_cli
+
+from torch_dflash.passes.pipeline import PASS_NAMES
+
+
+def _report(export_dir):
+    return json.loads((export_dir / "report.json").read_text())
+
+
+def _ok(result):
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_summary_tables_hold_every_pass_and_the_counts_of_the_report(export_dir):
+    out, report = _ok(run_cli("inspect", export_dir)), _report(export_dir)
+    for graph, data in report.items():
+        assert f"{graph} graph — passes (target cpu)" in out
+        for name, facts in data["report"]["passes"].items():
+            row = re.search(rf"│ {name}\s+│(.*)│\s+(\d+) │\s+[\d.]+ │", out)
+            assert row, name
+            assert all(f"{kind} {n}" in out for kind, n in facts["matched"].items())
+    kinds = sorted({k for data in report.values() for k in data["report"]["fusions"]})
+    assert "qkv_norm_rope" in kinds
+    for kind in kinds:
+        counts = re.search(rf"│ {re.escape(kind)}\s+│\s+(\d+) │\s+(\d+) │", out).groups()
+        assert [int(c) for c in counts] == [report[g]["report"]["fusions"].get(kind, 0) for g in ("draft", "verify")]
+    layers = re.findall(r"│ (draft|verify)\s+│ (\d+)\s+│ ([a-z_]+)", out)
+    assert [(g, int(i), k) for g, i, k in layers] == [
+        (g, i, site["kind"]) for g in ("draft", "verify") for i, site in enumerate(report[g]["attention"])]
+
+
+def test_json_is_the_report(export_dir):
+    assert json.loads(_ok(run_cli("inspect", export_dir, "--json"))) == _report(export_dir)
+
+
+def test_pass_prints_that_pass_graph_before_and_after(export_dir):
+    out, snapshots = _ok(run_cli("inspect", export_dir, "--pass", "qkv_norm_rope")), \
+        _report(export_dir)["verify"]["report"]["snapshots"]["qkv_norm_rope"]
+    before, after = out.index("verify: before qkv_norm_rope"), out.index("verify: after qkv_norm_rope")
+    assert snapshots[0].strip() in out[before:after] and snapshots[1].strip() in out[after:]
+    assert "q_proj" in snapshots[0] and "torch.ops.dflash.qkv_norm_rope" in snapshots[1]
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.text, self.external, self.tags = [], [], set()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.add(tag)
+        self.external += [v for k, v in attrs if k in ("src", "href") and not (v or "").startswith("#")]
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_diff_why_and_a_self_contained_html_page(export_dir, tmp_path):
+    page = tmp_path / "report.html"
+    out, report = _ok(run_cli("inspect", export_dir, "--diff", "--why", "--html", page)), _report(export_dir)
+    assert f"wrote {page}" in out
+    diff = out[out.index("--- verify: before qkv_norm_rope"):]
+    added = [line for line in diff.splitlines() if line.startswith("+") and "qkv_norm_rope.default" in line]
+    removed = [line for line in diff.splitlines() if line.startswith("-") and "q_proj" in line]
+    assert len(added) == report["verify"]["report"]["fusions"]["qkv_norm_rope"] and removed
+    for graph, data in report.items():
+        assert f"{graph} graph — candidates not rewritten ({len(data['report']['rejections'])})" in out
+        for pass_name, node, _ in data["report"]["rejections"]:
+            assert re.search(rf"│ {pass_name}\s+│ {re.escape(node)}", out), node
+    parser = _Page()
+    parser.feed(page.read_text())
+    parser.close()
+    text = "".join(parser.text)
+    assert not parser.external and {"style", "table", "details"} <= parser.tags
+    assert all(name in text for name in PASS_NAMES)
+    assert all(f"verify: {name}" in text and f"draft: {name}" in text for name in PASS_NAMES)
+    assert all(reason in text for data in report.values() for _, _, reason in data["report"]["rejections"])
+
+
+def test_a_bare_pt2_is_run_through_the_pipeline(export_dir, tmp_path):
+    """draft.pt2 alone (no report next to it): the pipeline runs on it; it was rewritten already, so the
+    fusions found in the export are now single dflash ops that stay as they are."""
+    bare = tmp_path / "step.pt2"
+    shutil.copyfile(export_dir / "draft.pt2", bare)
+    out = _ok(run_cli("inspect", bare, "--json"))
+    report = json.loads(out)["step"]
+    assert list(report["report"]["passes"]) == list(PASS_NAMES)
+    assert [s["kind"] for s in report["attention"]] == [s["kind"] for s in _report(export_dir)["draft"]["attention"]]
+    assert report["report"]["providers"] == _report(export_dir)["draft"]["report"]["providers"]
