@@ -61,8 +61,9 @@ def _check_cache(module: nn.Module, what: str) -> int:
     return module.max_seq_len
 
 
-def _batch_dim(max_batch: int) -> Dim:
-    return Dim("batch", min=1, max=max_batch)
+def _batch_dim(max_batch: int):
+    """Dynamic batch 1..max_batch; a batch of exactly 1 stays static (a Dim needs min < max)."""
+    return Dim("batch", min=1, max=max_batch) if max_batch > 1 else Dim.STATIC
 
 
 def capture_draft(target: nn.Module, draft: nn.Module, *, max_batch: int, block_size: int | None = None,

@@ -238,7 +238,8 @@ class DFlashEngine:
 
 
 def generate(target, draft, input_ids, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, stop_token_ids=None,
-             block_size=None, *, draft_window_size=None, executor="auto", cuda_graphs=None, seed=None):
+             block_size=None, *, draft_window_size=None, executor="auto", cuda_graphs=None, seed=None,
+             compile_step=None):
     """One call: an engine sized for it (caches of len(prompts) rows and the longest prompt + max_new_tokens
     + 1 positions, at least 2·block_size + 1, set up on the models), then `DFlashEngine.generate`. Hold a
     DFlashEngine to keep caches, exported programs and CUDA graphs across calls."""
@@ -251,5 +252,5 @@ def generate(target, draft, input_ids, max_new_tokens=64, temperature=0.0, top_p
     longest = max(len(p) + m for p, m in zip(prompts, counts))
     engine = DFlashEngine(target, draft, max_batch=len(prompts), max_seq_len=max(longest + 1, 2 * b + 1),
                           block_size=b, draft_window_size=draft_window_size, executor=executor,
-                          cuda_graphs=cuda_graphs)
+                          cuda_graphs=cuda_graphs, compile_step=compile_step)
     return engine.generate(prompts, counts, temperature, top_p, top_k, stop_token_ids, seed)
