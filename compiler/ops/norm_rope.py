@@ -21,6 +21,8 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def _check_rot_dim(x: Tensor, cos: Tensor) -> None:
+    if isinstance(x, torch.fx.Proxy):  # symbolically traced (Ascend codegen): sizes are not known
+        return
     torch._check_with(InputError, cos.shape[-1] <= x.shape[-1],
                       lambda: f"rope: rot_dim {cos.shape[-1]} is larger than head_dim {x.shape[-1]}.")
 

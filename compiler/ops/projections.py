@@ -42,6 +42,8 @@ def _fresh(v: Tensor) -> Tensor:
 
 
 def _check_width(w: Tensor, heads: int, head_dim: int, op: str) -> None:
+    if isinstance(w, torch.fx.Proxy):  # symbolically traced (Ascend codegen): sizes are not known
+        return
     torch._check_with(InputError, w.shape[0] == heads * head_dim,
                       lambda: f"{op}: weight has {w.shape[0]} rows, expected {heads}×{head_dim}.")
 
