@@ -28,8 +28,9 @@ from torch.export import Dim, ExportedProgram
 
 from torch_dflash.compiler import lowering
 from torch_dflash.compiler.capture import capture_draft, capture_verify
-from torch_dflash.compiler.report import CompileReport
+from torch_dflash.compiler.report import CompileReport, record
 from torch_dflash.errors import InputError
+from torch_dflash.kernel_export import check_archs, write_triton_kernels
 from torch_dflash.manifest import MANIFEST, ArtifactError, read_manifest, write_manifest
 from torch_dflash.runtime import DFlashEngine
 from torch_dflash.runtime.checks import check_engine, check_pair
@@ -99,6 +100,7 @@ def compile_graph(program: ExportedProgram, target: str, graph: str, *, reexport
         ascend_source = generate_ascend_module(gm)
     choices = lowering.lower(gm, target)
     report = CompileReport.build(target, pipeline, choices, graph)
+    record(report)
     lowered = None
     if reexport:
         args, kwargs = program.example_inputs
@@ -127,7 +129,7 @@ def _prepare(out: Path) -> None:
 
 
 def export(target, draft, out_dir, *, device: str = "auto", gpu_archs=(), mlir: str | None = None,
-           max_batch: int = 2, max_seq_len: int = 2048, step: Step = _no_step,
+           max_batch: int = 1, max_seq_len: int = 2048, step: Step = _no_step,
            on_kernel: Callable[[int, int, str], None] | None = None) -> "Artifact":
     """Capture, rewrite, lower and save the draft and verify steps of (target, draft) to `out_dir`.
 
@@ -138,13 +140,11 @@ def export(target, draft, out_dir, *, device: str = "auto", gpu_archs=(), mlir: 
     gives independent copies).
     """
     target_name = lowering.resolve_target(device)
+    check_archs(list(gpu_archs))
     model_device = check_pair(target, draft)
     if target_name in ("cuda", "rocm") and model_device.type != "cuda":
         raise InputError(f"Exporting for {target_name} needs the models on the GPU; they are on {model_device}.")
     check_engine(model_device, draft.block_size, max_batch, max_seq_len, None, "eager", False, None)
-    if max_batch < 2:
-        raise InputError(f"max_batch must be at least 2 for an export (the batch dim is exported dynamic, 1..max_batch), "
-                         f"got {max_batch}.")
     out = Path(out_dir)
     _prepare(out)
     target.feature_layer_ids = list(draft.target_layer_ids)
@@ -185,8 +185,6 @@ def export(target, draft, out_dir, *, device: str = "auto", gpu_archs=(), mlir: 
 def _write_kernels(out, compiled, archs, step, on_kernel) -> None:
     ops = sorted({op for c in compiled.values() for op in c.report.providers})
     if archs and ops:
-        from torch_dflash.kernel_export import write_triton_kernels
-
         with step(f"Triton kernels for {','.join(archs)}"):
             write_triton_kernels(out / "kernels", ops, archs, on_kernel)
     for graph, result in compiled.items():

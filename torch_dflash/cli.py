@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--device", default="cpu", help="lowering target: cpu (default), cuda, rocm or ascend")
     export.add_argument("--gpu-arch", help="comma-separated archs to compile the Triton kernels for: "
                                            "sm_80,sm_90,gfx942,gfx950 (default: the local GPU's, if any)")
-    export.add_argument("--batch-max", type=int, default=2, help="largest batch the programs take (KV cache rows, >= 2)")
+    export.add_argument("--batch-max", type=int, default=1, help="largest batch the programs take (KV cache rows)")
     export.add_argument("--max-seq-len", type=int, default=2048, help="KV cache positions (prompt + new tokens + 1)")
     export.add_argument("--mlir", choices=("linalg", "stablehlo", "tosa"), help="also write <graph>.<dialect>.mlir")
     inspect = commands.add_parser("inspect", help="what the passes and the lowering did to an export or a .pt2")

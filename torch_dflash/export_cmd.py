@@ -11,6 +11,7 @@ from rich.table import Table
 from torch_dflash.artifact import export
 from torch_dflash.demo import build_demo_pair, resolve_device
 from torch_dflash.errors import InputError
+from torch_dflash.kernel_export import check_archs
 from torch_dflash.models import load_draft, load_target
 
 DEVICES = ("cpu", "cuda", "rocm", "ascend")
@@ -78,14 +79,15 @@ class StepProgress:
 
 def run(console: Console, args) -> None:
     device = torch_device(args.device)
-    target, draft = load_pair(args.target, args.draft, args.random_config, device)
     archs = [a for a in (args.gpu_arch or "").split(",") if a] or default_archs(args.device, device)
+    check_archs(archs)
+    target, draft = load_pair(args.target, args.draft, args.random_config, device)
     progress = StepProgress(console, args.quiet)
     with progress.progress:
         artifact = export(target, draft, args.out, device=args.device, gpu_archs=archs, mlir=args.mlir,
                           max_batch=args.batch_max, max_seq_len=args.max_seq_len, step=progress.step,
                           on_kernel=progress.kernel)
-    files = Table(title=f"{artifact.path} — {artifact.manifest['target']} export of the draft and verify steps")
+    files = Table(title=f"{artifact.path} (target {artifact.manifest['target']})")
     files.add_column("file")
     files.add_column("bytes", justify="right")
     names = [*artifact.manifest["files"], "manifest.json"]

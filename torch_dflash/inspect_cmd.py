@@ -91,7 +91,9 @@ def why_tables(reports: dict[str, dict]) -> list[Table]:
     tables = []
     for graph, data in reports.items():
         report = data["report"]
-        table = Table(title=f"{graph} graph — candidates not rewritten ({len(report['rejections'])})")
+        declines = sum(len(d) for d in report["declined"].values())
+        table = Table(title=f"{graph} graph — not rewritten: {len(report['rejections'])} candidates, "
+                            f"{declines} provider declines")
         for column in ("pass", "node", "reason"):
             table.add_column(column)
         for pass_name, node, reason in report["rejections"]:

@@ -22,10 +22,10 @@ from torch_dflash.errors import InputError
 EXTENSIONS = {"cuda": ".cubin", "rocm": ".hsaco"}
 
 
-def write_triton_kernels(out: Path, ops: list[str], archs: list[str],
-                         on_progress: Callable[[int, int, str], None] | None = None) -> list[dict]:
-    """Compile the kernels of `ops` for `archs` into out/<arch>/, copy their sources to out/triton/, write
-    out/index.json; returns its entries. on_progress(done, total, kernel) follows the compilation."""
+def check_archs(archs: list[str]) -> None:
+    """InputError unless triton is importable and every arch is one the AOT table knows."""
+    if not archs:
+        return
     try:
         from torch_dflash.compiler.triton import aot
     except ImportError:
@@ -33,6 +33,13 @@ def write_triton_kernels(out: Path, ops: list[str], archs: list[str],
     unknown = [a for a in archs if a not in aot.ARCHS]
     if unknown:
         raise InputError(f"Unknown GPU arch {unknown[0]}; choose from {', '.join(aot.ARCHS)}.")
+
+
+def write_triton_kernels(out: Path, ops: list[str], archs: list[str],
+                         on_progress: Callable[[int, int, str], None] | None = None) -> list[dict]:
+    """Compile the kernels of `ops` for `archs` into out/<arch>/, copy their sources to out/triton/, write
+    out/index.json; returns its entries. on_progress(done, total, kernel) follows the compilation."""
+    check_archs(archs)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     request = json.dumps({"ops": sorted(ops), "archs": list(archs), "out": str(out)})
     entries, total = [], 0

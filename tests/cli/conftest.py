@@ -1,10 +1,11 @@
-"""The CLI tests' shared export: tiny random checkpoints (tests/conftest.py) exported once by a subprocess, with
+"""The CLI tests' shared export: tiny random checkpoints (tests/conftest.py) exported once by a subprocess for the
+Ascend target (here: no torch_npu, so the programs keep the reference ops and the Ascend source is generated), with
 Triton kernels for sm_90 and gfx942 and linalg MLIR, as a user would ask for them."""
 
 import pytest
 from cli_testing import run_cli
 
-EXPORT_ARGS = ("--batch-max", "2", "--max-seq-len", "48", "--gpu-arch", "sm_90,gfx942", "--mlir", "linalg")
+EXPORT_ARGS = ("--device", "ascend", "--batch-max", "2", "--max-seq-len", "48", "--gpu-arch", "sm_90,gfx942", "--mlir", "linalg")
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,7 @@ def test_export_writes_programs_report_kernels_and_a_manifest_of_every_file(expo
         assert hashlib.sha256((export_dir / name).read_bytes()).hexdigest() == digest, name
     assert {"draft.pt2", "verify.pt2", "report.json", "draft.linalg.mlir", "verify.linalg.mlir"} <= files
     assert manifest["versions"]["torch"] == torch.__version__
-    assert manifest["target"] == "cpu" and manifest["gpu_archs"] == ["sm_90", "gfx942"]
+    assert manifest["target"] == "ascend" and manifest["device"] == "cpu" and manifest["gpu_archs"] == ["sm_90", "gfx942"]
     assert manifest["engine"] == {"max_batch": 2, "max_seq_len": 48, "block_size": 4, "context_window": None}
     report = json.loads((export_dir / "report.json").read_text())
     assert set(report) == {"draft", "verify"}
@@ -40,6 +40,9 @@ def test_export_writes_programs_report_kernels_and_a_manifest_of_every_file(expo
         assert list(graph["report"]["passes"]) == list(PASS_NAMES)
         assert set(graph["report"]["snapshots"]) == set(PASS_NAMES)
     assert len(report["verify"]["attention"]) == 4 and len(report["draft"]["attention"]) == 2   # one per layer
+    for graph in ("draft", "verify"):
+        source = (export_dir / "kernels" / "ascend" / f"{graph}.py").read_text()
+        assert "def build(npu):" in source and source.count("def ascend_attention_") == len(report[graph]["attention"])
 
 
 def test_kernels_are_compiled_for_each_requested_arch(export_dir):

@@ -23,7 +23,7 @@ def _ok(result):
 def test_summary_tables_hold_every_pass_and_the_counts_of_the_report(export_dir):
     out, report = _ok(run_cli("inspect", export_dir)), _report(export_dir)
     for graph, data in report.items():
-        assert f"{graph} graph — passes (target cpu)" in out
+        assert f"{graph} graph — passes (target ascend)" in out
         for name, facts in data["report"]["passes"].items():
             row = re.search(rf"│ {name}\s+│(.*)│\s+(\d+) │\s+[\d.]+ │", out)
             assert row, name
@@ -67,14 +67,23 @@ def test_diff_why_and_a_self_contained_html_page(export_dir, tmp_path):
     page = tmp_path / "report.html"
     out, report = _ok(run_cli("inspect", export_dir, "--diff", "--why", "--html", page)), _report(export_dir)
     assert f"wrote {page}" in out
-    diff = out[out.index("--- verify: before qkv_norm_rope"):]
+    start = out.index("--- verify: before qkv_norm_rope")
+    diff = out[start:out.index("--- verify: before", start + 1)]
     added = [line for line in diff.splitlines() if line.startswith("+") and "qkv_norm_rope.default" in line]
     removed = [line for line in diff.splitlines() if line.startswith("-") and "q_proj" in line]
     assert len(added) == report["verify"]["report"]["fusions"]["qkv_norm_rope"] and removed
+    declines = [(op, provider, reason) for data in report.values()
+                for op, declined in data["report"]["declined"].items() for provider, reason in declined]
+    assert ("attention", "npu", "torch_npu is not installed") in declines     # the Ascend provider, here
     for graph, data in report.items():
-        assert f"{graph} graph — candidates not rewritten ({len(data['report']['rejections'])})" in out
+        n_declines = sum(len(d) for d in data["report"]["declined"].values())
+        assert (f"{graph} graph — not rewritten: {len(data['report']['rejections'])} candidates, "
+                f"{n_declines} provider declines") in out
         for pass_name, node, _ in data["report"]["rejections"]:
             assert re.search(rf"│ {pass_name}\s+│ {re.escape(node)}", out), node
+        for op, declined in data["report"]["declined"].items():
+            for provider, reason in declined:
+                assert re.search(rf"│ lowering\s+│ {op} → {provider}\s+│ {reason}", out), (op, provider)
     parser = _Page()
     parser.feed(page.read_text())
     parser.close()
@@ -83,6 +92,7 @@ def test_diff_why_and_a_self_contained_html_page(export_dir, tmp_path):
     assert all(name in text for name in PASS_NAMES)
     assert all(f"verify: {name}" in text and f"draft: {name}" in text for name in PASS_NAMES)
     assert all(reason in text for data in report.values() for _, _, reason in data["report"]["rejections"])
+    assert all(f"{op} → {provider}" in text and reason in text for op, provider, reason in declines)
 
 
 def test_a_bare_pt2_is_run_through_the_pipeline(export_dir, tmp_path):

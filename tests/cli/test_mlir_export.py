@@ -1,11 +1,13 @@
 """MLIR export: the CLI's linalg files parse with torch-mlir's bindings; the functional step torch-mlir imports
 computes what the program computes (outputs and cache writes); index_put as a select equals aten.index_put."""
 
+import os
+
 import pytest
 import torch
 import torch.utils._pytree as pytree
 
-from torch_dflash.compiler.mlir import functional_step, index_put_as_select
+from torch_dflash.compiler.mlir import functional_step, index_put_as_select, to_mlir
 
 ir = pytest.importorskip("torch_mlir.ir")
 
@@ -20,6 +22,21 @@ def test_linalg_files_parse_back(export_dir, graph):
     assert "linalg.generic" in text and "torch.aten" not in text and "!torch" not in text and "tm_tensor" not in text
     n_caches = {"draft": 4, "verify": 8}[graph]          # k and v per layer: the caches stay arguments
     assert text.count("tensor<2x2x48x16xf32>") >= 2 * n_caches
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("TORCH_DFLASH_SLOW"), reason="opt in with TORCH_DFLASH_SLOW=1 (~1 min)")
+@pytest.mark.parametrize("dialect", ["stablehlo", "tosa"])
+def test_stablehlo_and_tosa_parse_back(export_dir, dialect):
+    from torch_mlir._mlir_libs import _stablehlo
+
+    text = to_mlir(torch.export.load(export_dir / "draft.pt2"), dialect, "draft")
+    context = ir.Context()
+    _stablehlo.register_dialect(context)
+    module = ir.Module.parse(text, context)
+    assert f"{dialect}." in str(module) and "!torch" not in str(module)
+    if dialect == "tosa":           # static: the example shapes (batch 2, context 3)
+        assert "tensor<2x3x128xf32>" in text
 
 
 def test_functional_step_equals_the_program(export_dir):
