@@ -28,6 +28,7 @@ from torch.export import Dim, ExportedProgram
 
 from torch_dflash.compiler import lowering
 from torch_dflash.compiler.capture import capture_draft, capture_verify
+from torch_dflash.compiler.mlir import DIALECTS, to_mlir
 from torch_dflash.compiler.report import CompileReport, record
 from torch_dflash.errors import InputError
 from torch_dflash.kernel_export import check_archs, write_triton_kernels
@@ -86,13 +87,14 @@ def _attention_sites(gm: fx.GraphModule) -> list[dict]:
     return sites
 
 
-def compile_graph(program: ExportedProgram, target: str, graph: str, *, reexport: bool = True,
-                  disabled: tuple[str, ...] = ()) -> CompiledGraph:
-    """program.module() → the pass pipeline (snapshots kept) → lowering for `target` → (re-)export."""
+def compile_graph(program: ExportedProgram, target: str, graph: str, *, reexport: bool = True) -> CompiledGraph:
+    """program.module() → the pass pipeline (snapshots kept) → lowering for `target` → (re-)export.
+    (compiler/step_compiler.py does the middle two for the runtime; here the Ascend source is generated
+    between them, from the dflash ops before they become provider ops.)"""
     from torch_dflash.passes.pipeline import default_pass_manager
 
     gm = program.module()
-    pipeline = default_pass_manager(disabled=disabled, keep_snapshots=True).run(gm)
+    pipeline = default_pass_manager(keep_snapshots=True).run(gm)
     ascend_source = None
     if target == "ascend":
         from torch_dflash.compiler.ascend import generate_ascend_module
@@ -141,6 +143,8 @@ def export(target, draft, out_dir, *, device: str = "auto", gpu_archs=(), mlir: 
     """
     target_name = lowering.resolve_target(device)
     check_archs(list(gpu_archs))
+    if mlir is not None and mlir not in DIALECTS:
+        raise InputError(f"Unknown MLIR dialect '{mlir}'; choose one of {', '.join(DIALECTS)}.")
     model_device = check_pair(target, draft)
     if target_name in ("cuda", "rocm") and model_device.type != "cuda":
         raise InputError(f"Exporting for {target_name} needs the models on the GPU; they are on {model_device}.")
@@ -162,8 +166,6 @@ def export(target, draft, out_dir, *, device: str = "auto", gpu_archs=(), mlir: 
             torch.export.save(compiled[graph].program, out / f"{graph}.pt2")
     _write_kernels(out, compiled, list(gpu_archs), step, on_kernel)
     if mlir is not None:
-        from torch_dflash.compiler.mlir import to_mlir
-
         for graph, result in compiled.items():
             with step(f"MLIR {mlir}: {graph}"):
                 (out / f"{graph}.{mlir}.mlir").write_text(to_mlir(result.program, mlir, graph))

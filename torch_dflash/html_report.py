@@ -1,11 +1,13 @@
 """`inspect --html`: ONE self-contained HTML page (inline CSS, no scripts, no external assets) with the report of
-each graph, each pass's graph before and after side by side (difflib.HtmlDiff), and every candidate not rewritten."""
+each graph, each pass's graph before and after side by side (difflib.HtmlDiff: the changed regions with
+CONTEXT_LINES of context; `inspect --pass NAME` prints the whole graphs), and every candidate not rewritten."""
 
 import difflib
 from html import escape
 
 from torch_dflash.inspect_cmd import pass_names, snapshot
 
+CONTEXT_LINES = 10
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 h1 { font-size: 1.4em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ccc; } h3 { margin-top: 1.2em; }
@@ -51,10 +53,11 @@ def _graph_section(graph: str, data: dict, names: list[str]) -> str:
         if pair is None:
             body = "<p>not recorded</p>"
         elif pair[0] == pair[1]:
-            body = "<p>unchanged</p>" + f"<pre>{escape(pair[0])}</pre>"
+            body = "<p>the graph is unchanged</p>"
         else:
             body = difflib.HtmlDiff(wrapcolumn=100).make_table(
-                pair[0].splitlines(), pair[1].splitlines(), f"before {name}", f"after {name}")
+                pair[0].splitlines(), pair[1].splitlines(), f"before {name}", f"after {name}",
+                context=True, numlines=CONTEXT_LINES)
         parts.append(f"<details><summary>{escape(graph)}: {escape(name)}</summary>{body}</details>")
     return "\n".join(parts)
 
