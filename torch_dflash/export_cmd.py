@@ -1,4 +1,4 @@
-"""`torch-dflash export`: load (or build) the model pair, export it (artifact.py) with progress, list what was written."""
+"""`torch-dflash export`: load (or build) the model pair, export it (artifact.py) with progress, list the files."""
 
 import contextlib
 import importlib.util
@@ -95,7 +95,8 @@ def run(console: Console, args) -> None:
         files.add_row(name, f"{(artifact.path / name).stat().st_size:,}")
     kernels = [n for n in names if n.startswith("kernels/")]
     if kernels:
-        files.add_row(f"kernels/ ({len(kernels)} files)", f"{sum((artifact.path / n).stat().st_size for n in kernels):,}")
+        size = sum((artifact.path / n).stat().st_size for n in kernels)
+        files.add_row(f"kernels/ ({len(kernels)} files)", f"{size:,}")
     console.print(files)
     if not args.quiet:
         from torch_dflash.inspect_cmd import summary_tables

@@ -108,7 +108,8 @@ def _child(request: dict) -> None:
     from torch_dflash.compiler.triton import aot
 
     out, modules = Path(request["out"]), _provider_modules(request["ops"])
-    work = [(arch, spec) for arch in request["archs"] for module in modules for spec in _specs(module, aot.family(arch))]
+    work = [(arch, spec) for arch in request["archs"] for module in modules
+            for spec in _specs(module, aot.family(arch))]
     print(json.dumps({"total": len(work)}), flush=True)
     sources = out / "triton"
     sources.mkdir(parents=True, exist_ok=True)
@@ -120,7 +121,8 @@ def _child(request: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(binary)
         print(json.dumps({"kernel": spec.name, "arch": arch, "file": path.relative_to(out).as_posix(),
-                          "function": spec.fn.fn.__name__, "source": f"triton/{Path(spec.fn.fn.__code__.co_filename).name}",
+                          "function": spec.fn.fn.__name__,
+                          "source": f"triton/{Path(spec.fn.fn.__code__.co_filename).name}",
                           "constexprs": {k: repr(v) for k, v in spec.constexprs.items()},
                           "num_warps": spec.num_warps, "num_stages": spec.num_stages, "bytes": len(binary)}),
               flush=True)

@@ -61,14 +61,15 @@ def read_manifest(out: str | Path, *, check_versions: bool = True) -> dict:
         manifest = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError):
         manifest = None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+    ours = isinstance(manifest, dict) and manifest.get("format") == FORMAT
+    if not ours or not isinstance(manifest.get("files"), dict):
         raise ArtifactError(f"{path} is not a torch-dflash manifest; {out} was not written by torch-dflash export.")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{out} has artifact format {manifest.get('format_version')}, this torch-dflash reads "
                             f"format {FORMAT_VERSION}; export it again.")
     if check_versions:
-        stale = [f"{name} {was} (now {now})" for name, now in versions().items()
-                 if (was := manifest.get("versions", {}).get(name)) != now]
+        recorded = manifest.get("versions") if isinstance(manifest.get("versions"), dict) else {}
+        stale = [f"{name} {was} (now {now})" for name, now in versions().items() if (was := recorded.get(name)) != now]
         if stale:
             raise ArtifactError(f"{out} is stale: it was exported with {', '.join(stale)}; export it again.")
     for name, digest in manifest["files"].items():

@@ -5,7 +5,8 @@ Triton kernels for sm_90 and gfx942 and linalg MLIR, as a user would ask for the
 import pytest
 from cli_testing import run_cli
 
-EXPORT_ARGS = ("--device", "ascend", "--batch-max", "2", "--max-seq-len", "48", "--gpu-arch", "sm_90,gfx942", "--mlir", "linalg")
+EXPORT_ARGS = ("--device", "ascend", "--batch-max", "2", "--max-seq-len", "48", "--gpu-arch", "sm_90,gfx942",
+               "--mlir", "linalg")
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ import hashlib
 import json
 import re
 
+import pytest
 import torch
 
 import torch_dflash as td
@@ -32,7 +33,7 @@ def test_export_writes_programs_report_kernels_and_a_manifest_of_every_file(expo
         assert hashlib.sha256((export_dir / name).read_bytes()).hexdigest() == digest, name
     assert {"draft.pt2", "verify.pt2", "report.json", "draft.linalg.mlir", "verify.linalg.mlir"} <= files
     assert manifest["versions"]["torch"] == torch.__version__
-    assert manifest["target"] == "ascend" and manifest["device"] == "cpu" and manifest["gpu_archs"] == ["sm_90", "gfx942"]
+    assert (manifest["target"], manifest["device"], manifest["gpu_archs"]) == ("ascend", "cpu", ["sm_90", "gfx942"])
     assert manifest["engine"] == {"max_batch": 2, "max_seq_len": 48, "block_size": 4, "context_window": None}
     report = json.loads((export_dir / "report.json").read_text())
     assert set(report) == {"draft", "verify"}
@@ -95,3 +96,24 @@ def test_generate_through_the_export_equals_td_generate(export_dir, tiny_qwen3_d
     assert f"steps run by the programs of {export_dir}" in result.stdout
     lengths = re.search(r"acceptance lengths\s*│\s*([\d ]+?)\s*│", result.stdout).group(1)
     assert [int(n) for n in lengths.split()] == out.acceptance_lengths[0]
+
+
+@pytest.mark.gpu
+def test_gpu_export_lowers_to_triton_and_generates_like_td_generate(tmp_path, tiny_qwen3_dir, tiny_draft_dir):
+    """On the GPU: the export picks the Triton qkv_norm_rope (fp32, head_dim 16; attention's kernels need
+    head_dim ≥ 64 and keep the reference), compiles the kernels for the local arch, and generate through the
+    loaded programs (provider ops defined by load_artifact) gives td.generate's tokens."""
+    device = "rocm" if torch.version.hip else "cuda"
+    out = tmp_path / "gpu"
+    result = run_cli("export", "--target", tiny_qwen3_dir, "--draft", tiny_draft_dir, "--out", out,
+                     "--device", device, "--batch-max", 2, "--max-seq-len", 48)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report, manifest = (json.loads((out / name).read_text()) for name in ("report.json", "manifest.json"))
+    assert set(report["verify"]["report"]["providers"]["qkv_norm_rope"]) == {"triton"}
+    assert manifest["gpu_archs"] and any((out / "kernels" / manifest["gpu_archs"][0]).iterdir())
+    result = run_cli("--quiet", "generate", "--target", tiny_qwen3_dir, "--draft", tiny_draft_dir, "--prompt-ids",
+                     ",".join(map(str, PROMPT)), "--max-new-tokens", 12, "--artifact", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    want = td.generate(td.load_target(tiny_qwen3_dir, device="cuda"), td.load_draft(tiny_draft_dir, device="cuda"),
+                       PROMPT, max_new_tokens=12)
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == want.sequences[0].tolist()
