@@ -5,6 +5,7 @@ from torch_dflash import compiler, models
 from torch_dflash.compiler import CompileReport, last_report
 from torch_dflash.models import load_draft, load_target
 from torch_dflash.runtime import DFlashEngine, GenerateOutput, generate
+from torch_dflash.artifact import export, load_artifact
 
 __all__ = ["CheckpointError", "ConfigError", "DFlashError", "InputError", "compiler", "models", "load_draft",
-           "load_target", "DFlashEngine", "GenerateOutput", "generate", "CompileReport", "last_report"]
+           "load_target", "DFlashEngine", "GenerateOutput", "generate", "CompileReport", "last_report", "export", "load_artifact"]
