@@ -8,12 +8,9 @@ read of such a key makes the output NaN. The reference sees the same inputs with
 """
 
 import itertools
-import json
-import os
-import subprocess
-import sys
 
 import pytest
+from aot_testing import run_aot_script
 import torch
 
 from torch_dflash.compiler import providers
@@ -229,15 +226,7 @@ print(json.dumps(results))
 def aot_results():
     """{"spec@arch": [binary bytes, shared memory bytes] or the error}, compiled without the interpreter (one
     process per family, side by side)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    procs = [subprocess.Popen([sys.executable, "-c", AOT_SCRIPT, fam], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for fam in ("cuda", "rocm")]
-    results = {}
-    for proc in procs:
-        out, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, err[-2000:]
-        results.update(json.loads(out.strip().splitlines()[-1]))
-    return results
+    return run_aot_script(AOT_SCRIPT)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
