@@ -11,7 +11,7 @@ from torch import nn
 
 from torch_dflash.errors import InputError
 
-from .layers import MLP, RMSNorm, apply_rope, init_kv_cache, rope_cos_sin, write_kv
+from .layers import MLP, RMSNorm, apply_rope, init_attention, init_kv_cache, rope_cos_sin, write_kv
 
 
 def draft_mask(block_positions, max_seq_len, is_causal, window, context_window=None):
@@ -35,20 +35,11 @@ class DraftAttention(nn.Module):
 
     def __init__(self, cfg, layer_idx):
         super().__init__()
-        hd, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim, self.scale = hd, hd**-0.5
-        self.q_proj = nn.Linear(cfg.hidden_size, nq * hd, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(nq * hd, cfg.hidden_size, bias=cfg.attention_bias)
-        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
-        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        init_attention(self, cfg, qk_norm=True)
         sliding = cfg.layer_type(layer_idx) == "sliding_attention"
         self.is_causal = sliding if cfg.is_causal is None else bool(cfg.is_causal)
         self.sliding_window = cfg.sliding_window if sliding else None
         self.context_window = None  # set through DFlashDraft.context_window
-        self.register_buffer("k_cache", None, persistent=False)
-        self.register_buffer("v_cache", None, persistent=False)
 
     def forward(self, x, ctx, cos, sin, positions):
         B, b, _ = x.shape

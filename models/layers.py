@@ -77,21 +77,26 @@ def causal_mask(cache_positions, max_seq_len):
     return kv[None, None, None, :] <= cache_positions[:, None, :, None]
 
 
+def init_attention(module, cfg, qk_norm, norm=RMSNorm):
+    """The projections (transformers' names), optional per-head q/k norms and empty cache slots of an attention."""
+    hd, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    module.head_dim, module.scale = hd, hd**-0.5
+    module.q_proj = nn.Linear(cfg.hidden_size, nq * hd, bias=cfg.attention_bias)
+    module.k_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=cfg.attention_bias)
+    module.v_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=cfg.attention_bias)
+    module.o_proj = nn.Linear(nq * hd, cfg.hidden_size, bias=cfg.attention_bias)
+    module.q_norm = norm(hd, cfg.rms_norm_eps) if qk_norm else nn.Identity()
+    module.k_norm = norm(hd, cfg.rms_norm_eps) if qk_norm else nn.Identity()
+    module.register_buffer("k_cache", None, persistent=False)
+    module.register_buffer("v_cache", None, persistent=False)
+
+
 class Attention(nn.Module):
     """GQA self-attention over a static KV cache; optional per-head q/k RMSNorm (Qwen3) and projection biases."""
 
     def __init__(self, cfg, norm=RMSNorm):
         super().__init__()
-        hd, nq, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim, self.scale = hd, hd**-0.5
-        self.q_proj = nn.Linear(cfg.hidden_size, nq * hd, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(nq * hd, cfg.hidden_size, bias=cfg.attention_bias)
-        self.q_norm = norm(hd, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
-        self.k_norm = norm(hd, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
-        self.register_buffer("k_cache", None, persistent=False)
-        self.register_buffer("v_cache", None, persistent=False)
+        init_attention(self, cfg, cfg.qk_norm, norm)
 
     def forward(self, x, cos, sin, cache_positions, mask):
         B, S, _ = x.shape
