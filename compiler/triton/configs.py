@@ -9,18 +9,19 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     # mhc.py: one kernel for mhc_post_pre / mhc_pre, picked by token count T (first row with T <= max_t; 0 = no
     # limit): block_t tokens per program (>= 16: tensor-core GEMV against fn), D cut into `split` slices per token
     # block (the last slice to arrive finishes the block), block_d columns per step. mhc.post (split 0 = one
-    # program per block_d chunk) serves mhc_post alone. Untuned first guesses: tune on the device (docs/kernels/mhc.md).
+    # program per block_d chunk) serves mhc_post alone. cuda rows: the best of a config sweep on the H100
+    # (docs/kernels/mhc.md); rocm rows: untuned guesses (wavefront 64, narrower tiles).
     "mhc.small": {
-        "cuda": {"max_t": 64, "block_t": 1, "block_d": 64, "split": 8, "num_warps": 4, "num_stages": 2},
-        "rocm": {"max_t": 64, "block_t": 1, "block_d": 64, "split": 8, "num_warps": 4, "num_stages": 2},
+        "cuda": {"max_t": 64, "block_t": 16, "block_d": 128, "split": 16, "num_warps": 4, "num_stages": 2},
+        "rocm": {"max_t": 64, "block_t": 16, "block_d": 64, "split": 16, "num_warps": 4, "num_stages": 2},
     },
     "mhc.medium": {
-        "cuda": {"max_t": 1024, "block_t": 16, "block_d": 32, "split": 8, "num_warps": 4, "num_stages": 2},
+        "cuda": {"max_t": 1024, "block_t": 16, "block_d": 64, "split": 8, "num_warps": 4, "num_stages": 2},
         "rocm": {"max_t": 1024, "block_t": 16, "block_d": 32, "split": 8, "num_warps": 4, "num_stages": 2},
     },
     "mhc.large": {
-        "cuda": {"max_t": 0, "block_t": 64, "block_d": 32, "split": 1, "num_warps": 8, "num_stages": 2},
-        "rocm": {"max_t": 0, "block_t": 64, "block_d": 32, "split": 1, "num_warps": 8, "num_stages": 2},
+        "cuda": {"max_t": 0, "block_t": 16, "block_d": 64, "split": 2, "num_warps": 4, "num_stages": 2},
+        "rocm": {"max_t": 0, "block_t": 16, "block_d": 32, "split": 2, "num_warps": 4, "num_stages": 2},
     },
     "mhc.post": {
         "cuda": {"max_t": 0, "block_t": 4, "block_d": 256, "split": 0, "num_warps": 4, "num_stages": 2},

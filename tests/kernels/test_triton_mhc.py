@@ -2,9 +2,9 @@
 
 Without a GPU the kernels run on CPU tensors through TRITON_INTERPRET=1 (tests/conftest.py sets it). Every
 buffer the launcher allocates (outputs and the partials workspace) is poisoned with NaN first, so an element
-a kernel fails to write fails the comparison. Each launch path is forced with an explicit config row: 'small'
-(1 token per program, D split over programs, CUDA-core GEMV), 'medium' (16 tokens, split, tensor-core GEMV),
-'large' (64 tokens, one program per token block).
+a kernel fails to write fails the comparison. Each launch path is forced with an explicit config: ONE_TOKEN
+(1 token per program, D split over programs, CUDA-core GEMV), the 'medium' row (16 tokens, split, tensor-core
+GEMV), NO_SPLIT (64 tokens, one program per token block).
 
 bf16 on the interpreter: Triton 3.9's interpreter truncates fp32 → bf16 where the GPU (and torch) round to
 nearest even, so new_res and layer_in may differ from the reference by one bf16 ulp; the 2e-2 bound covers it,
@@ -35,6 +35,10 @@ SHARED_LIMIT = {"sm_80": 166912, "sm_90": 232448, "gfx942": 65536, "gfx950": 163
 
 def row(bucket: str, **override) -> dict:
     return {**tm.launch_config(f"mhc.{bucket}", "cuda"), **override}
+
+
+ONE_TOKEN = row("small", block_t=1, block_d=64, split=8)       # CUDA-core GEMV, D split over programs
+NO_SPLIT = row("large", block_t=64, block_d=32, split=1, num_warps=8)  # one program per block, no ticket
 
 
 def make_inputs(tokens, n, d, dtype, seed, lead=None):
@@ -84,14 +88,14 @@ def run_post_pre(tokens, n, d, dtype, iters, config, seed=0, lead=None):
 
 
 POST_PRE_CASES = [  # (tokens, n, D, dtype, iters, config)
-    (3, 4, 96, torch.float32, 20, row("small")),          # D = 1.5 blocks, split over 2 programs per token
-    (1, 2, 64, torch.bfloat16, 3, row("small")),
+    (3, 4, 96, torch.float32, 20, ONE_TOKEN),          # D = 1.5 blocks, split over 2 programs per token
+    (1, 2, 64, torch.bfloat16, 3, ONE_TOKEN),
     (17, 4, 96, torch.float32, 20, row("medium")),        # 2 token blocks (one ragged) × 3 slices
     (17, 4, 100, torch.bfloat16, 20, row("medium")),      # D not a multiple of 16
     (5, 3, 96, torch.float32, 20, row("medium")),         # n not a power of two: padded streams
-    (17, 8, 64, torch.float32, 3, row("large")),          # n = 8: (2+8)·8 = 80 mixes
-    (17, 4, 256, torch.bfloat16, 20, row("large")),
-    (3, 4, 256, torch.float16, 20, row("large")),
+    (17, 8, 64, torch.float32, 3, NO_SPLIT),          # n = 8: (2+8)·8 = 80 mixes
+    (17, 4, 256, torch.bfloat16, 20, NO_SPLIT),
+    (3, 4, 256, torch.float16, 20, NO_SPLIT),
 ]
 
 
@@ -102,7 +106,7 @@ def test_post_pre_matches_reference(tokens, n, d, dtype, iters, config):
     assert_outputs_close(got, want, dtype)
 
 
-@pytest.mark.parametrize("tokens, config", [(5, row("small")), (17, row("medium"))], ids=["small", "medium"])
+@pytest.mark.parametrize("tokens, config", [(5, ONE_TOKEN), (17, row("medium"))], ids=["small", "medium"])
 def test_bf16_pre_matches_reference_on_the_kernels_own_new_res(tokens, config):
     """Past new_res (rounded by the interpreter), the mixes and Sinkhorn agree at fp32 tightness; the normed
     layer_in differs by at most the roundings: the interpreter truncates layer_in and normed (< 2^-7 relative
@@ -116,9 +120,9 @@ def test_bf16_pre_matches_reference_on_the_kernels_own_new_res(tokens, config):
 
 
 @pytest.mark.parametrize("tokens, n, d, dtype, iters, config", [
-    (3, 4, 96, torch.float32, 20, row("small")),
+    (3, 4, 96, torch.float32, 20, ONE_TOKEN),
     (17, 4, 100, torch.bfloat16, 3, row("medium")),
-    (17, 2, 64, torch.float32, 20, row("large")),
+    (17, 2, 64, torch.float32, 20, NO_SPLIT),
 ], ids=["small", "medium", "large"])
 def test_pre_matches_reference(tokens, n, d, dtype, iters, config):
     _, res, _, _, fn, base, scale, _ = make_inputs(tokens, n, d, dtype, seed=1)
@@ -139,7 +143,7 @@ def test_post_matches_reference(tokens, n, d, dtype):
 def test_leading_dims_and_repeated_split_launches():
     """res [B, S, n, D] keeps its leading dims; the split path leaves its arrival tickets at zero, so a second
     launch (same buffer) gives the same answer."""
-    config = row("small")
+    config = ONE_TOKEN
     assert tm._plan(tm._Problem("mhc_post_pre", 4, 128, torch.float32), config)[1] == 2
     got, want, args = run_post_pre(None, 4, 128, torch.float32, 20, config, lead=(2, 1))
     assert [tuple(t.shape) for t in got] == [(2, 1, 4, 128), (2, 1, 128), (2, 1, 4), (2, 1, 4, 4)]
@@ -152,17 +156,19 @@ def test_leading_dims_and_repeated_split_launches():
 
 def test_pick_config_by_token_count():
     assert [tm.pick_config("mhc_post_pre", t, "cuda")["block_t"] for t in (1, 16, 64, 256, 1024, 4096, 16384)] == \
-        [1, 1, 1, 16, 16, 64, 64]
+        [16] * 7
+    assert [tm.pick_config("mhc_post_pre", t, "cuda")["split"] for t in (64, 65, 1024, 1025)] == [16, 8, 8, 2]
     assert tm.pick_config("mhc_pre", 16, "rocm") == tm.launch_config("mhc.small", "rocm")
     assert tm.pick_config("mhc_post", 16, "cuda") == tm.launch_config("mhc.post", "cuda")
 
 
 def test_plan_splits_d_without_empty_slices():
     meta, split = tm._plan(tm._Problem("mhc_post_pre", 4, 7168, torch.bfloat16), row("medium"))
-    assert (meta["BLOCK_D"], split, meta["NM"], meta["USE_DOT"]) == (32, 8, 32, True)
-    _, split = tm._plan(tm._Problem("mhc_post_pre", 4, 160, torch.bfloat16), row("medium"))  # 5 chunks
+    assert (meta["BLOCK_D"], split, meta["NM"], meta["USE_DOT"]) == (64, 8, 32, True)
+    five_chunks = tm._Problem("mhc_post_pre", 4, 160, torch.bfloat16)
+    _, split = tm._plan(five_chunks, row("medium", block_d=32))
     assert split == 5
-    meta, _ = tm._plan(tm._Problem("mhc_pre", 8, 4096, torch.float32), row("large"))
+    meta, _ = tm._plan(tm._Problem("mhc_pre", 8, 4096, torch.float32), NO_SPLIT)
     assert (meta["NM"], meta["BLOCK_D"], meta["FN_BF16_PARTS"]) == (128, 16, False)
 
 
