@@ -2,6 +2,12 @@
 
 `triton.compile(ASTSource(...), target=GPUTarget(...))` needs no GPU: it yields cubin for sm_* and hsaco for
 gfx*. Each kernel module lists `KernelSpec`s (a kernel, its signature, its constexprs for one configuration).
+
+Alignment: the JIT specializes every pointer that is 16-byte aligned and every int divisible by 16 (the
+`tt.divisibility = 16` argument attribute), which is what lets loads vectorize and cp.async / direct-to-LDS
+pipelines run. A spec names those arguments in `divisible_by_16`; without it the binary assumes nothing (scalar
+loads). A binary built with them is only valid for launches whose arguments satisfy them. The attrs form,
+`{(arg_index,): [["tt.divisibility", 16]]}`, is the same in triton 3.6 and 3.9.
 """
 
 from dataclasses import dataclass, field
@@ -26,6 +32,21 @@ class KernelSpec:
     constexprs: dict[str, object] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 2
+    divisible_by_16: tuple[str, ...] = ()   # pointers 16-byte aligned, ints multiples of 16 (see above)
+
+
+def pointer_args(signature: dict[str, str]) -> tuple[str, ...]:
+    """The pointer arguments of a signature (those the JIT marks aligned when their tensors are)."""
+    return tuple(name for name, ty in signature.items() if ty.startswith("*"))
+
+
+def attrs(spec: KernelSpec) -> dict[tuple[int, ...], list[list]]:
+    """ASTSource attrs marking spec.divisible_by_16; ValueError for a name that is not a pointer or int argument."""
+    names = spec.fn.arg_names
+    for name in spec.divisible_by_16:
+        if name not in names or not (spec.signature.get(name, "").startswith(("*", "i", "u"))):
+            raise ValueError(f"{spec.name}: divisible_by_16 names {name!r}, which is not a pointer or int argument")
+    return {(names.index(name),): [["tt.divisibility", 16]] for name in spec.divisible_by_16}
 
 
 def family(arch: str) -> str:
@@ -38,7 +59,7 @@ def family(arch: str) -> str:
 def compile_spec(spec: KernelSpec, arch: str):
     """Compile one kernel configuration for `arch`; returns the CompiledKernel (`.asm['cubin'|'hsaco']`)."""
     family(arch)
-    source = ASTSource(spec.fn, spec.signature, constexprs=spec.constexprs)
+    source = ASTSource(spec.fn, spec.signature, constexprs=spec.constexprs, attrs=attrs(spec))
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
     return triton.compile(source, target=ARCHS[arch], options=options)
 

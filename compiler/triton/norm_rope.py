@@ -18,7 +18,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from ...errors import DFlashError
 from ..providers import Provider, register
-from .aot import KernelSpec
+from .aot import KernelSpec, pointer_args
 from .configs import launch_config
 
 DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -278,9 +278,15 @@ def _signature(kernel, pointers: dict[str, str], floats: tuple[str, ...], conste
             for n in names}
 
 
+# int arguments of the head epilogue that are multiples of head_dim (or of rot, for the rope-table strides)
+HEADS_ALIGNED_INTS = ("stride_proj_l", "stride_proj_t", "stride_k_norm_l", "stride_kv_l", "stride_kv_b",
+                      "stride_kv_s", "stride_kv_h")
+
+
 def heads_spec(dtype: torch.dtype, head_dim: int, rot: int, q_norm: bool, k_norm: bool, cache: bool,
                family: str = "cuda") -> KernelSpec:
-    """The epilogue configured like `launch_norm_rope_heads` would for a large token count."""
+    """The epilogue configured like `launch_norm_rope_heads` would for a large token count, with 16-byte aligned
+    pointers and the strides that are multiples of hd (and of rot, for the rope tables) divisible by 16."""
     dt = "*" + DTYPES[dtype]
     cfg = launch_config("norm_rope_heads", family)
     block_t = max(1, cfg["elems"] // head_dim)
@@ -290,9 +296,12 @@ def heads_spec(dtype: torch.dtype, head_dim: int, rot: int, q_norm: bool, k_norm
                                 "v_ptr")} | {"pos_ptr": "*i64"}
     fn = _compilable(norm_rope_heads_kernel)
     flags = "".join(f for f, on in ((",qnorm", q_norm), (",knorm", k_norm), (",cache", cache)) if on)
-    return KernelSpec(f"norm_rope_heads[{DTYPES[dtype]},hd{head_dim},rot{rot}{flags},{family}]", fn,
-                      _signature(fn, pointers, ("eps",), constexprs), constexprs,
-                      num_warps=_num_warps(cfg, block_t * head_dim))
+    signature = _signature(fn, pointers, ("eps",), constexprs)
+    ints = (HEADS_ALIGNED_INTS if head_dim % 16 == 0 else ()) + (
+        ("stride_cos_b", "stride_cos_s") if rot % 16 == 0 else ())
+    return KernelSpec(f"norm_rope_heads[{DTYPES[dtype]},hd{head_dim},rot{rot}{flags},{family}]", fn, signature,
+                      constexprs, num_warps=_num_warps(cfg, block_t * head_dim),
+                      divisible_by_16=pointer_args(signature) + ints)
 
 
 def rows_spec(dtype: torch.dtype, width: int, weight: bool, family: str = "cuda") -> KernelSpec:
@@ -301,9 +310,10 @@ def rows_spec(dtype: torch.dtype, width: int, weight: bool, family: str = "cuda"
     block_n = triton.next_power_of_2(width)
     constexprs = {"HAS_WEIGHT": weight, "BLOCK_M": max(1, cfg["elems"] // block_n), "BLOCK_N": block_n}
     fn = _compilable(rms_norm_rows_kernel)
+    signature = _signature(fn, {"x_ptr": dt, "w_ptr": dt, "y_ptr": dt}, ("eps",), constexprs)
     return KernelSpec(f"rms_norm_rows[{DTYPES[dtype]},n{width},{'w' if weight else 'no_w'},{family}]", fn,
-                      _signature(fn, {"x_ptr": dt, "w_ptr": dt, "y_ptr": dt}, ("eps",), constexprs), constexprs,
-                      num_warps=_num_warps(cfg, constexprs["BLOCK_M"] * block_n))
+                      signature, constexprs, num_warps=_num_warps(cfg, constexprs["BLOCK_M"] * block_n),
+                      divisible_by_16=pointer_args(signature) + (("N",) if width % 16 == 0 else ()))
 
 
 def aot_specs(family: str = "cuda") -> list[KernelSpec]:

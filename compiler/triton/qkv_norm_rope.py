@@ -1,8 +1,11 @@
-"""dflash.qkv_norm_rope on CUDA/ROCm: the merged GEMM through the vendor BLAS, then ONE epilogue launch.
+"""dflash.qkv_norm_rope on CUDA/ROCm, by one of two paths chosen per call by token count (configs.TABLE
+"qkv_gemm.*" rows, see qkv_gemm.fused_gemm_chosen):
 
-x[B,S,H] ─ F.linear(x, w_qkv, b_qkv) (cuBLAS / hipBLASLt) ─ proj[B·S, (n_q+2·n_kv)·hd]
-         ─ norm_rope_heads_kernel: per head, RMSNorm (q, k; fp32) → rope (q, k) → store; v copied
-         → q[B,S,n_q,hd], k/v[B,S,n_kv,hd]   or   k/v written into caches [B, n_kv, S_max, hd] at positions[B,S].
+fused_gemm:    x[B,S,H] ─ qkv_gemm_norm_rope_kernel: the merged GEMM with per-head RMSNorm → rope in registers
+blas_epilogue: x[B,S,H] ─ F.linear(x, w_qkv, b_qkv) (cuBLAS / hipBLASLt) ─ proj[B·S, (n_q+2·n_kv)·hd]
+                        ─ norm_rope_heads_kernel: per head, RMSNorm (q, k; fp32) → rope (q, k) → store; v copied
+both           → q[B,S,n_q,hd], k/v[B,S,n_kv,hd]   or   k/v written into caches [B, n_kv, S_max, hd] at positions[B,S].
+The choice is made on the concrete token count of each call (a graph with a dynamic T keeps one provider).
 """
 
 import torch
@@ -11,8 +14,12 @@ from torch import Tensor
 from ...errors import InputError
 from ..providers import Provider, register
 from .aot import KernelSpec
-from .norm_rope import (batch_and_seq, device_reason, dtype_reason, first_reason, head_dim_reason, heads_spec,
-                        launch_norm_rope_heads, rope_reason, rope_table, shape_reason)
+from .norm_rope import (batch_and_seq, device_reason, dtype_reason, family_of, first_reason, head_dim_reason,
+                        heads_spec, launch_norm_rope_heads, rope_reason, rope_table, shape_reason)
+from .qkv_gemm import aot_specs as gemm_aot_specs
+from .qkv_gemm import fused_gemm_chosen, gemm_config, launch_qkv_gemm
+
+PATHS = ("fused_gemm", "blas_epilogue")
 
 
 def qkv_norm_rope_supports(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim) -> str | None:
@@ -24,19 +31,38 @@ def qkv_norm_rope_supports(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n
         shape_reason("k_norm_w", k_norm_w, (head_dim,)), rope_reason(cos, sin, x.shape[:-1], head_dim, x.device))
 
 
-def _project(x: Tensor, w_qkv: Tensor, b_qkv: Tensor | None) -> Tensor:
-    return torch.nn.functional.linear(x, w_qkv, b_qkv).reshape(-1, w_qkv.shape[0])
+def _unit_rows(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _run(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim, q: Tensor,
+         kv_dst: tuple[Tensor, Tensor], positions: Tensor | None, path: str | None) -> None:
+    """q contiguous [..., n_q, hd]; kv_dst (k, v) each [B, S_dst, n_kv, hd] with unit last stride."""
+    if path not in (None, *PATHS):
+        raise InputError(f"qkv_norm_rope: unknown path {path!r}; choose one of {', '.join(PATHS)}.")
+    lead, hidden = x.shape[:-1], x.shape[-1]
+    tokens, family = lead.numel(), family_of(x)
+    cos, sin = rope_table(cos, lead), rope_table(sin, lead)
+    positions = None if positions is None else positions.contiguous()
+    if path == "fused_gemm" or (path is None and fused_gemm_chosen(x, tokens, family)):
+        launch_qkv_gemm(_unit_rows(x.reshape(-1, hidden)), _unit_rows(w_qkv), b_qkv, cos, sin, q_norm_w, k_norm_w,
+                        eps, n_q, n_kv, head_dim, q, kv_dst, positions, gemm_config(tokens, family))
+    else:
+        proj = torch.nn.functional.linear(x, w_qkv, b_qkv).reshape(-1, w_qkv.shape[0])
+        launch_norm_rope_heads(proj, cos, sin, q_norm_w, k_norm_w, eps, n_q, n_kv, head_dim, q,
+                               (kv_dst[0].unsqueeze(0), kv_dst[1].unsqueeze(0)), positions)
 
 
 def qkv_norm_rope(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim, *,
-                  out: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """The dflash.qkv_norm_rope provider; `out` = preallocated contiguous (q, k, v) of the op's output shapes."""
+                  out: tuple[Tensor, Tensor, Tensor] | None = None,
+                  path: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The dflash.qkv_norm_rope provider; `out` = preallocated contiguous (q, k, v) of the op's output shapes;
+    `path` forces "fused_gemm" or "blas_epilogue" (default: the table's choice for this token count)."""
     lead = x.shape[:-1]
     B, S = batch_and_seq(lead)
     q, k, v = out if out is not None else (x.new_empty(*lead, n, head_dim) for n in (n_q, n_kv, n_kv))
-    launch_norm_rope_heads(_project(x, w_qkv, b_qkv), rope_table(cos, lead), rope_table(sin, lead), q_norm_w,
-                           k_norm_w, eps, n_q, n_kv, head_dim, q,
-                           (k.view(1, B, S, n_kv, head_dim), v.view(1, B, S, n_kv, head_dim)))
+    _run(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim, q,
+         (k.view(B, S, n_kv, head_dim), v.view(B, S, n_kv, head_dim)), None, path)
     return q, k, v
 
 
@@ -59,7 +85,7 @@ def cache_reason(x: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor,
 
 def qkv_norm_rope_into_cache(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim,
                              k_cache: Tensor, v_cache: Tensor, cache_positions: Tensor, *,
-                             q_out: Tensor | None = None) -> Tensor:
+                             q_out: Tensor | None = None, path: str | None = None) -> Tensor:
     """Like qkv_norm_rope, but k/v go straight into caches [B, n_kv, S_max, hd] at slot cache_positions[b, s]
     (positions outside [0, S_max) are skipped); returns q [B, S, n_q, hd]."""
     why = first_reason(qkv_norm_rope_supports(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv,
@@ -67,19 +93,18 @@ def qkv_norm_rope_into_cache(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin,
                        cache_reason(x, k_cache, v_cache, cache_positions, n_kv, head_dim))
     if why is not None:
         raise InputError(f"qkv_norm_rope_into_cache: {why}.")
-    lead = x.shape[:-1]
-    q = x.new_empty(*lead, n_q, head_dim) if q_out is None else q_out
-    launch_norm_rope_heads(_project(x, w_qkv, b_qkv), rope_table(cos, lead), rope_table(sin, lead), q_norm_w,
-                           k_norm_w, eps, n_q, n_kv, head_dim, q,
-                           (k_cache.unsqueeze(0).transpose(2, 3), v_cache.unsqueeze(0).transpose(2, 3)),
-                           cache_positions)
+    q = x.new_empty(*x.shape[:-1], n_q, head_dim) if q_out is None else q_out
+    _run(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim, q,
+         (k_cache.transpose(1, 2), v_cache.transpose(1, 2)), cache_positions, path)
     return q
 
 
 def aot_specs(family: str = "cuda") -> list[KernelSpec]:
-    """bf16, head_dim 128, full rotary, `family`'s launch config: q/k norm into plain outputs; no norm into caches."""
+    """bf16, head_dim 128, full rotary, `family`'s launch configs. blas_epilogue: q/k norm into plain outputs; no
+    norm into caches. fused_gemm: qkv_gemm.aot_specs (q/k norm, plain and into caches, per fused table row)."""
     return [heads_spec(torch.bfloat16, 128, 128, q_norm=True, k_norm=True, cache=False, family=family),
-            heads_spec(torch.bfloat16, 128, 128, q_norm=False, k_norm=False, cache=True, family=family)]
+            heads_spec(torch.bfloat16, 128, 128, q_norm=False, k_norm=False, cache=True, family=family),
+            *gemm_aot_specs(family)]
 
 
 register(Provider("qkv_norm_rope", "triton", ("cuda", "rocm"), qkv_norm_rope, priority=10,
