@@ -2,8 +2,9 @@
 
 Variants per token count T: 'eager' (Qwen3Attention's prologue as transformers writes it: three linears, view,
 Qwen3RMSNorm with .float()/pow/mean/rsqrt, rotate-half rope), 'inductor' (torch.compile of that function),
-'gemm_only' (the merged linear alone: the GEMM bound) and 'dflash' (the Triton provider: vendor GEMM + one
-epilogue). Anchors on H100 (docs §9), T = 8192: eager 1.88 ms, inductor 0.72 ms, GEMM ≈ 0.52 ms.
+'gemm_only' (the merged linear alone: the GEMM bound), 'dflash' (the Triton provider, on the path its table picks
+for T: the fused GEMM + norm/rope kernel, or the vendor GEMM + one epilogue) and 'dflash_<path>' (the other path,
+forced). Anchors on H100 (docs §9), T = 8192: eager 1.88 ms, inductor 0.72 ms, GEMM ≈ 0.52 ms.
 """
 
 import torch
@@ -11,7 +12,9 @@ import torch.nn.functional as F
 
 from .case import Case
 from torch_dflash.compiler.ops import qkv_norm_rope_reference, rotate_half
-from torch_dflash.compiler.triton.qkv_norm_rope import qkv_norm_rope
+from torch_dflash.compiler.triton.norm_rope import family_of
+from torch_dflash.compiler.triton.qkv_gemm import fused_gemm_chosen
+from torch_dflash.compiler.triton.qkv_norm_rope import PATHS, qkv_norm_rope
 
 QWEN3_8B_DRAFT = dict(hidden=4096, n_q=32, n_kv=8, head_dim=128, tokens=(32, 512, 8192))
 TINY = dict(hidden=64, n_q=4, n_kv=2, head_dim=16, tokens=(3, 8, 17))
@@ -61,21 +64,26 @@ def _case(tokens: int, hidden: int, n_q: int, n_kv: int, head_dim: int, device, 
     op_args = (x, w_qkv, None, q_norm_w, k_norm_w, EPS, cos, sin, n_q, n_kv, head_dim)
     compiled = compiled or torch.compile(hf_qkv_norm_rope, dynamic=False)
 
+    chosen = "fused_gemm" if fused_gemm_chosen(x, tokens, family_of(x)) else "blas_epilogue"
+    other = next(path for path in PATHS if path != chosen)
+
     def check():
-        for got, want in zip(qkv_norm_rope(*op_args), qkv_norm_rope_reference(*op_args)):
-            scale = want.float().abs().max().item()
-            torch.testing.assert_close(got.float(), want.float(), atol=2e-2 * scale, rtol=2e-2)
+        for path in PATHS:
+            for got, want in zip(qkv_norm_rope(*op_args, path=path), qkv_norm_rope_reference(*op_args)):
+                scale = want.float().abs().max().item()
+                torch.testing.assert_close(got.float(), want.float(), atol=2e-2 * scale, rtol=2e-2)
 
     width = (n_q + 2 * n_kv) * head_dim
     return Case(
         suite="kernels", name=f"qkv_norm_rope T={tokens}",
         variants={"eager": lambda: hf_qkv_norm_rope(*hf_args), "inductor": lambda: compiled(*hf_args),
-                  "gemm_only": lambda: F.linear(x, w_qkv), "dflash": lambda: qkv_norm_rope(*op_args)},
+                  "gemm_only": lambda: F.linear(x, w_qkv), "dflash": lambda: qkv_norm_rope(*op_args),
+                  f"dflash_{other}": lambda: qkv_norm_rope(*op_args, path=other)},
         check=check,
         floor_bytes=(width * hidden + tokens * hidden + tokens * width) * x.element_size(),
         floor_flops=2 * tokens * hidden * width,
         use_cuda_graph=True,
-        notes=f"H {hidden}, {n_q}/{n_kv} heads, hd {head_dim}, bf16, q/k norm, full rotary",
+        notes=f"H {hidden}, {n_q}/{n_kv} heads, hd {head_dim}, bf16, q/k norm, full rotary; dflash = {chosen}",
         extra={"tokens": tokens})
 
 

@@ -1,0 +1,177 @@
+"""Config sweep of the fused qkv GEMM + norm + rope kernel (compiler/triton/qkv_gemm.py) on the GPU.
+
+python -m torch_dflash.benchmarks.sweep_qkv_gemm [--out DIR] [--budget-s 150]   (CUDA; inside the GPU session)
+
+At the Qwen3-8B draft shape (H 4096, 32/8 heads, hd 128, bf16) for T = 32, 512, 8192: every (block_m, block_k,
+num_warps, num_stages) of a pruned grid (group_m 8; then group_m 4 and 16 for the best at each T) is checked
+against the reference op (max error ≤ 2e-2 · max |ref|) and timed (CUDA-graph replays, median of 50), beside the
+GEMM alone (F.linear), the vendor GEMM + epilogue path, the table's choice ('dflash') and Inductor on transformers'
+Qwen3 prologue. Prints a table and writes sweep_qkv_gemm.json to --out (default $OUT or .). Configs compile once
+and serve all three T (T is a runtime argument); configs whose shared memory cannot fit are skipped, and the
+grid stops early once --budget-s of wall time is spent (the JSON lists what was not run).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from torch_dflash.compiler.ops import qkv_norm_rope_reference
+from torch_dflash.compiler.triton import configs, qkv_gemm
+from torch_dflash.compiler.triton.qkv_norm_rope import qkv_norm_rope
+
+from .harness import _cuda_time_ms, _graphed
+from .kernels_projections import EPS, QWEN3_8B_DRAFT, _rope_tables, hf_qkv_norm_rope
+
+DEVICE = "cuda"
+SMEM_BYTES = 220 * 1024          # H100: 227 KiB per block, minus the epilogue's scratch
+TOKENS = (32, 512, 8192)
+LARGE_GRID = [(bm, bk, warps, stages) for bm in (64, 128, 256) for bk in (64, 128) for warps in (4, 8)
+              for stages in (3, 4) if not (bm == 256 and warps == 4)]
+SMALL_GRID = [(bm, bk, 4, stages) for bm in (16, 32) for bk in (64, 128, 256) for stages in (3, 5)]
+
+
+def _fits(block_m: int, block_k: int, stages: int, head_dim: int) -> bool:
+    return stages * (block_m + head_dim) * block_k * 2 <= SMEM_BYTES
+
+
+def _median_us(fn) -> float:
+    return statistics.median(_cuda_time_ms(_graphed(fn), 50)) * 1e3
+
+
+class Problem:
+    """Inputs of one T (fresh random bf16, never zeros), the reference outputs and preallocated outputs."""
+
+    def __init__(self, tokens: int, hidden: int, n_q: int, n_kv: int, head_dim: int):
+        g = torch.Generator(DEVICE).manual_seed(tokens)
+        rand = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g, device=DEVICE) * scale).to(torch.bfloat16)  # noqa: E731
+        self.x = rand(1, tokens, hidden)
+        self.w = rand((n_q + 2 * n_kv) * head_dim, hidden, scale=hidden ** -0.5)
+        q_norm, k_norm = rand(head_dim, scale=0.1) + 1, rand(head_dim, scale=0.1) + 1
+        cos, sin = _rope_tables(tokens, head_dim, DEVICE, torch.bfloat16)
+        self.args = (self.x, self.w, None, q_norm, k_norm, EPS, cos, sin, n_q, n_kv, head_dim)
+        wq, wk, wv = self.w.split([n_q * head_dim, n_kv * head_dim, n_kv * head_dim])
+        self.hf_args = (self.x, wq, wk, wv, q_norm, k_norm, cos, sin, EPS, head_dim)
+        self.refs = qkv_norm_rope_reference(*self.args)
+        self.out = tuple(torch.empty_like(r) for r in self.refs)
+
+    def error(self) -> float:
+        """max |out − ref| / max |ref| over q, k, v of the last run."""
+        return max(((o.float() - r.float()).abs().max() / r.float().abs().max()).item()
+                   for o, r in zip(self.out, self.refs))
+
+    def run(self, path=None):
+        return lambda: qkv_norm_rope(*self.args, out=self.out, path=path)
+
+
+def _with_config(cfg: dict, fn):
+    """Run fn with every qkv_gemm row of the cuda table set to cfg (max_t/fused kept)."""
+    saved = {row: configs.TABLE[row]["cuda"] for row in qkv_gemm.ROWS}
+    try:
+        for row in qkv_gemm.ROWS:
+            configs.TABLE[row]["cuda"] = {**saved[row], **cfg}
+        return fn()
+    finally:
+        for row in qkv_gemm.ROWS:
+            configs.TABLE[row]["cuda"] = saved[row]
+
+
+def _time_config(problem: Problem, cfg: dict) -> dict:
+    def measure():
+        for value in problem.out:
+            value.fill_(float("nan"))
+        problem.run("fused_gemm")()
+        err = problem.error()
+        return {"us": _median_us(problem.run("fused_gemm")), "rel_err": err, "ok": err <= 2e-2}
+    try:
+        return _with_config(cfg, measure)
+    except Exception as error:  # noqa: BLE001 — e.g. out of shared memory: reported, the sweep goes on
+        return {"error": f"{type(error).__name__}: {error}"[:200]}
+
+
+def _baselines(problem: Problem, tokens: int) -> dict:
+    compiled = torch.compile(hf_qkv_norm_rope, dynamic=False)
+    compiled(*problem.hf_args)
+    return {"gemm_only": _median_us(lambda: F.linear(problem.x, problem.w)),
+            "blas_epilogue": _median_us(problem.run("blas_epilogue")),
+            "dflash": _median_us(problem.run()),
+            "inductor": _median_us(lambda: compiled(*problem.hf_args)),
+            "dflash_path": "fused_gemm" if qkv_gemm.fused_gemm_chosen(problem.x, tokens, "cuda") else "blas_epilogue"}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--budget-s", type=float, default=150.0)
+    opts = parser.parse_args()
+    start = time.perf_counter()
+    shape = {k: v for k, v in QWEN3_8B_DRAFT.items() if k != "tokens"}
+    problems = {t: Problem(t, **shape) for t in TOKENS}
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": shape,
+              "baselines": {t: _baselines(p, t) for t, p in problems.items()}, "configs": [], "not_run": []}
+    grid = [(c, TOKENS) for c in LARGE_GRID] + [(c, TOKENS[:2]) for c in SMALL_GRID]
+    for (block_m, block_k, warps, stages), tokens in grid:
+        cfg = dict(block_m=block_m, block_k=block_k, group_m=8, num_warps=warps, num_stages=stages)
+        if not _fits(block_m, block_k, stages, shape["head_dim"]):
+            continue
+        if time.perf_counter() - start > opts.budget_s:
+            result["not_run"].append(cfg)
+            continue
+        result["configs"].append({**cfg, "T": {t: _time_config(problems[t], cfg) for t in tokens}})
+        print(_line(result["configs"][-1]), flush=True)
+    for t in TOKENS:    # group_m around the best config of each T
+        best = _best(result["configs"], t)
+        for group_m in (4, 16):
+            if best and time.perf_counter() - start <= opts.budget_s:
+                cfg = {**best, "group_m": group_m}
+                result["configs"].append({**cfg, "T": {t: _time_config(problems[t], cfg)}})
+                print(_line(result["configs"][-1]), flush=True)
+    result["best"] = {t: _best(result["configs"], t) for t in TOKENS}
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    table = _table(result)
+    print(table)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep_qkv_gemm.json").write_text(json.dumps(result, indent=1))
+    (out / "sweep_qkv_gemm.md").write_text(table + "\n")
+
+
+def _best(rows: list[dict], tokens: int) -> dict | None:
+    timed = [(r["T"][tokens]["us"], r) for r in rows if r["T"].get(tokens, {}).get("ok")]
+    if not timed:
+        return None
+    _, row = min(timed, key=lambda pair: pair[0])
+    return {k: row[k] for k in ("block_m", "block_k", "group_m", "num_warps", "num_stages")}
+
+
+def _line(row: dict) -> str:
+    cells = ", ".join(f"T={t}: " + (f"{r['us']:.1f} µs err {r['rel_err']:.1e}{'' if r['ok'] else ' WRONG'}"
+                                    if "us" in r else r["error"]) for t, r in row["T"].items())
+    return (f"bm {row['block_m']} bk {row['block_k']} gm {row['group_m']} w {row['num_warps']} "
+            f"s {row['num_stages']}: {cells}")
+
+
+def _table(result: dict) -> str:
+    lines = [f"sweep_qkv_gemm — {result['device']}, torch {result['torch']}, {result['wall_s']} s",
+             "", "| T | GEMM alone µs | vendor GEMM + epilogue µs | dflash (path) µs | inductor µs | best fused µs "
+             "| × GEMM | inductor / best | best config (bm, bk, gm, warps, stages) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for t in TOKENS:
+        base, best = result["baselines"][t], result["best"][t]
+        fused = min((r["T"][t]["us"] for r in result["configs"] if r["T"].get(t, {}).get("ok")), default=None)
+        cfg = "—" if best is None else ", ".join(str(best[k]) for k in ("block_m", "block_k", "group_m",
+                                                                          "num_warps", "num_stages"))
+        lines.append(f"| {t} | {base['gemm_only']:.1f} | {base['blas_epilogue']:.1f} | {base['dflash']:.1f} "
+                     f"({base['dflash_path']}) | {base['inductor']:.1f} | "
+                     + ("— | — | — | — |" if fused is None else
+                        f"{fused:.1f} | {fused / base['gemm_only']:.2f} | {base['inductor'] / fused:.2f} | {cfg} |"))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
