@@ -1,14 +1,16 @@
-"""The default pipeline: canonicalize → fuse (kv_materialize, qkv_norm_rope, mhc_post_pre) → select attention
-masks → cleanup. Order matters: kv_materialize takes the DFlash draft's context+block sites whole before
-qkv_norm_rope sees their block half; attention_masks runs after the fusions so their outputs feed it."""
+"""The default pipeline: canonicalize → fuse (kv_materialize, qkv_norm_rope, mhc_post_pre) → merge sibling
+projections → select attention masks → cleanup. Order matters: kv_materialize takes the DFlash draft's
+context+block sites whole before qkv_norm_rope sees their block half; merge_sibling_projections runs after them,
+so it only merges the linears they left (gate/up); attention_masks runs after the fusions so their outputs feed it."""
 
 from torch_dflash.errors import InputError
 
-from . import attention_masks, canonicalize, cleanup, kv_materialize, mhc_post_pre, qkv_norm_rope
+from . import (attention_masks, canonicalize, cleanup, kv_materialize, mhc_post_pre, qkv_norm_rope,
+               sibling_projections)
 from .manager import PassManager
 
 DEFAULT_PASSES = (canonicalize.PASS, kv_materialize.PASS, qkv_norm_rope.PASS, mhc_post_pre.PASS,
-                  attention_masks.PASS, cleanup.PASS)
+                  sibling_projections.PASS, attention_masks.PASS, cleanup.PASS)
 PASS_NAMES = tuple(p.name for p in DEFAULT_PASSES)
 
 

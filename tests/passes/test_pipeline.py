@@ -51,7 +51,7 @@ def zlab_draft():
 
 def test_pass_order_and_disabling():
     assert [p.name for p in DEFAULT_PASSES] == ["canonicalize", "kv_materialize", "qkv_norm_rope", "mhc_post_pre",
-                                                "attention_masks", "cleanup"]
+                                                "merge_sibling_projections", "attention_masks", "cleanup"]
     assert [p.name for p in default_pass_manager(disabled=("cleanup",)).passes][-1] == "attention_masks"
     with pytest.raises(InputError, match="Unknown pass"):
         default_pass_manager(disabled=("qkv_norm_rop",))
@@ -72,8 +72,6 @@ def forward(self, input_ids, use_cache):
     model_layers_0_self_attn_o_proj_weight = getattr(self.model.layers, "0").self_attn.o_proj.weight
     model_layers_0_self_attn_q_norm_weight = getattr(self.model.layers, "0").self_attn.q_norm.weight
     model_layers_0_self_attn_k_norm_weight = getattr(self.model.layers, "0").self_attn.k_norm.weight
-    model_layers_0_mlp_gate_proj_weight = getattr(self.model.layers, "0").mlp.gate_proj.weight
-    model_layers_0_mlp_up_proj_weight = getattr(self.model.layers, "0").mlp.up_proj.weight
     model_layers_0_mlp_down_proj_weight = getattr(self.model.layers, "0").mlp.down_proj.weight
     model_layers_0_input_layernorm_weight = getattr(self.model.layers, "0").input_layernorm.weight
     model_layers_0_post_attention_layernorm_weight = getattr(self.model.layers, "0").post_attention_layernorm.weight
@@ -118,10 +116,12 @@ def forward(self, input_ids, use_cache):
     rsqrt_3 = torch.ops.aten.rsqrt.default(add_9);  add_9 = None
     mul_21 = torch.ops.aten.mul.Tensor(add_8, rsqrt_3);  rsqrt_3 = None
     mul_22 = torch.ops.aten.mul.Tensor(model_layers_0_post_attention_layernorm_weight, mul_21);  model_layers_0_post_attention_layernorm_weight = mul_21 = None
-    linear_4 = torch.ops.aten.linear.default(mul_22, model_layers_0_mlp_gate_proj_weight);  model_layers_0_mlp_gate_proj_weight = None
-    silu = torch.ops.aten.silu.default(linear_4);  linear_4 = None
-    linear_5 = torch.ops.aten.linear.default(mul_22, model_layers_0_mlp_up_proj_weight);  mul_22 = model_layers_0_mlp_up_proj_weight = None
-    mul_23 = torch.ops.aten.mul.Tensor(silu, linear_5);  silu = linear_5 = None
+    dflash_sibling_weight_0 = self.dflash_sibling_weight_0
+    linear_default = torch.ops.aten.linear.default(mul_22, dflash_sibling_weight_0);  mul_22 = dflash_sibling_weight_0 = None
+    slice_tensor = torch.ops.aten.slice.Tensor(linear_default, -1, 0, 128)
+    slice_tensor_1 = torch.ops.aten.slice.Tensor(linear_default, -1, 128, 256);  linear_default = None
+    silu = torch.ops.aten.silu.default(slice_tensor);  slice_tensor = None
+    mul_23 = torch.ops.aten.mul.Tensor(silu, slice_tensor_1);  silu = slice_tensor_1 = None
     linear_6 = torch.ops.aten.linear.default(mul_23, model_layers_0_mlp_down_proj_weight);  mul_23 = model_layers_0_mlp_down_proj_weight = None
     add_10 = torch.ops.aten.add.Tensor(add_8, linear_6);  add_8 = linear_6 = None
     pow_5 = torch.ops.aten.pow.Tensor_Scalar(add_10, 2)
@@ -141,8 +141,6 @@ def forward(self, position_ids, noise_embedding, target_hidden):
     layers_0_self_attn_o_proj_weight = getattr(self.layers, "0").self_attn.o_proj.weight
     layers_0_self_attn_q_norm_weight = getattr(self.layers, "0").self_attn.q_norm.weight
     layers_0_self_attn_k_norm_weight = getattr(self.layers, "0").self_attn.k_norm.weight
-    layers_0_mlp_gate_proj_weight = getattr(self.layers, "0").mlp.gate_proj.weight
-    layers_0_mlp_up_proj_weight = getattr(self.layers, "0").mlp.up_proj.weight
     layers_0_mlp_down_proj_weight = getattr(self.layers, "0").mlp.down_proj.weight
     layers_0_input_layernorm_weight = getattr(self.layers, "0").input_layernorm.weight
     layers_0_post_attention_layernorm_weight = getattr(self.layers, "0").post_attention_layernorm.weight
@@ -199,10 +197,12 @@ def forward(self, position_ids, noise_embedding, target_hidden):
     rsqrt_4 = torch.ops.aten.rsqrt.default(add_9);  add_9 = None
     mul_17 = torch.ops.aten.mul.Tensor(add_8, rsqrt_4);  rsqrt_4 = None
     mul_18 = torch.ops.aten.mul.Tensor(layers_0_post_attention_layernorm_weight, mul_17);  layers_0_post_attention_layernorm_weight = mul_17 = None
-    linear_7 = torch.ops.aten.linear.default(mul_18, layers_0_mlp_gate_proj_weight);  layers_0_mlp_gate_proj_weight = None
-    silu = torch.ops.aten.silu.default(linear_7);  linear_7 = None
-    linear_8 = torch.ops.aten.linear.default(mul_18, layers_0_mlp_up_proj_weight);  mul_18 = layers_0_mlp_up_proj_weight = None
-    mul_19 = torch.ops.aten.mul.Tensor(silu, linear_8);  silu = linear_8 = None
+    dflash_sibling_weight_0 = self.dflash_sibling_weight_0
+    linear_default = torch.ops.aten.linear.default(mul_18, dflash_sibling_weight_0);  mul_18 = dflash_sibling_weight_0 = None
+    slice_tensor_4 = torch.ops.aten.slice.Tensor(linear_default, -1, 0, 128)
+    slice_tensor_5 = torch.ops.aten.slice.Tensor(linear_default, -1, 128, 256);  linear_default = None
+    silu = torch.ops.aten.silu.default(slice_tensor_4);  slice_tensor_4 = None
+    mul_19 = torch.ops.aten.mul.Tensor(silu, slice_tensor_5);  silu = slice_tensor_5 = None
     linear_9 = torch.ops.aten.linear.default(mul_19, layers_0_mlp_down_proj_weight);  mul_19 = layers_0_mlp_down_proj_weight = None
     add_10 = torch.ops.aten.add.Tensor(add_8, linear_9);  add_8 = linear_9 = None
     pow_6 = torch.ops.aten.pow.Tensor_Scalar(add_10, 2)
