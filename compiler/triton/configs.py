@@ -75,25 +75,26 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     # qkv_gemm.py: dflash.qkv_norm_rope by token count T (first row with T <= max_t; 0 = no limit). fused 1: the
     # one-kernel GEMM + norm/rope (N tile = one head, block_m tokens × block_k of H per step, programs grouped
     # by group_m token tiles); fused 0: the vendor GEMM + norm_rope_heads epilogue (the tiles still serve
-    # benchmarks that force the fused kernel). rocm tiles keep shared memory under gfx942's 64 KiB LDS.
+    # benchmarks that force the fused kernel). one_dot 1: one hd-wide dot split in registers (NVIDIA layouts only),
+    # 0: two hd/2-wide dots. rocm tiles keep shared memory under gfx942's 64 KiB LDS.
     # Untuned first guesses: tune with benchmarks/sweep_qkv_gemm.py (docs/kernels/projections.md).
     "qkv_gemm.small": {
-        "cuda": {"max_t": 256, "fused": 0, "block_m": 64, "block_k": 64, "group_m": 8, "num_warps": 4,
-                 "num_stages": 4},
-        "rocm": {"max_t": 256, "fused": 0, "block_m": 64, "block_k": 64, "group_m": 8, "num_warps": 4,
-                 "num_stages": 2},
+        "cuda": {"max_t": 256, "fused": 0, "block_m": 64, "block_k": 64, "group_m": 8, "one_dot": 0,
+                 "num_warps": 4, "num_stages": 4},
+        "rocm": {"max_t": 256, "fused": 0, "block_m": 64, "block_k": 64, "group_m": 8, "one_dot": 0,
+                 "num_warps": 4, "num_stages": 2},
     },
     "qkv_gemm.medium": {
-        "cuda": {"max_t": 2048, "fused": 1, "block_m": 64, "block_k": 64, "group_m": 8, "num_warps": 4,
-                 "num_stages": 4},
-        "rocm": {"max_t": 2048, "fused": 1, "block_m": 64, "block_k": 64, "group_m": 8, "num_warps": 4,
-                 "num_stages": 2},
+        "cuda": {"max_t": 2048, "fused": 1, "block_m": 64, "block_k": 64, "group_m": 8, "one_dot": 0,
+                 "num_warps": 4, "num_stages": 4},
+        "rocm": {"max_t": 2048, "fused": 1, "block_m": 64, "block_k": 64, "group_m": 8, "one_dot": 0,
+                 "num_warps": 4, "num_stages": 2},
     },
     "qkv_gemm.large": {
-        "cuda": {"max_t": 0, "fused": 1, "block_m": 128, "block_k": 64, "group_m": 8, "num_warps": 8,
-                 "num_stages": 3},
-        "rocm": {"max_t": 0, "fused": 1, "block_m": 128, "block_k": 32, "group_m": 8, "num_warps": 8,
-                 "num_stages": 2},
+        "cuda": {"max_t": 0, "fused": 1, "block_m": 128, "block_k": 64, "group_m": 8, "one_dot": 0,
+                 "num_warps": 8, "num_stages": 3},
+        "rocm": {"max_t": 0, "fused": 1, "block_m": 128, "block_k": 32, "group_m": 8, "one_dot": 0,
+                 "num_warps": 8, "num_stages": 2},
     },
 }
 

@@ -2,7 +2,10 @@
 
 x[T,H] @ w_qkv[(n_q+2·n_kv)·hd, H]ᵀ, tiled [BLOCK_M tokens] × [one head]: each program accumulates its head as two
 fp32 halves `lo`, `hi` [BLOCK_M, hd/2] (two tl.dot on the same x tile), so rotate-half rope is
-`lo·cos − hi·sin`, `hi·cos + lo·sin` with no register shuffle. For partial rotary (rot < hd) the halves are the
+`lo·cos − hi·sin`, `hi·cos + lo·sin` with no register shuffle. ONE_DOT instead runs one [BLOCK_M, hd] dot (one
+wider MMA per step) and splits it with reshape/permute/split: on NVIDIA MMA layouts each thread already holds
+column c and c + hd/2, so the split stays in registers (no convert_layout in the TTGIR for sm_80/sm_90); on
+gfx942 it goes through LDS, so the ROCm rows keep two dots. For partial rotary (rot < hd) the halves are the
 rotated pairs (channel j ↔ j + rot/2) followed by the pass-through channels split in two, gathered by the
 weight-row index. Epilogue, in the reference's order and roundings: + bias, round to the activation dtype (the
 GEMM output), q/k heads: RMSNorm (fp32 statistic Σlo² + Σhi², fp32 weight product) → round → rope in fp32 →
@@ -22,13 +25,26 @@ from .norm_rope import DTYPES, _compilable, _signature
 
 
 @triton.jit
+def _k_tile(ptrs, k_ok, EVEN_K: tl.constexpr, WIDEN_DOT: tl.constexpr):
+    """One BLOCK_K slice of x or w (k_ok masks the tail of H unless EVEN_K); widened to fp32 under the
+    interpreter, whose bf16 tl.dot is wrong (attention_common.widen_dot)."""
+    if EVEN_K:
+        tile = tl.load(ptrs)
+    else:
+        tile = tl.load(ptrs, mask=k_ok, other=0.0)
+    if WIDEN_DOT:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
 def qkv_gemm_norm_rope_kernel(
         x_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, q_ptr, k_ptr, v_ptr, pos_ptr,
         T, K, S, N_Q, N_KV, S_DST, eps,
         stride_xt, stride_wn, stride_cos_b, stride_cos_s, stride_kv_b, stride_kv_s, stride_kv_h,
         HD: tl.constexpr, ROT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Q_NORM: tl.constexpr,
         HAS_K_NORM: tl.constexpr, CACHE: tl.constexpr, EVEN_K: tl.constexpr, WIDEN_DOT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        ONE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     HALF: tl.constexpr = HD // 2
     R2: tl.constexpr = ROT // 2
     heads = N_Q + 2 * N_KV
@@ -53,29 +69,33 @@ def qkv_gemm_norm_rope_kernel(
     kk = tl.arange(0, BLOCK_K)
     x_tile = x_ptr + t_load[:, None] * stride_xt + kk[None, :]
     w_head = w_ptr + (head * HD).to(tl.int64) * stride_wn + kk[:, None]
-    w_lo = w_head + lo_col[None, :].to(tl.int64) * stride_wn
-    w_hi = w_head + hi_col[None, :].to(tl.int64) * stride_wn
-    lo = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
-    hi = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(x_tile)
-            b_lo = tl.load(w_lo)
-            b_hi = tl.load(w_hi)
+    if ONE_DOT:     # one [BLOCK_M, HD] dot over the columns lo_col ++ hi_col, split into the halves in registers
+        i = tl.arange(0, HD)
+        if ROT == HD or ROT == 0:
+            cols = i
         else:
-            k_ok = kk < K - k0
-            a = tl.load(x_tile, mask=k_ok[None, :], other=0.0)
-            b_lo = tl.load(w_lo, mask=k_ok[:, None], other=0.0)
-            b_hi = tl.load(w_hi, mask=k_ok[:, None], other=0.0)
-        if WIDEN_DOT:   # the interpreter's bf16 tl.dot is wrong (attention_common.widen_dot)
-            a = a.to(tl.float32)
-            b_lo = b_lo.to(tl.float32)
-            b_hi = b_hi.to(tl.float32)
-        lo = tl.dot(a, b_lo, lo, input_precision="ieee")
-        hi = tl.dot(a, b_hi, hi, input_precision="ieee")
-        x_tile += BLOCK_K
-        w_lo += BLOCK_K
-        w_hi += BLOCK_K
+            cols = tl.where(i < HALF, tl.where(i < R2, i, i + R2),
+                            tl.where(i - HALF < R2, i - HALF + R2, i))
+        w_all = w_head + cols[None, :].to(tl.int64) * stride_wn
+        acc = tl.zeros((BLOCK_M, HD), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = _k_tile(x_tile, kk[None, :] < K - k0, EVEN_K, WIDEN_DOT)
+            acc = tl.dot(a, _k_tile(w_all, kk[:, None] < K - k0, EVEN_K, WIDEN_DOT), acc, input_precision="ieee")
+            x_tile += BLOCK_K
+            w_all += BLOCK_K
+        lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+    else:           # two [BLOCK_M, HD/2] dots sharing the x tile
+        w_lo = w_head + lo_col[None, :].to(tl.int64) * stride_wn
+        w_hi = w_head + hi_col[None, :].to(tl.int64) * stride_wn
+        lo = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+        hi = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = _k_tile(x_tile, kk[None, :] < K - k0, EVEN_K, WIDEN_DOT)
+            lo = tl.dot(a, _k_tile(w_lo, kk[:, None] < K - k0, EVEN_K, WIDEN_DOT), lo, input_precision="ieee")
+            hi = tl.dot(a, _k_tile(w_hi, kk[:, None] < K - k0, EVEN_K, WIDEN_DOT), hi, input_precision="ieee")
+            x_tile += BLOCK_K
+            w_lo += BLOCK_K
+            w_hi += BLOCK_K
 
     dt = q_ptr.dtype.element_ty
     if HAS_BIAS:
@@ -172,7 +192,8 @@ def launch_qkv_gemm(x2: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, cos: Tensor
         x2.stride(0), w_qkv.stride(0), cos.stride(0), cos.stride(1), *k_dst.stride()[:3],
         HD=head_dim, ROT=cos.shape[-1], HAS_BIAS=b_qkv is not None, HAS_Q_NORM=q_norm_w is not None,
         HAS_K_NORM=k_norm_w is not None, CACHE=positions is not None, EVEN_K=hidden % cfg["block_k"] == 0,
-        WIDEN_DOT=widen_dot(x2), BLOCK_M=cfg["block_m"], BLOCK_K=cfg["block_k"], GROUP_M=cfg["group_m"],
+        WIDEN_DOT=widen_dot(x2), ONE_DOT=bool(cfg["one_dot"]), BLOCK_M=cfg["block_m"], BLOCK_K=cfg["block_k"],
+        GROUP_M=cfg["group_m"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
@@ -190,7 +211,8 @@ def gemm_spec(dtype: torch.dtype, head_dim: int, rot: int, bias: bool, norm: boo
     cfg = TABLE[row][family]
     dt = "*" + DTYPES[dtype]
     constexprs = {"HD": head_dim, "ROT": rot, "HAS_BIAS": bias, "HAS_Q_NORM": norm, "HAS_K_NORM": norm,
-                  "CACHE": cache, "EVEN_K": True, "WIDEN_DOT": False, "BLOCK_M": cfg["block_m"],
+                  "CACHE": cache, "EVEN_K": True, "WIDEN_DOT": False, "ONE_DOT": bool(cfg["one_dot"]),
+                  "BLOCK_M": cfg["block_m"],
                   "BLOCK_K": cfg["block_k"], "GROUP_M": cfg["group_m"]}
     fn = _compilable(qkv_gemm_norm_rope_kernel)
     pointers = {n: dt for n in fn.arg_names if n.endswith("_ptr")} | {"pos_ptr": "*i64"}

@@ -4,7 +4,7 @@
 fused_gemm:    x[B,S,H] ─ qkv_gemm_norm_rope_kernel: the merged GEMM with per-head RMSNorm → rope in registers
 blas_epilogue: x[B,S,H] ─ F.linear(x, w_qkv, b_qkv) (cuBLAS / hipBLASLt) ─ proj[B·S, (n_q+2·n_kv)·hd]
                         ─ norm_rope_heads_kernel: per head, RMSNorm (q, k; fp32) → rope (q, k) → store; v copied
-both           → q[B,S,n_q,hd], k/v[B,S,n_kv,hd]   or   k/v written into caches [B, n_kv, S_max, hd] at positions[B,S].
+both           → q[B,S,n_q,hd], k/v[B,S,n_kv,hd]  or  k/v written into caches [B, n_kv, S_max, hd] at positions[B,S].
 The choice is made on the concrete token count of each call (a graph with a dynamic T keeps one provider).
 """
 

@@ -58,6 +58,20 @@ def test_fused_gemm_matches_the_reference(dtype, hd, gqa, rot, bias, norm):
         assert_close(g, r, dtype)
 
 
+@pytest.mark.parametrize("dtype,hd,rot,bias", [(torch.bfloat16, 128, 128, False), (torch.float32, 64, 16, True)],
+                         ids=param_id)
+def test_one_dot_matches_the_reference(monkeypatch, dtype, hd, rot, bias):
+    """one_dot: one hd-wide dot split into the halves — full rotary and partial rotary (column gather)."""
+    for row in qkv_gemm.ROWS:
+        monkeypatch.setitem(configs.TABLE[row], "cuda", {**configs.TABLE[row]["cuda"], "one_dot": 1})
+    B, S, H, n_q, n_kv = 1, 40, 80, 4, 2
+    inp = make_inputs(B, S, H, n_q, n_kv, hd, rot, bias, True, dtype, seed=hd)
+    args = _args(inp, n_q, n_kv, hd)
+    got = qnr.qkv_norm_rope(*args, out=_outputs(B, S, n_q, n_kv, hd, dtype), path="fused_gemm")
+    for g, r in zip(got, qkv_norm_rope_reference(*args)):
+        assert_close(g, r, dtype)
+
+
 def test_fused_gemm_with_the_table_tiles_and_4d_tokens(monkeypatch):
     """The table's own medium tiles (block_m 64: one partial tile), tokens [2, 3, 5, H], cos/sin [1, 5, rot]."""
     monkeypatch.undo()
@@ -117,7 +131,8 @@ def paths(monkeypatch):
 @pytest.mark.parametrize("dtype,tokens,path", [(torch.bfloat16, 3, "blas_epilogue"), (torch.bfloat16, 9, "fused_gemm"),
                                                (torch.float32, 9, "blas_epilogue")], ids=param_id)
 def test_the_table_picks_the_path_by_token_count(monkeypatch, paths, dtype, tokens, path):
-    """Rows: T ≤ 4 → the vendor GEMM + epilogue, larger T → the fused kernel; fp32 always takes the vendor GEMM."""
+    """Rows: T ≤ 4 → the vendor GEMM + epilogue, larger T → the fused kernel; fp32 always takes the vendor
+    GEMM."""
     for family in ("cuda", "rocm"):
         for row, change in (("qkv_gemm.small", {"max_t": 4, "fused": 0}), ("qkv_gemm.medium", {"fused": 1})):
             monkeypatch.setitem(configs.TABLE[row], family, {**configs.TABLE[row][family], **change})
@@ -145,12 +160,16 @@ def test_an_unknown_path_is_an_input_error():
 # ---- ahead-of-time builds (child processes without the interpreter) ----
 
 AOT_SCRIPT = """
-import json, sys, torch
+import dataclasses, json, sys, torch
 from torch_dflash.compiler.triton import aot, qkv_gemm
 fam = sys.argv[1]
 specs = [qkv_gemm.gemm_spec(torch.bfloat16, 128, 128, False, True, False, row, fam)
          for row in qkv_gemm.ROWS if qkv_gemm.TABLE[row][fam]["fused"]]
 specs.append(qkv_gemm.gemm_spec(torch.bfloat16, 64, 32, True, False, True, "qkv_gemm.large", fam))
+if fam == "cuda":   # one hd-wide dot: the NVIDIA option
+    spec = specs[-1]
+    specs.append(dataclasses.replace(spec, name=spec.name + ",one_dot",
+                                     constexprs={**spec.constexprs, "ONE_DOT": True}))
 result = {}
 for arch in (a for a in aot.ARCHS if aot.family(a) == fam):
     for spec in specs:
@@ -167,13 +186,15 @@ SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024, "gfx942": 64 * 1024, "
 
 def test_fused_kernel_compiles_for_every_arch_within_shared_memory():
     """Every fused table row (bf16, hd 128, q/k norm) and a partial-rotary hd 64 kernel with bias into caches
-    compile for sm_80, sm_90 (cuda rows), gfx942, gfx950 (rocm rows) within each target's shared memory."""
+    (also with one_dot for NVIDIA) compile for sm_80, sm_90 (cuda rows), gfx942, gfx950 (rocm rows) within each
+    target's shared memory."""
     results = run_aot_script(AOT_SCRIPT)
     failed = {name: r for name, r in results.items() if not isinstance(r, list) or r[0] == 0}
     assert not failed, failed
     for arch, limit in SHARED_LIMIT.items():
         built = {name: r for name, r in results.items() if name.endswith("@" + arch)}
         assert any("rot32,bias,cache" in name for name in built) and len(built) >= 2, (arch, list(built))
+        assert any("one_dot" in name for name in built) == arch.startswith("sm_"), (arch, list(built))
         assert all(shared <= limit for _, shared in built.values()), (arch, built)
 
 
