@@ -124,7 +124,8 @@ def _child(request: dict) -> None:
                           "function": spec.fn.fn.__name__,
                           "source": f"triton/{Path(spec.fn.fn.__code__.co_filename).name}",
                           "constexprs": {k: repr(v) for k, v in spec.constexprs.items()},
-                          "num_warps": spec.num_warps, "num_stages": spec.num_stages, "bytes": len(binary)}),
+                          "num_warps": spec.num_warps, "num_stages": spec.num_stages, "bytes": len(binary),
+                          "divisible_by_16": list(spec.divisible_by_16)}),  # a launcher must honour these
               flush=True)
 
 
