@@ -54,6 +54,8 @@ def test_kernels_are_compiled_for_each_requested_arch(export_dir):
     assert all(p.stat().st_size > 0 for p in cubins + hsacos)
     assert {e["file"] for e in index} == {p.relative_to(kernels).as_posix() for p in cubins + hsacos}
     assert cubins[0].read_bytes()[:4] == b"\x7fELF" and hsacos[0].read_bytes()[:4] == b"\x7fELF"
+    aligned = {e["kernel"] for e in index if e["divisible_by_16"]}  # the alignment the binaries were built for
+    assert any("qkv" in name for name in aligned), aligned
     report = json.loads((export_dir / "report.json").read_text())
     ops = {op for graph in report.values() for op in graph["report"]["providers"]}
     sources = {p.name: p.read_text() for p in (kernels / "triton").glob("*.py")}
