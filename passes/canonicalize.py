@@ -4,6 +4,10 @@ before → after (each site counted as "canonicalize.<what>"):
   linear:  mm(a, t(w)) | mm(a, permute(w, [1, 0]))               → linear(a, w)
            addmm(b, a, t(w))            (beta = alpha = 1)         → linear(a, w, b)
   linear_views: view(linear(view(x, [N, K]), w, b), [*lead, M]) → linear(x, w, b)  (x [*lead, K], N = Π lead)
+  matmul:  view(bmm(view(expand(a, [*batch, n, k]), [N, n, k]), view(expand(b, [*batch, k, m]), [N, k, m])),
+           [*batch, n, m])                                         → matmul(a, b)
+           (how AOT spells a batched matmul: a and b broadcast to batch, N = Π batch; each operand's expand, a
+           clone and further reshapes on the way are optional — only the shapes are trusted)
   sdpa:    getitem(_scaled_dot_product_{flash_attention_for_cpu | efficient_attention | flash_attention |
            cudnn_attention}(q, k, v, …), 0)  (no other output used) → scaled_dot_product_attention(q, k, v, mask, …)
            (enable_gqa=True when k has fewer heads than q: those kernels take GQA heads as they are)
@@ -12,7 +16,7 @@ before → after (each site counted as "canonicalize.<what>"):
            (only when device, layout and memory format stay as they are)
   assert_metadata: _assert_tensor_metadata(x, …) → removed. Export adds these checks of a dtype the graph already
            fixes; as extra users they would hide single-use values from the fusion matchers.
-Matmuls whose second operand is not a transposed weight, and 3-D matmul spellings (expand + bmm), stay as they are.
+Matmuls of a ≥ 3-D tensor by a 2-D one that is not a transposed weight (view + mm) stay as they are.
 """
 
 import operator
@@ -80,13 +84,18 @@ def erase_if_unused(*nodes: fx.Node) -> None:
             node.graph.erase_node(node)
 
 
+def is_reshape(node) -> bool:
+    """view / reshape / _unsafe_view to a shape (not aten.view.dtype, which reinterprets the bits)."""
+    return is_call(node, *VIEWS) and isinstance(node.args[0], fx.Node) and isinstance(node.args[1], (list, tuple))
+
+
 def fold_linear_views(out_view: fx.Node) -> bool:
     """view(linear(view(x, [N, K]), w, b), [*lead, M]) → linear(x, w, b) when x is [*lead, K]."""
-    if not is_call(out_view, *VIEWS) or not is_call(out_view.args[0], aten.linear):
+    if not is_reshape(out_view) or not is_call(out_view.args[0], aten.linear):
         return False
     lin = out_view.args[0]
     in_view = lin.args[0]
-    if len(lin.users) != 1 or not is_call(in_view, *VIEWS) or not isinstance(in_view.args[0], fx.Node):
+    if len(lin.users) != 1 or not is_reshape(in_view):
         return False
     x, flat, out = tensor_meta(in_view.args[0]), tensor_meta(in_view), tensor_meta(out_view)
     if x is None or flat is None or out is None or flat.dim() != 2 or x.dim() < 2:
@@ -97,6 +106,47 @@ def fold_linear_views(out_view: fx.Node) -> bool:
         return False
     replace(out_view, aten.linear.default, (in_view.args[0], *lin.args[1:]))
     erase_if_unused(lin, in_view)
+    return True
+
+
+def batched_operand(node) -> tuple[fx.Node, tuple] | None:
+    """(x, E) when node = reshape(clone?(expand(x, E))), through any chain of reshapes and clones; without an
+    expand x is where the chain starts and E its shape. x must broadcast to E with E's last two dims as they are."""
+    while is_reshape(node) or is_call(node, aten.clone):
+        node = node.args[0]
+    x = node.args[0] if is_call(node, aten.expand) else node
+    full, src = tensor_meta(node), tensor_meta(x)
+    if not isinstance(x, fx.Node) or full is None or src is None or not 2 <= src.dim() <= full.dim():
+        return None
+    lead = full.dim() - src.dim()
+    for i, size in enumerate(src.shape):
+        if not same_sizes([size], [full.shape[lead + i]]) and (i >= src.dim() - 2 or sym_expr(size) != 1):
+            return None
+    return x, tuple(full.shape)
+
+
+def fold_bmm_views(out_view: fx.Node) -> bool:
+    """view(bmm(A, B), [*batch, n, m]) → matmul(a, b) when A, B are a and b expanded to batch and flattened."""
+    if not is_reshape(out_view) or not is_call(out_view.args[0], aten.bmm) or len(out_view.args[0].users) != 1:
+        return False
+    bmm = out_view.args[0]
+    sides = [batched_operand(x) for x in bmm.args[:2]]
+    out, a3, b3 = tensor_meta(out_view), tensor_meta(bmm.args[0]), tensor_meta(bmm.args[1])
+    if None in sides or out is None or a3 is None or b3 is None or out.dim() < 3:
+        return False
+    (a, a_full), (b, b_full) = sides
+    batch = out.shape[:-2]
+    if not (same_sizes(a_full, [*batch, *a3.shape[1:]]) and same_sizes(b_full, [*batch, *b3.shape[1:]])
+            and same_sizes(out.shape[-2:], [a3.shape[1], b3.shape[2]])
+            and (sym_expr(a3.shape[0]) - sympy_prod(batch)).expand() == 0):
+        return False
+    inputs = list(bmm.args[:2])
+    replace(out_view, aten.matmul.default, (a, b))
+    erase_if_unused(bmm)
+    for chain in inputs:
+        while isinstance(chain, fx.Node) and chain not in (a, b) and not chain.users:
+            chain, dead = chain.args[0], chain
+            chain.graph.erase_node(dead)
     return True
 
 
@@ -174,6 +224,8 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> None:
     for node in list(graph.nodes):
         if fold_linear_views(node):
             ctx.matched("canonicalize.linear_views")
+        elif fold_bmm_views(node):
+            ctx.matched("canonicalize.matmul")
 
 
 PASS = GraphPass("canonicalize", run)

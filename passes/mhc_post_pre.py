@@ -18,7 +18,7 @@ columns) pairs; one hc_eps throughout; the stream statistic and the mixes in fp3
 hc_post's output in the residual's dtype. A boundary whose layer input is read by more than its RMSNorm, or whose
 RMSNorm multiplies the weight after casting back (bf16), is fused as mhc_post + mhc_pre instead.
 In bf16 the fused ops accumulate in fp32 where transformers rounds post and comb to bf16 first (design §5).
-Export graphs only: an AOT graph spells the matmul as expand + bmm, which canonicalize does not rewrite.
+AOT graphs (torch.compile) spell the matmul as expand + bmm; canonicalize turns that back into matmul first.
 """
 
 import operator

@@ -5,22 +5,11 @@ import logging
 
 import pytest
 import torch
+from tiny_models import TINY_HF, hf_causal_lm
 
 import torch_dflash as td
 from torch_dflash.compiler import backend
 from torch_dflash.errors import InputError
-
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16)
-
-
-def _hf(kind, **extra):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    config_cls, model_cls = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[kind]
-    return model_cls(config_cls(**TINY, **extra)).eval()
-
 
 def _compiles():
     return backend._COUNTER[0]
@@ -29,9 +18,9 @@ def _compiles():
 @pytest.mark.parametrize("kind,extra", [("qwen3", {}), ("llama", {"attention_bias": True})])
 def test_transformers_models_fuse_every_layer_and_match_eager(kind, extra):
     torch._dynamo.reset()
-    model = _hf(kind, **extra)
+    model = hf_causal_lm(kind, **extra)
     fast = torch.compile(model, backend="dflash", options={"inductor": False})
-    layers = TINY["num_hidden_layers"]
+    layers = TINY_HF["num_hidden_layers"]
     with torch.no_grad():
         for length in (5, 9):
             ids = torch.randint(0, 128, (2, length))
@@ -51,13 +40,13 @@ def test_transformers_models_fuse_every_layer_and_match_eager(kind, extra):
 
 def test_inductor_compiles_the_rewritten_graph():
     torch._dynamo.reset()
-    model = _hf("qwen3")
+    model = hf_causal_lm("qwen3")
     fast = torch.compile(model, backend="dflash")
     ids = torch.randint(0, 128, (1, 7))
     with torch.no_grad():
         torch.testing.assert_close(fast(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
                                    atol=1e-5, rtol=1e-5)
-    assert td.last_report().fusions["qkv_norm_rope"] == TINY["num_hidden_layers"]
+    assert td.last_report().fusions["qkv_norm_rope"] == TINY_HF["num_hidden_layers"]
 
 
 def test_our_verify_step_fuses_and_keeps_writing_the_cache():
@@ -107,7 +96,7 @@ def test_training_graphs_go_to_inductor_unchanged(caplog):
 
 def test_disabled_passes_do_not_run():
     torch._dynamo.reset()
-    model = _hf("qwen3")
+    model = hf_causal_lm("qwen3")
     fast = torch.compile(model, backend="dflash", options={"inductor": False, "disable": ["qkv_norm_rope"]})
     with torch.no_grad():
         fast(torch.randint(0, 128, (1, 6)), use_cache=False)

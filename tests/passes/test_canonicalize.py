@@ -109,6 +109,33 @@ def test_block_with_bias_and_gqa(causal):
     assert gone["aten.addmm.default"] == 1
 
 
+class Mixes(torch.nn.Module):
+    """Batched matmuls as mHC and eager attention write them: combᵀ @ res over [B, S] (transformers' hc_post) and
+    a [B, 1, n, k] @ [B, H, k, m] product that broadcasts a batch dim; then a bmm of two flattened [B, H] batches
+    whose result is viewed as [H, B, …] — not matmul(a, b), so it stays a bmm."""
+
+    def forward(self, comb, res, a, b):
+        mixed = torch.matmul(comb.transpose(-1, -2), res)
+        broadcast = torch.matmul(a, b)
+        gram = torch.bmm(b.flatten(0, 1), b.transpose(-1, -2).flatten(0, 1))
+        return mixed, broadcast, gram.view(b.shape[1], b.shape[0], 7, 7)
+
+
+def mixes_inputs(batch, seq):  # sizes all distinct, so Dynamo's duck sizing ties no two of them together
+    return {"comb": torch.randn(batch, seq, 4, 4), "res": torch.randn(batch, seq, 4, 8),
+            "a": torch.randn(batch, 1, 5, 7), "b": torch.randn(batch, 11, 7, 12)}
+
+
+def test_aot_batched_matmul_is_matmul_again():
+    before, after, fusions = compile_and_compare(Mixes(), mixes_inputs(2, 6), mixes_inputs(3, 9), [canonicalize.PASS])
+    assert fusions["canonicalize.matmul"] == 2
+    gone, new = op_diff(before, after)
+    assert new["aten.matmul.default"] == 2 and gone["aten.bmm.default"] == 2
+    assert [str(n.target) for n in after.graph.nodes].count("aten.bmm.default") == 1
+    comb_t = next(n for n in after.graph.nodes if n.target is aten.matmul.default).args[0]
+    assert comb_t.target is aten.transpose.int, "mhc_post_pre matches combᵀ @ res: the transpose must be kept"
+
+
 # ---- the fused SDPA kernels that only exist on GPUs, as graphs built by hand (they are rewritten, never run here)
 VARIANTS = [(aten._scaled_dot_product_efficient_attention.default, True),
             (aten._scaled_dot_product_cudnn_attention.default, True),

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pass_testing import (ProjectionAttention, assert_same_outputs, check_pass, export_graph, op_counts, op_diff,
                           projection_args, projection_dims, run_passes)
+from tiny_models import zlab_draft, zlab_step
 
 from torch_dflash.models import DFlashDraft, DFlashDraftConfig
 from torch_dflash.passes import kv_materialize, qkv_norm_rope
@@ -18,30 +19,13 @@ EXAMPLES = int(os.environ.get("TORCH_DFLASH_HYPOTHESIS_EXAMPLES", 100))
 BOTH = "dflash.kv_materialize.default", "dflash.qkv_norm_rope.default"
 
 
-def zlab_draft(layers: int):
-    from dflash.model import DFlashDraftModel
-    from transformers import Qwen3Config
-
-    torch.manual_seed(0)
-    config = Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=256)
-    config.num_target_layers = 4
-    config.dflash_config = {"block_size": 4, "mask_token_id": 0, "target_layer_ids": [1, 2]}
-    config._attn_implementation = "sdpa"
-    return DFlashDraftModel(config)
-
-
 def test_zlab_draft_takes_every_layer_whole():
     layers, block = 3, 4
     model = zlab_draft(layers)
     ctx = torch.export.Dim("ctx", min=2, max=64)
 
-    def args(c):
-        return dict(position_ids=(5 + torch.arange(c + block)).expand(2, -1), noise_embedding=torch.randn(2, block, 64),
-                    target_hidden=torch.randn(2, c, 128))
-
     dims = dict(position_ids={1: ctx + block}, noise_embedding=None, target_hidden={1: ctx})
-    before, after, report = check_pass(model, args(6), args(11), PASSES,
+    before, after, report = check_pass(model, zlab_step(6, block, start=5), zlab_step(11, block, start=5), PASSES,
                                        {"kv_materialize": layers, "qkv_norm_rope": layers}, dims)
     gone, new = op_diff(before, after)
     assert (new[BOTH[0]], new[BOTH[1]]) == (layers, layers)

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pass_testing import check_pass, op_diff
+from tiny_models import deepseek_v4, mhc_decoder_lm, mhc_inputs
 from torch.export import Dim
 
-from torch_dflash.models import MHCConfig, MHCDecoderLM
 from torch_dflash.models.mhc import HCRMSNorm, hc_post, hc_pre
 from torch_dflash.passes import canonicalize, cleanup, mhc_post_pre
 
@@ -46,23 +46,6 @@ def check_boundaries(gm, layers, iters, eps, prefix):
 
 
 # ---------------------------------------------------------------------------------------- transformers
-def deepseek_v4(layers=2, iters=3):
-    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
-
-    cfg = DeepseekV4Config(vocab_size=128, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=layers,
-                           num_attention_heads=4, num_key_value_heads=1, head_dim=32, q_lora_rank=32,
-                           n_routed_experts=4, num_experts_per_tok=2, o_groups=2, o_lora_rank=32, index_n_heads=2,
-                           index_head_dim=16, index_topk=4, hc_mult=4, hc_sinkhorn_iters=iters, sliding_window=8,
-                           layer_types=["heavily_compressed_attention"] * layers, mlp_layer_types=["moe"] * layers)
-    torch.manual_seed(0)
-    model = DeepseekV4ForCausalLM(cfg)
-    with torch.no_grad():  # post_init leaves base = 0 and scale = 1: make every mixing weight matter
-        for name, p in model.named_parameters():
-            if "_hc." in name or "hc_head" in name:
-                p.add_(0.3 * torch.randn_like(p))
-    return model
-
-
 def test_transformers_deepseek_v4_every_boundary():
     model = deepseek_v4(layers=2, iters=3)
     args = {"input_ids": torch.randint(0, 128, (1, 8)), "use_cache": False}
@@ -76,27 +59,12 @@ def test_transformers_deepseek_v4_every_boundary():
 
 
 # ---------------------------------------------------------------------------------------- our models/mhc.py
-def own_target(layers, iters, n=4):
-    cfg = MHCConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, hc_mult=n, hc_sinkhorn_iters=iters)
-    torch.manual_seed(0)
-    model = MHCDecoderLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    model.setup_cache(2, 32)
-    return model
-
-
-def own_inputs(batch, seq):
-    return {"input_ids": torch.randint(0, 128, (batch, seq)), "positions": torch.arange(seq).expand(batch, seq)}
-
-
 @pytest.mark.parametrize("layers, iters, n", [(2, 20, 4), (1, 1, 2), (3, 2, 3)])
 def test_own_mhc_target_every_boundary(layers, iters, n):
     seq = Dim("seq", min=2, max=16)
-    _, gm, _ = check_pass(own_target(layers, iters, n), own_inputs(2, 8), own_inputs(2, 11), PASSES, counts(layers),
-                          {"input_ids": {1: seq}, "positions": {1: seq}})
+    dims = {"input_ids": {1: seq}, "positions": {1: seq}}
+    _, gm, _ = check_pass(mhc_decoder_lm(layers, iters, n), mhc_inputs(2, 8), mhc_inputs(2, 11), PASSES, counts(layers),
+                          dims)
     check_boundaries(gm, layers, iters, eps=1e-6, prefix="model.")
 
 

@@ -7,6 +7,7 @@ re-accept with `EXPECTTEST_ACCEPT=1 pytest tests/passes/test_pipeline.py` and re
 
 import expecttest
 import pytest
+import tiny_models
 import torch
 from pass_testing import check_pass
 from torch.export import Dim
@@ -29,16 +30,7 @@ def qwen3_block():
 
 
 def zlab_draft():
-    from dflash.model import DFlashDraftModel
-    from transformers import Qwen3Config
-
-    cfg = Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, head_dim=16)
-    cfg.num_target_layers = 4
-    cfg.dflash_config = {"block_size": 4, "mask_token_id": 5, "target_layer_ids": [1, 2]}
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = DFlashDraftModel(cfg)
+    model = tiny_models.zlab_draft(layers=1)
 
     def step(ctx, block):
         return {"position_ids": torch.arange(ctx + block)[None], "noise_embedding": torch.randn(1, block, 64),
