@@ -1,13 +1,48 @@
-"""What a benchmark case is. Kernel and step modules return a list of `Case`s; the harness times them.
+"""What a benchmark case is. Kernel and step modules return a list (or a generator) of `Case`s; the harness times
+them one at a time and drops each after it ran, which frees its inputs.
 
-A case holds zero-argument callables over inputs it made once (fresh random data, never zeros), one per
-variant ('eager', 'inductor', 'dflash', 'zlab', ...), a `check` that raises if the dflash variant disagrees
-with the reference (it may return a string of what it measured, shown in the table's notes), and the floor: the bytes that must cross HBM at least once (read + written) and/or the
-FLOPs that must be done, from which the harness derives a time floor with the measured ceilings.
+A case holds zero-argument callables over inputs it made (fresh random data, never zeros), one per variant
+('eager', 'inductor', 'dflash', 'zlab', ...), a `check` that raises if the dflash variant disagrees with the
+reference (it may return a string of what it measured, shown in the table's notes), and the floor: the bytes that
+must cross HBM at least once (read + written) and/or the FLOPs that must be done, from which the harness derives
+a time floor with the measured ceilings.
+
+A memory-bound case whose inputs would stay in L2 between timed calls reads them through a `Rotation`: its
+variants read `rotation.current`, and the harness makes enough input sets that every timed call reads cold data.
 """
 
 from dataclasses import dataclass, field
 from typing import Callable
+
+import torch
+
+
+class Rotation:
+    """Input sets that a case's variants read through `current` at call time. Set 0 is made at once: the check,
+    tests and untimed calls use it. The harness `grow`s fresh sets (from `make`, never copies), `use`s one before
+    each timed call or before capturing that set's CUDA graph, and `shrink`s back to set 0 after timing."""
+
+    def __init__(self, make: Callable[[], tuple]):
+        self.make = make
+        self.sets = [tuple(make())]
+        self.current = self.sets[0]
+
+    def set_bytes(self) -> int:
+        """Bytes of one set (tensors sharing storage, e.g. a cache and its valid-prefix view, counted once)."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in self.sets[0] if isinstance(t, torch.Tensor)}
+        return sum(storages.values())
+
+    def grow(self, count: int) -> None:
+        while len(self.sets) < count:
+            self.sets.append(tuple(self.make()))
+
+    def use(self, index: int) -> None:
+        self.current = self.sets[index]
+
+    def shrink(self) -> None:
+        del self.sets[1:]
+        self.current = self.sets[0]
 
 
 @dataclass
@@ -21,3 +56,4 @@ class Case:
     use_cuda_graph: bool = False                # small, launch-bound cases are timed as graph replays
     notes: str = ""
     extra: dict = field(default_factory=dict)
+    rotation: Rotation | None = None            # memory-bound cases: the inputs the variants read, rotated

@@ -1,12 +1,15 @@
 """Times benchmark cases: ceilings first (copy bandwidth, bf16 matmul rate), then every case's variants beside
 its floor, with ratios to the floor and to inductor from the same run.
 
-Method: correctness check before timing; warm-up; CUDA events around each call, or around a CUDA-graph replay
-for launch-bound cases; median of >= 50 repetitions; fresh random inputs made by the case (never zeros).
-A `smoke` run (CPU, tiny shapes) executes every variant once and times nothing meaningful: it keeps the harness
-from rotting in CI.
+Method: correctness check before timing (on input set 0); warm-up; CUDA events around each call, or around a
+CUDA-graph replay for launch-bound cases; the median of `reps` (>= 50) calls; fresh random inputs made by the case
+(never zeros). A case with a `Rotation` gets as many input sets as make every timed call read data that is not in
+L2 (the bytes a call reads × sets >= 2 × L2, <= 1 GiB in all), and the calls (or the CUDA graphs, one per set)
+cycle through them. A `smoke` run (CPU, tiny shapes) executes every variant once and times nothing meaningful: it
+keeps the harness from rotting in CI.
 """
 
+import itertools
 import json
 import platform
 import statistics
@@ -16,7 +19,11 @@ from pathlib import Path
 
 import torch
 
-from .case import Case
+from .case import Case, Rotation
+
+H100_L2_BYTES = 50 * 2**20
+SMOKE_L2_BYTES = 64 * 2**10
+ROTATION_CAP_BYTES = 2**30
 
 
 @dataclass
@@ -36,6 +43,25 @@ class Row:
     vs_inductor: float | None
     graph: bool
     notes: str
+
+
+class Clock:
+    """Wall time since the start and of each stage since the previous one: the progress lines and bench.json's
+    time log."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.laps: list[dict] = []
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def lap(self, what: str) -> float:
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        self.laps.append({"what": what, "s": round(seconds, 2)})
+        return seconds
 
 
 def _cuda_time_ms(fn, reps: int) -> list[float]:
@@ -64,36 +90,91 @@ def measure_ceilings(device: str) -> Ceilings:
     return Ceilings(2 * 2**29 * 4 / (copy_ms * 1e-3), 2 * 8192**3 / (mm_ms * 1e-3))
 
 
-def _graphed(fn):
-    """A CUDA graph replaying fn (warmed up on a side stream first, as torch requires)."""
+def _cycle(calls):
+    """One callable that makes the next of `calls` on each call, round and round."""
+    if len(calls) == 1:
+        return calls[0]
+    order = itertools.cycle(calls)
+    return lambda: next(order)()
+
+
+def _graphed(fn, rotation: Rotation | None = None):
+    """CUDA graphs replaying fn, one per input set of the rotation (each captures its set's tensors), replayed in
+    turn. Warmed up on a side stream first, as torch requires, on every set (nothing compiles or allocates lazily
+    inside a capture); the graphs share one memory pool and replay in capture order, as sharing requires."""
+    count = len(rotation.sets) if rotation else 1
+    select = rotation.use if rotation else (lambda index: None)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):
+        for index in [0, 0, *range(count)]:
+            select(index)
             fn()
     torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    graphs = []
+    for index in range(count):
+        select(index)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=graphs[0].pool() if graphs else None):
+            fn()
+        graphs.append(graph)
+    return _cycle([graph.replay for graph in graphs])
 
 
-def time_variant(fn, device: str, reps: int, use_graph: bool) -> tuple[float, bool]:
-    """Median µs of fn; (value, whether a CUDA graph was used)."""
+def _rotating(fn, rotation: Rotation | None):
+    """fn on input set 0, 1, ..., n-1, 0, ... on successive calls (fn itself without a rotation)."""
+    if rotation is None:
+        return fn
+
+    def on_set(index):
+        def call():
+            rotation.use(index)
+            return fn()
+        return call
+    return _cycle([on_set(index) for index in range(len(rotation.sets))])
+
+
+def time_variant(fn, device: str, reps: int, use_graph: bool, rotation: Rotation | None = None) -> tuple[float, bool]:
+    """Median µs of fn over `reps` calls, cycling through the rotation's input sets; (value, whether CUDA graphs
+    were used). On CPU (smoke) nothing is warmed up and the time means nothing."""
+    plain = _rotating(fn, rotation)
+    try:
+        if device != "cuda":
+            times = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                plain()
+                times.append(time.perf_counter() - start)
+            return statistics.median(times) * 1e6, False
+        for _ in range(max(5, len(rotation.sets) if rotation else 0)):
+            plain()
+        run, graphed = plain, False
+        if use_graph:
+            try:
+                run, graphed = _graphed(fn, rotation), True
+            except Exception:  # noqa: BLE001 — a variant that cannot be captured is timed as plain launches
+                torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        return statistics.median(_cuda_time_ms(run, reps)) * 1e3, graphed
+    finally:
+        if rotation is not None:
+            rotation.use(0)
+
+
+def l2_bytes(device: str) -> int:
+    """The device's L2 cache (CUDA's L2_cache_size where torch reports it, else an H100's 50 MB). On CPU (smoke)
+    a pretend 64 KiB, so that tiny cases rotate too and the smoke run exercises that path."""
     if device != "cuda":
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e6, False
-    for _ in range(5):
-        fn()
-    graphed = False
-    if use_graph:
-        try:
-            fn, graphed = _graphed(fn), True
-        except Exception:  # noqa: BLE001 — a variant that cannot be captured is timed as plain launches
-            torch.cuda.synchronize()
-    torch.cuda.synchronize()
-    return statistics.median(_cuda_time_ms(fn, reps)) * 1e3, graphed
+        return SMOKE_L2_BYTES
+    properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return getattr(properties, "L2_cache_size", 0) or H100_L2_BYTES
+
+
+def rotation_count(set_bytes: int, call_bytes: int, l2: int, cap: int = ROTATION_CAP_BYTES) -> int:
+    """Input sets that make every timed call read cold data: the bytes one call reads (its floor bytes, at most a
+    whole set) times the sets reach 2 × L2; all sets together stay within `cap`; at least one."""
+    per_call = max(1, min(set_bytes, call_bytes or set_bytes))
+    return max(1, min(-(-2 * l2 // per_call), cap // max(1, set_bytes)))
 
 
 def floor_us(case: Case, ceilings: Ceilings) -> float | None:
@@ -102,44 +183,64 @@ def floor_us(case: Case, ceilings: Ceilings) -> float | None:
     return max(case.floor_bytes / ceilings.copy_bytes_per_s, case.floor_flops / ceilings.bf16_flops_per_s) * 1e6
 
 
-def run_cases(cases: list[Case], ceilings: Ceilings, device: str, reps: int = 100, log=print) -> list[Row]:
-    rows = []
-    for case in cases:
+def _rotate(case: Case, l2: int) -> None:
+    rotation = case.rotation
+    if rotation is None:
+        return
+    size = rotation.set_bytes()
+    count = rotation_count(size, case.floor_bytes, l2)
+    if count > 1:
+        rotation.grow(count)
+        case.notes = f"inputs rotate over {count} sets of {size / 1e6:.3g} MB (L2 {l2 / 1e6:.3g} MB); {case.notes}"
+
+
+def run_case(case: Case, ceilings: Ceilings, device: str, reps: int, l2: int, clock: Clock, log=print) -> list[Row]:
+    """Check, then time every variant of one case; its extra input sets are dropped afterwards."""
+    _rotate(case, l2)
+    try:
+        found = case.check()
+        if isinstance(found, str):  # a check may say what it measured (e.g. distances to the reference)
+            case.notes = f"{found}; {case.notes}"
+    except AssertionError as error:  # keep timing, but the table says the numbers are of a wrong result
+        case.notes = f"CHECK FAILED: {error}; " + case.notes
+        log(f"  {case.name}: check failed: {error}")
+    checked_s = clock.lap(f"{case.suite} / {case.name}: build + check")
+    floor = floor_us(case, ceilings)
+    timings = {}
+    for variant, fn in case.variants.items():
         try:
-            found = case.check()
-            if isinstance(found, str):  # a check may say what it measured (e.g. distances to the reference)
-                case.notes = f"{found}; {case.notes}"
-        except AssertionError as error:  # keep timing, but the table says the numbers are of a wrong result
-            case.notes = f"CHECK FAILED: {error}; " + case.notes
-            log(f"  {case.name}: check failed: {error}")
-        floor = floor_us(case, ceilings)
-        timings = {}
-        for variant, fn in case.variants.items():
-            try:
-                timings[variant] = time_variant(fn, device, reps, case.use_cuda_graph)
-            except Exception as error:  # noqa: BLE001 — report the failure in the table, keep going
-                timings[variant] = (None, False)
-                log(f"  {case.name} / {variant}: failed: {type(error).__name__}: {error}")
-        inductor = timings.get("inductor", (None, False))[0]
-        for variant, (us, graph) in timings.items():
-            rows.append(Row(case.suite, case.name, variant, us, floor,
-                            us / floor if us and floor else None,
-                            inductor / us if us and inductor else None, graph, case.notes))
-        log(f"  {case.name}: " + ", ".join(f"{v} {t[0]:.1f} µs" for v, t in timings.items() if t[0]))
+            timings[variant] = time_variant(fn, device, reps, case.use_cuda_graph, case.rotation)
+        except Exception as error:  # noqa: BLE001 — report the failure in the table, keep going
+            timings[variant] = (None, False)
+            log(f"  {case.name} / {variant}: failed: {type(error).__name__}: {error}")
+    if case.rotation is not None:
+        case.rotation.shrink()
+    timed_s = clock.lap(f"{case.suite} / {case.name}: timing")
+    inductor = timings.get("inductor", (None, False))[0]
+    rows = [Row(case.suite, case.name, variant, us, floor, us / floor if us and floor else None,
+                inductor / us if us and inductor else None, graph, case.notes)
+            for variant, (us, graph) in timings.items()]
+    log(f"  [{clock.elapsed:4.0f} s] {case.name} (check {checked_s:.1f} s, timing {timed_s:.1f} s): "
+        + ", ".join(f"{v} {t[0]:.1f} µs" for v, t in timings.items() if t[0]))
     return rows
 
 
-def markdown(rows: list[Row], ceilings: Ceilings, header: str) -> str:
+def markdown(rows: list[Row], ceilings: Ceilings, header: str, not_run: tuple[str, ...] | list[str] = ()) -> str:
+    """The table; a case's notes are shown on its first row only (bench.json has them on every row)."""
     lines = [header, "",
              f"Ceilings measured in this run: copy {ceilings.copy_bytes_per_s / 1e12:.2f} TB/s (read + write), "
              f"bf16 matmul {ceilings.bf16_flops_per_s / 1e12:.0f} TFLOP/s." if ceilings.copy_bytes_per_s else
-             "Smoke run on CPU: nothing meaningful is timed and no floors are given.", "",
-             "| suite | case | variant | median µs | floor µs | × floor | inductor / this | CUDA graph | notes |",
-             "|---|---|---|---:|---:|---:|---:|---|---|"]
+             "Smoke run on CPU: nothing meaningful is timed, no floors are given, and the step cases' compiled "
+             "variants skip Inductor's code generation (inductor runs as aot_eager, dflash with inductor=False).", ""]
+    lines += [f"Not run: {', '.join(not_run)}.", ""] if not_run else []
+    lines += ["| suite | case | variant | median µs | floor µs | × floor | inductor / this | CUDA graph | notes |",
+              "|---|---|---|---:|---:|---:|---:|---|---|"]
+    fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
+    previous = None
     for r in rows:
-        fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
+        notes, previous = (r.notes if (r.suite, r.case) != previous else ""), (r.suite, r.case)
         lines.append(f"| {r.suite} | {r.case} | {r.variant} | {fmt(r.median_us, '.1f')} | {fmt(r.floor_us, '.1f')} | "
-                     f"{fmt(r.vs_floor, '.2f')} | {fmt(r.vs_inductor, '.2f')} | {'yes' if r.graph else 'no'} | {r.notes} |")
+                     f"{fmt(r.vs_floor, '.2f')} | {fmt(r.vs_inductor, '.2f')} | {'yes' if r.graph else 'no'} | {notes} |")
     return "\n".join(lines)
 
 
@@ -153,11 +254,13 @@ def environment(device: str) -> dict:
     return info
 
 
-def write(out_dir: Path, rows: list[Row], ceilings: Ceilings, env: dict, command: str) -> str:
+def write(out_dir: Path, rows: list[Row], ceilings: Ceilings, env: dict, command: str, run: dict) -> str:
+    """bench.json (rows, ceilings, environment and `run`: L2, budget, wall time, time log, what did not run) and
+    bench.md; returns the markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
     header = f"`{command}` — {env.get('gpu', env['device'])}, torch {env['torch']}, triton {env['triton']}, {env['date']}"
-    table = markdown(rows, ceilings, header)
+    table = markdown(rows, ceilings, header, run.get("not_run", ()))
     (out_dir / "bench.json").write_text(json.dumps({"env": env, "command": command, "ceilings": asdict(ceilings),
-                                                    "rows": [asdict(r) for r in rows]}, indent=1))
+                                                    "run": run, "rows": [asdict(r) for r in rows]}, indent=1))
     (out_dir / "bench.md").write_text(table + "\n")
     return table

@@ -3,15 +3,17 @@
 Variants per (D, T): 'eager' (transformers' DeepseekV4DecoderLayer spelling: hc_post of sublayer L as the
 layer writes it, then the next DeepseekV4HyperConnection.forward, then DeepseekV4RMSNorm — the real modules,
 fn/base/scale in fp32 as DeepSeek-V4 keeps them), 'inductor' (torch.compile of that function) and 'dflash' (the
-Triton provider: one launch). Anchors on H100 (docs §9), D 4096: T 4096 eager 4.11 ms, inductor 1.10 ms, bytes
-floor 0.11 ms; T 16 inductor 0.46 ms (launch-bound).
+Triton provider: one launch). The activations rotate (harness.py) so that every timed call reads them from HBM;
+the weights (fn, base, scale: 1.6 MB at D 4096, fp32) do not and may stay in L2 (half the floor's bytes at T 16,
+a small part above). Anchors on H100 (docs §9), D 4096: T 4096 eager 4.11 ms, inductor 1.10 ms, bytes floor
+0.11 ms; T 16 inductor 0.46 ms (launch-bound).
 """
 
 import torch
 from transformers import DeepseekV4Config
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4HyperConnection, DeepseekV4RMSNorm
 
-from .case import Case
+from .case import Case, Rotation
 from torch_dflash.compiler.ops.mhc import mhc_post_pre_reference
 from torch_dflash.compiler.triton.mhc import mhc_post_pre
 
@@ -50,14 +52,20 @@ def _boundary(hc, norm):
 def _case(tokens: int, hidden: int, device, hc, norm, boundary, compiled) -> Case:
     dtype = torch.bfloat16
     g = torch.Generator(device).manual_seed(tokens * 7 + hidden)
-    out = torch.randn(1, tokens, hidden, generator=g, device=device).to(dtype)
-    res = torch.randn(1, tokens, STREAMS, hidden, generator=g, device=device).to(dtype)
-    post = 2 * torch.sigmoid(torch.randn(1, tokens, STREAMS, generator=g, device=device))
-    comb = torch.softmax(torch.randn(1, tokens, STREAMS, STREAMS, generator=g, device=device), -1)
-    op_args = (out, res, post, comb, hc.fn.detach(), hc.base.detach(), hc.scale.detach(), norm.weight.detach(),
-               EPS, EPS, ITERS, EPS)
+
+    def make_inputs():
+        """The boundary's activations (one input set): sublayer output, residual streams, post and comb mixes."""
+        out = torch.randn(1, tokens, hidden, generator=g, device=device).to(dtype)
+        res = torch.randn(1, tokens, STREAMS, hidden, generator=g, device=device).to(dtype)
+        post = 2 * torch.sigmoid(torch.randn(1, tokens, STREAMS, generator=g, device=device))
+        comb = torch.softmax(torch.randn(1, tokens, STREAMS, STREAMS, generator=g, device=device), -1)
+        return out, res, post, comb
+
+    inputs = Rotation(make_inputs)
+    weights = (hc.fn.detach(), hc.base.detach(), hc.scale.detach(), norm.weight.detach(), EPS, EPS, ITERS, EPS)
 
     def check():
+        op_args = (*inputs.current, *weights)
         for got, want in zip(mhc_post_pre(*op_args), mhc_post_pre_reference(*op_args)):
             scale = want.float().abs().max().item()
             torch.testing.assert_close(got.float(), want.float(), atol=2e-2 * scale, rtol=2e-2)
@@ -65,7 +73,7 @@ def _case(tokens: int, hidden: int, device, hc, norm, boundary, compiled) -> Cas
     def no_grad(fn):
         def run():
             with torch.no_grad():
-                return fn(out, res, post, comb)
+                return fn(*inputs.current)
         return run
 
     act = dtype.itemsize
@@ -78,13 +86,14 @@ def _case(tokens: int, hidden: int, device, hc, norm, boundary, compiled) -> Cas
     return Case(
         suite="kernels", name=f"mhc_post_pre D={hidden} T={tokens}",
         variants={"eager": no_grad(boundary), "inductor": no_grad(compiled),
-                  "dflash": lambda: mhc_post_pre(*op_args)},
+                  "dflash": lambda: mhc_post_pre(*inputs.current, *weights)},
         check=check,
         floor_bytes=floor,
         floor_flops=2 * tokens * mixes * STREAMS * hidden,
         use_cuda_graph=tokens <= 256,
         notes=f"n {STREAMS}, D {hidden}, bf16 activations, fp32 fn, Sinkhorn {ITERS} iters",
-        extra={"tokens": tokens, "hidden": hidden})
+        extra={"tokens": tokens, "hidden": hidden},
+        rotation=inputs)
 
 
 def cases(device="cuda", small: bool = False) -> list[Case]:

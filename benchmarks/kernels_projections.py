@@ -5,12 +5,14 @@ Qwen3RMSNorm with .float()/pow/mean/rsqrt, rotate-half rope), 'inductor' (torch.
 'gemm_only' (the merged linear alone: the GEMM bound), 'dflash' (the Triton provider, on the path its table picks
 for T: the fused GEMM + norm/rope kernel, or the vendor GEMM + one epilogue) and 'dflash_<path>' (the other path,
 forced). Anchors on H100 (docs §9), T = 8192: eager 1.88 ms, inductor 0.72 ms, GEMM ≈ 0.52 ms.
+x and the weights rotate (harness.py) where one call's bytes would otherwise stay in L2: at T 32 and 512 (the
+50 MB of weights); at T 8192 one input set already exceeds 2 × L2 (compute-bound), so nothing rotates.
 """
 
 import torch
 import torch.nn.functional as F
 
-from .case import Case
+from .case import Case, Rotation
 from torch_dflash.compiler.ops import qkv_norm_rope_reference, rotate_half
 from torch_dflash.compiler.triton.norm_rope import family_of
 from torch_dflash.compiler.triton.qkv_gemm import fused_gemm_chosen
@@ -55,36 +57,49 @@ def _case(tokens: int, hidden: int, n_q: int, n_kv: int, head_dim: int, device, 
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
 
-    x = rand(1, tokens, hidden)
-    wq, wk, wv = (rand(n * head_dim, hidden, scale=hidden ** -0.5) for n in (n_q, n_kv, n_kv))
-    w_qkv = torch.cat((wq, wk, wv))
+    def make_inputs():
+        """x and the projection weights, separate (eager, inductor) and merged (gemm_only, dflash): one input set."""
+        x = rand(1, tokens, hidden)
+        wq, wk, wv = (rand(n * head_dim, hidden, scale=hidden ** -0.5) for n in (n_q, n_kv, n_kv))
+        return x, wq, wk, wv, torch.cat((wq, wk, wv))
+
+    inputs = Rotation(make_inputs)
     q_norm_w, k_norm_w = rand(head_dim, scale=0.1) + 1, rand(head_dim, scale=0.1) + 1
     cos, sin = _rope_tables(tokens, head_dim, device, dtype)
-    hf_args = (x, wq, wk, wv, q_norm_w, k_norm_w, cos, sin, EPS, head_dim)
-    op_args = (x, w_qkv, None, q_norm_w, k_norm_w, EPS, cos, sin, n_q, n_kv, head_dim)
-    compiled = compiled or torch.compile(hf_qkv_norm_rope, dynamic=False)
 
+    def hf_args():
+        x, wq, wk, wv, _ = inputs.current
+        return x, wq, wk, wv, q_norm_w, k_norm_w, cos, sin, EPS, head_dim
+
+    def op_args():
+        x, w_qkv = inputs.current[0], inputs.current[-1]
+        return x, w_qkv, None, q_norm_w, k_norm_w, EPS, cos, sin, n_q, n_kv, head_dim
+
+    compiled = compiled or torch.compile(hf_qkv_norm_rope, dynamic=False)
+    x = inputs.current[0]
     chosen = "fused_gemm" if fused_gemm_chosen(x, tokens, family_of(x)) else "blas_epilogue"
     other = next(path for path in PATHS if path != chosen)
 
     def check():
         for path in PATHS:
-            for got, want in zip(qkv_norm_rope(*op_args, path=path), qkv_norm_rope_reference(*op_args)):
+            for got, want in zip(qkv_norm_rope(*op_args(), path=path), qkv_norm_rope_reference(*op_args())):
                 scale = want.float().abs().max().item()
                 torch.testing.assert_close(got.float(), want.float(), atol=2e-2 * scale, rtol=2e-2)
 
     width = (n_q + 2 * n_kv) * head_dim
     return Case(
         suite="kernels", name=f"qkv_norm_rope T={tokens}",
-        variants={"eager": lambda: hf_qkv_norm_rope(*hf_args), "inductor": lambda: compiled(*hf_args),
-                  "gemm_only": lambda: F.linear(x, w_qkv), "dflash": lambda: qkv_norm_rope(*op_args),
-                  f"dflash_{other}": lambda: qkv_norm_rope(*op_args, path=other)},
+        variants={"eager": lambda: hf_qkv_norm_rope(*hf_args()), "inductor": lambda: compiled(*hf_args()),
+                  "gemm_only": lambda: F.linear(inputs.current[0], inputs.current[-1]),
+                  "dflash": lambda: qkv_norm_rope(*op_args()),
+                  f"dflash_{other}": lambda: qkv_norm_rope(*op_args(), path=other)},
         check=check,
         floor_bytes=(width * hidden + tokens * hidden + tokens * width) * x.element_size(),
         floor_flops=2 * tokens * hidden * width,
         use_cuda_graph=True,
         notes=f"H {hidden}, {n_q}/{n_kv} heads, hd {head_dim}, bf16, q/k norm, full rotary; dflash = {chosen}",
-        extra={"tokens": tokens})
+        extra={"tokens": tokens},
+        rotation=inputs)
 
 
 def cases(device="cuda", small: bool = False) -> list[Case]:

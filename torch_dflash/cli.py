@@ -47,11 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default="cpu", help="cpu (default), cuda, rocm (ignored with --artifact)")
     generate.add_argument("--artifact", metavar="OUT", help="run the draft and verify programs of this export")
     bench = commands.add_parser("bench", help="time kernels and steps on the GPU beside eager, inductor and the floor")
-    bench.add_argument("--suite", choices=("kernels", "steps", "all"), default="all")
+    bench.add_argument("--suite", choices=("kernels", "steps", "e2e", "all"), default="all")
     bench.add_argument("--out", default="bench-out", help="directory for bench.json and bench.md")
-    bench.add_argument("--reps", type=int, default=100, help="timed repetitions per variant (median reported)")
+    bench.add_argument("--reps", type=int, help="timed repetitions per variant, median reported "
+                                                "(default: 100 for kernels, 50 for steps and e2e)")
     bench.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, each variant once (CI)")
     bench.add_argument("--only", default="", help="comma-separated case modules, e.g. kernels_attention,steps")
+    bench.add_argument("--budget", type=float, default=0, metavar="SECONDS",
+                       help="start no further case after this many seconds (what did not run is listed)")
     return parser
 
 
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
             log = (lambda *a: None) if args.quiet else console.log
             print(bench.main(args.suite, args.out, args.smoke, args.reps, log=log,
-                             only=tuple(filter(None, args.only.split(",")))))
+                             only=tuple(filter(None, args.only.split(","))), budget_s=args.budget))
         return 0
     except DFlashError as error:
         if args.debug:
