@@ -19,10 +19,13 @@ import triton.language as tl
 from ...errors import InputError
 from .aot import KernelSpec, pointer_args
 from .mhc import _arrival_counters
-from .norm_rope import DTYPES, _compilable, _signature
+from .norm_rope import DTYPES, _compilable, _signature, family_of
 
 MAX_M = 32
-DEFAULT_CONFIG = {"block_n": 64, "block_k": 256, "split_k": 4, "num_warps": 4, "num_stages": 4}
+# per family: shared memory is stages × (BLOCK_N + BLOCK_M) × BLOCK_K × 2 bytes on sm_90 (one stage less on sm_80):
+# 4 stages fit sm_80 / sm_90 at BLOCK_M 32; gfx942's 64 KiB LDS takes 2.
+DEFAULT_CONFIG = {"cuda": {"block_n": 64, "block_k": 256, "split_k": 4, "num_warps": 4, "num_stages": 4},
+                  "rocm": {"block_n": 64, "block_k": 256, "split_k": 4, "num_warps": 4, "num_stages": 2}}
 
 
 @triton.jit
@@ -95,11 +98,12 @@ def plan(m: int, n: int, k: int, config: dict) -> dict:
 
 def skinny_gemm(x: torch.Tensor, w: torch.Tensor, config: dict | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ wᵀ (x [M ≤ 32, K], w [N, K], bf16 / fp16) in x's dtype; config overrides DEFAULT_CONFIG keys."""
+    """y = x @ wᵀ (x [M ≤ 32, K], w [N, K], bf16 / fp16) in x's dtype; config overrides keys of the device
+    family's DEFAULT_CONFIG."""
     reason = _unsupported(x, w)
     if reason:
         raise InputError(reason)
-    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    cfg = {**DEFAULT_CONFIG[family_of(x)], **(config or {})}
     x, w = x.contiguous(), w.contiguous()
     (m, k), n = x.shape, w.shape[0]
     meta = plan(m, n, k, cfg)
@@ -113,8 +117,10 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, config: dict | None = None,
     return y
 
 
-def gemm_spec(dtype: torch.dtype, block_m: int, split_k: int, config: dict = DEFAULT_CONFIG) -> KernelSpec:
-    """One build: N and K tile multiples (EVEN), 16-byte aligned pointers and strides divisible by 16."""
+def gemm_spec(dtype: torch.dtype, block_m: int, split_k: int, family: str = "cuda") -> KernelSpec:
+    """One build with the family's DEFAULT_CONFIG: N and K tile multiples (EVEN), 16-byte aligned pointers and
+    strides divisible by 16."""
+    config = DEFAULT_CONFIG[family]
     constexprs = dict(BLOCK_M=block_m, BLOCK_N=config["block_n"], BLOCK_K=config["block_k"], SPLIT_K=split_k,
                       EVEN=True, WIDEN_DOT=False)
     fn = _compilable(skinny_gemm_kernel)
@@ -122,6 +128,6 @@ def gemm_spec(dtype: torch.dtype, block_m: int, split_k: int, config: dict = DEF
     pointers = {"x_ptr": dt, "w_ptr": dt, "y_ptr": dt, "ws_ptr": "*fp32", "count_ptr": "*i32"}
     signature = _signature(fn, pointers, (), constexprs)
     return KernelSpec(f"skinny_gemm[{DTYPES[dtype]},m{block_m},n{config['block_n']},k{config['block_k']},"
-                      f"split{split_k}]", fn, signature, constexprs, num_warps=config["num_warps"],
+                      f"split{split_k},{family}]", fn, signature, constexprs, num_warps=config["num_warps"],
                       num_stages=config["num_stages"],
                       divisible_by_16=pointer_args(signature) + ("N", "K", "stride_xm", "stride_wn", "stride_ym"))

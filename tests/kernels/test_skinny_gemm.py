@@ -5,6 +5,7 @@ refusals, and ahead-of-time builds for sm_80, sm_90, gfx942, gfx950."""
 import pytest
 import torch
 from aot_testing import run_aot_script
+from test_triton_qkv_gemm import SHARED_LIMIT
 
 from torch_dflash.compiler.triton import skinny_gemm as sg
 from torch_dflash.errors import InputError
@@ -47,12 +48,13 @@ AOT_SCRIPT = """
 import json, sys, torch
 from torch_dflash.compiler.triton import aot, skinny_gemm
 fam = sys.argv[1]
-specs = [skinny_gemm.gemm_spec(torch.bfloat16, 16, 4), skinny_gemm.gemm_spec(torch.bfloat16, 32, 1)]
+specs = [skinny_gemm.gemm_spec(torch.bfloat16, 16, 4, fam), skinny_gemm.gemm_spec(torch.bfloat16, 32, 1, fam)]
 result = {}
 for arch in (a for a in aot.ARCHS if aot.family(a) == fam):
     for spec in specs:
         try:
-            result[f"{spec.name}@{arch}"] = len(aot.binary(aot.compile_spec(spec, arch), arch))
+            compiled = aot.compile_spec(spec, arch)
+            result[f"{spec.name}@{arch}"] = [len(aot.binary(compiled, arch)), compiled.metadata.shared]
         except Exception as error:
             result[f"{spec.name}@{arch}"] = f"{type(error).__name__}: {error}"[:400]
 print(json.dumps(result))
@@ -60,11 +62,14 @@ print(json.dumps(result))
 
 
 def test_compiles_for_every_arch():
-    """bf16, 16 rows split 4 ways (the ticket path) and 32 rows unsplit, for sm_80, sm_90, gfx942 and gfx950."""
+    """bf16, 16 rows split 4 ways (the ticket path) and 32 rows unsplit, with each family's default config, for
+    sm_80, sm_90, gfx942 and gfx950, within each target's shared memory."""
     results = run_aot_script(AOT_SCRIPT)
     assert len(results) == 4 * 2
-    failed = {name: r for name, r in results.items() if not isinstance(r, int) or r == 0}
+    failed = {name: r for name, r in results.items() if not isinstance(r, list) or r[0] == 0}
     assert not failed, failed
+    over = {name: shared for name, (_, shared) in results.items() if shared > SHARED_LIMIT[name.split("@")[1]]}
+    assert not over, over
 
 
 @pytest.mark.gpu
