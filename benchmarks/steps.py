@@ -131,7 +131,8 @@ class DraftSetup:
     ctx_cached: int
 
     def step(self, model=None):
-        return (self.model if model is None else model)(self.features, self.block, self.context_positions, self.block_positions)
+        model = self.model if model is None else model
+        return model(self.features, self.block, self.context_positions, self.block_positions)
 
 
 @functools.cache
