@@ -8,6 +8,7 @@ import torch
 from torch_dflash.errors import ConfigError, InputError
 
 EXECUTORS = ("auto", "eager", "exported")
+PIPELINE = "pipeline"  # the default compile_step: pass pipeline + lowering for the models' device
 
 
 def _device(module):
@@ -48,8 +49,9 @@ def check_block_size(draft, block_size):
     return block_size
 
 
-def check_engine(device, block_size, max_batch, max_seq_len, draft_window_size, executor, cuda_graphs, compile_step):
-    """Engine settings; returns (executor, cuda_graphs) with "auto" / None resolved."""
+def check_engine(device, block_size, max_batch, max_seq_len, draft_window_size, executor, cuda_graphs, compile_step,
+                 steps=None):
+    """Engine settings; returns (executor, cuda_graphs) with "auto" / None resolved ("auto" is "exported")."""
     if not isinstance(max_batch, int) or max_batch < 1:
         raise InputError(f"max_batch must be a positive integer, got {max_batch!r}.")
     if not isinstance(max_seq_len, int) or max_seq_len < 2 * block_size + 1:
@@ -60,14 +62,17 @@ def check_engine(device, block_size, max_batch, max_seq_len, draft_window_size, 
                          f"got {draft_window_size!r}.")
     if executor not in EXECUTORS:
         raise InputError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}.")
-    if executor == "eager" and compile_step is not None:
+    if compile_step not in (PIPELINE, None) and not callable(compile_step):
+        raise InputError(f"compile_step must be '{PIPELINE}', None or a callable (graph_module, kind) -> step, "
+                         f"got {compile_step!r}.")
+    if executor == "eager" and callable(compile_step):
         raise InputError("compile_step applies to exported programs; use executor='exported' or 'auto'.")
+    if steps is not None and (executor != "auto" or compile_step != PIPELINE):
+        raise InputError("steps= are run as given; leave executor and compile_step at their defaults.")
     cuda = torch.device(device).type == "cuda"
     if cuda_graphs and not cuda:
         raise InputError(f"cuda_graphs=True needs the models on a CUDA device, they are on {device}.")
-    if executor == "auto":
-        executor = "exported" if cuda or compile_step is not None else "eager"
-    return executor, cuda if cuda_graphs is None else bool(cuda_graphs)
+    return ("exported" if executor == "auto" else executor), (cuda if cuda_graphs is None else bool(cuda_graphs))
 
 
 def check_sampling(temperature, top_p, top_k):

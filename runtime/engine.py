@@ -12,19 +12,24 @@ Positions. Each row keeps `start`, the position of its last committed token (its
 cache). A step drafts and verifies the block [last, MASK…] at start..start+b-1, commits `produced` tokens
 (accepted drafts + bonus, cut by the limit and at a stop token) and moves start by produced: rows advance by
 different amounts (ragged commit). Rollback is by position: slots past a row's start are masked until rewritten.
+So `Decode.fork()` of a state redoes exactly the turns that state would do next: benchmarks/e2e.py times one turn
+that way.
 """
 
-from dataclasses import dataclass, fields
+import copy
+from dataclasses import dataclass, fields, replace
 from math import ceil
 from typing import NamedTuple
 
 import torch
 
+from torch_dflash.errors import InputError
+
 from .block import block_layout, to_logical
-from .checks import (check_block_size, check_capacity, check_engine, check_pair, check_sampling, check_stop_tokens,
-                     new_token_counts, read_prompts)
+from .checks import (PIPELINE, check_block_size, check_capacity, check_engine, check_pair, check_sampling,
+                     check_stop_tokens, new_token_counts, read_prompts)
 from .device import Clock
-from .executors import build_steps
+from .executors import Steps, build_steps, with_cuda_graphs
 from .sampling import accept_greedy, accept_rejection, choose, sampling_probs
 from .stats import GenerateStats
 
@@ -62,17 +67,45 @@ class Sampling:
         return choose(logits, self.temperature, self.top_p, self.top_k, self.generator)
 
 
+@dataclass
+class Decode:
+    """One call's batch between two turns of the loop (`DFlashEngine.begin` → `iterate` … → `finish`)."""
+
+    rows: Rows
+    tokens: torch.Tensor   # [n, max_seq_len] every sequence's tokens so far (its prompt first)
+    sampling: Sampling
+    stats: GenerateStats
+    clock: Clock
+    seq_host: list         # host copies of rows.seq / rows.start and whether each row has finished
+    start_host: list
+    done_host: list
+    acceptance: list       # per sequence: tokens committed by each of its steps
+    final_length: list     # per sequence: its length once it has finished
+
+    def fork(self) -> "Decode":
+        """A copy that `iterate` can advance on its own: the same rows at the same positions, its own tokens,
+        records and stats. Rollback is by position, so a fork redoes exactly the turns this state would do next
+        (while no row of either finishes: finishing moves cache rows)."""
+        return replace(self, tokens=self.tokens.clone(), stats=replace(self.stats), clock=copy.copy(self.clock),
+                       acceptance=[list(a) for a in self.acceptance], final_length=list(self.final_length))
+
+
 class DFlashEngine:
     """Holds a (target, draft) pair with caches [max_batch, n_kv, max_seq_len, hd] set up once, and the two
-    step functions (see executors). One engine per model pair at a time: it sets the models' caches,
-    `target.feature_layer_ids` and `draft.context_window`."""
+    step functions (see executors): by default the captured programs after the pass pipeline and the lowering
+    for the models' device, CUDA-graphed on CUDA. One engine per model pair at a time: it sets the models'
+    caches, `target.feature_layer_ids` and `draft.context_window`."""
 
     def __init__(self, target, draft, max_batch=1, max_seq_len=2048, block_size=None, *, draft_window_size=None,
-                 executor="auto", cuda_graphs=None, compile_step=None):
+                 executor="auto", cuda_graphs=None, compile_step=PIPELINE, steps: Steps | None = None):
+        """executor: "auto" = "exported" (captured programs) or "eager" (the model code as written).
+        compile_step: "pipeline" (passes + lowering), None (programs as captured) or a hook (graph_module, kind)
+        -> step. steps: step functions to run instead of capturing (e.g. an export's programs, not CUDA-graphed
+        yet: the engine adds its graphs). cuda_graphs: None = on for CUDA models."""
         self.device = check_pair(target, draft)
         self.block_size = check_block_size(draft, block_size)
-        self.executor, self.cuda_graphs = check_engine(self.device, self.block_size, max_batch, max_seq_len,
-                                                       draft_window_size, executor, cuda_graphs, compile_step)
+        executor, self.cuda_graphs = check_engine(self.device, self.block_size, max_batch, max_seq_len,
+                                                  draft_window_size, executor, cuda_graphs, compile_step, steps)
         self.target, self.draft = target, draft
         self.max_batch, self.max_seq_len, self.scratch = max_batch, max_seq_len, max_seq_len - 1
         self.vocab, self.mask_token_id = target.config.vocab_size, draft.mask_token_id
@@ -80,26 +113,40 @@ class DFlashEngine:
         draft.context_window = draft_window_size
         for model in (target, draft):
             model.setup_cache(max_batch, max_seq_len)
-        self.steps = build_steps(target, draft, executor=self.executor, block_size=self.block_size,
-                                 max_batch=max_batch, cuda_graphs=self.cuda_graphs, compile_step=compile_step)
+        if steps is None:
+            steps = build_steps(target, draft, executor=executor, block_size=self.block_size, max_batch=max_batch,
+                                compile_step=compile_step)
+        self.steps = with_cuda_graphs(steps) if self.cuda_graphs else steps
         self.buckets = sorted({min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)})
+
+    @property
+    def reports(self) -> dict:
+        """"draft" / "verify" -> the CompileReport of that step (passes, fusions, rejections, providers) when
+        the engine compiled it through the pipeline; {} for eager modules, programs as captured or given steps."""
+        return self.steps.reports
 
     def generate(self, input_ids, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, stop_token_ids=None,
                  seed=None) -> GenerateOutput:
         """input_ids: one prompt (1-D tensor / list of ints), a [B, L] tensor, or a list of 1-D prompts of any
         lengths. max_new_tokens: one int or one per prompt. Temperature 0 is greedy (lossless: the target's
         own greedy tokens); otherwise rejection sampling from the target's `sampling_probs` (top_p / top_k)."""
+        decode = self.begin(input_ids, max_new_tokens, temperature, top_p, top_k, stop_token_ids, seed)
+        while self.iterate(decode) is not None:
+            pass
+        return self.finish(decode)
+
+    # --- the loop, one turn at a time ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def begin(self, input_ids, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, stop_token_ids=None,
+              seed=None) -> Decode:
+        """`generate`'s checks, then the prefill and each prompt's first token: the state before the first turn."""
         prompts = read_prompts(input_ids, self.vocab)
         limits = check_capacity(prompts, new_token_counts(max_new_tokens, len(prompts)), self.max_batch,
                                 self.max_seq_len)
         check_sampling(temperature, top_p, top_k)
         stops = torch.tensor(check_stop_tokens(stop_token_ids, self.vocab), dtype=torch.long, device=self.device)
         generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
-        with torch.no_grad():
-            return self._generate(prompts, limits, Sampling(float(temperature), top_p, top_k, stops, generator))
-
-    # --- the loop ----------------------------------------------------------------------------------------------
-    def _generate(self, prompts, limits, sampling):
+        sampling = Sampling(float(temperature), top_p, top_k, stops, generator)
         n, dev = len(prompts), self.device
         stats, clock = GenerateStats(self.block_size), Clock(dev)
         tokens = torch.full((n, self.max_seq_len), self.mask_token_id, dtype=torch.long, device=dev)
@@ -114,26 +161,39 @@ class DFlashEngine:
         done = torch.isin(first, sampling.stops) | (rows.start + 1 >= rows.limit)
         stats.new_tokens = n
         stats.prefill_s = clock.lap()
+        return Decode(rows, tokens, sampling, stats, clock, list(range(n)), [len(p) for p in prompts], done.tolist(),
+                      [[] for _ in range(n)], [0] * n)
 
-        acceptance, final_length = [[] for _ in range(n)], [0] * n
-        seq_host, start_host, done_host = list(range(n)), [len(p) for p in prompts], done.tolist()
-        while True:
-            for r, d in enumerate(done_host):
-                if d:
-                    final_length[seq_host[r]] = start_host[r] + 1
-            rows, seq_host, start_host = self._compact(rows, done_host, seq_host, start_host)
-            if not seq_host:
-                break
-            rows, produced, done = self._step(rows, tokens, sampling, stats, clock)
-            produced, done_host, start_host = torch.stack([produced, done.long(), rows.start]).tolist()
-            for r, count in enumerate(produced):
-                acceptance[seq_host[r]].append(count)
-            stats.steps += 1
-        stats.overhead_s += clock.lap()
-        stats.acceptance_lengths = [a for per_seq in acceptance for a in per_seq]
+    @torch.no_grad()
+    def iterate(self, decode: Decode) -> list[int] | None:
+        """One turn: finished rows leave the batch, then draft + verify + accept + commit over the live rows.
+        Advances `decode`; returns the tokens each live row committed, or None once every sequence finished."""
+        for r, d in enumerate(decode.done_host):
+            if d:
+                decode.final_length[decode.seq_host[r]] = decode.start_host[r] + 1
+        decode.rows, decode.seq_host, decode.start_host = self._compact(decode.rows, decode.done_host,
+                                                                        decode.seq_host, decode.start_host)
+        decode.done_host = [False] * len(decode.seq_host)
+        if not decode.seq_host:
+            return None
+        decode.rows, produced, done = self._step(decode)
+        produced, decode.done_host, decode.start_host = torch.stack([produced, done.long(), decode.rows.start]).tolist()
+        for r, count in enumerate(produced):
+            decode.acceptance[decode.seq_host[r]].append(count)
+        decode.stats.steps += 1
+        return produced
+
+    def finish(self, decode: Decode) -> GenerateOutput:
+        """The call's output once `iterate` has returned None."""
+        if decode.seq_host:
+            raise InputError("finish() needs a decode whose sequences have all finished (iterate returned None).")
+        stats = decode.stats
+        stats.overhead_s += decode.clock.lap()
+        stats.acceptance_lengths = [a for per_seq in decode.acceptance for a in per_seq]
         stats.new_tokens += sum(stats.acceptance_lengths)
-        tokens = tokens.cpu()
-        return GenerateOutput([tokens[i, : final_length[i]] for i in range(n)], acceptance, stats)
+        tokens = decode.tokens.cpu()
+        return GenerateOutput([tokens[i, : length] for i, length in enumerate(decode.final_length)],
+                              decode.acceptance, stats)
 
     def _prefill(self, tokens, lengths):
         """The prompts through the verify step in chunks of b (causal with the cached prefix), each chunk's
@@ -158,9 +218,9 @@ class DFlashEngine:
                 self._draft(features, positions, parked_ids, parked_pos)
         return first_logits, features.clone(), positions
 
-    def _step(self, rows, tokens, sampling, stats, clock):
+    def _step(self, decode):
         """One draft + verify + accept over the active rows -> (rows after the commit, produced [n], done [n])."""
-        b = self.block_size
+        b, rows, sampling, stats, clock = self.block_size, decode.rows, decode.sampling, decode.stats, decode.clock
         col, positions, real = block_layout(rows.start, rows.limit, b, self.scratch)
         block = torch.full_like(positions, self.mask_token_id)
         block[:, 0] = rows.last
@@ -179,7 +239,7 @@ class DFlashEngine:
             target_probs = sampling_probs(logits, sampling.temperature, sampling.top_p, sampling.top_k)
             draft_probs = to_logical(draft_probs, col[:, 1:] - 1)
             accepted, bonus = accept_rejection(block[:, 1:], target_probs, draft_probs, gamma, sampling.generator)
-        return self._commit(rows, tokens, block, accepted, bonus, features, sampling.stops)
+        return self._commit(rows, decode.tokens, block, accepted, bonus, features, sampling.stops)
 
     def _commit(self, rows, tokens, block, accepted, bonus, features, stops):
         """New tokens at start+1…: the accepted drafts then the bonus, cut at the limit and after a stop token."""
@@ -239,10 +299,11 @@ class DFlashEngine:
 
 def generate(target, draft, input_ids, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, stop_token_ids=None,
              block_size=None, *, draft_window_size=None, executor="auto", cuda_graphs=None, seed=None,
-             compile_step=None):
+             compile_step=PIPELINE):
     """One call: an engine sized for it (caches of len(prompts) rows and the longest prompt + max_new_tokens
-    + 1 positions, at least 2·block_size + 1, set up on the models), then `DFlashEngine.generate`. Hold a
-    DFlashEngine to keep caches, exported programs and CUDA graphs across calls."""
+    + 1 positions, at least 2·block_size + 1, set up on the models), then `DFlashEngine.generate`. Every call
+    captures and compiles the two steps again (seconds): hold a DFlashEngine to keep caches, compiled programs
+    and CUDA graphs across calls."""
     check_pair(target, draft)
     b = check_block_size(draft, block_size)
     prompts = read_prompts(input_ids, target.config.vocab_size)

@@ -4,19 +4,14 @@ draft(context_features [B, b, F], context_positions [B, b], block_ids [B, b], bl
     -> logits [B, b-1, V];  verify(block_ids [B, b], positions [B, b]) -> (logits [B, b, V], features [B, b, F]).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
-
 from torch_dflash.compiler.capture import DraftStep, VerifyStep, capture_draft, capture_verify
+from torch_dflash.compiler.step_compiler import device_target, pipeline_compile_step
 
+from .checks import PIPELINE
 from .device import CUDAGraphStep, graph_pool
-
-
-def identity_compile(graph_module, kind):
-    """The default `compile_step` hook: run the exported graph module as it is."""
-    return graph_module
 
 
 @dataclass
@@ -24,25 +19,36 @@ class Steps:
     draft: Callable
     verify: Callable
     caches: list  # every KV cache tensor the steps write (rows are moved when the engine compacts its batch)
+    reports: dict = field(default_factory=dict)  # "draft" / "verify" -> CompileReport, when the hook made them
 
 
-def _caches(*modules):
+def cache_buffers(*modules):
+    """The KV cache tensors of modules (the models' names: ...k_cache / ...v_cache)."""
     return [buf for m in modules for name, buf in m.named_buffers() if name.endswith(("k_cache", "v_cache"))]
 
 
-def build_steps(target, draft, *, executor, block_size, max_batch, cuda_graphs, compile_step=None) -> Steps:
+def _as_captured(graph_module, kind):
+    return graph_module
+
+
+def build_steps(target, draft, *, executor, block_size, max_batch, compile_step=PIPELINE) -> Steps:
     """executor "eager": DraftStep / VerifyStep; "exported": capture_draft / capture_verify programs (`.module()`)
     passed through `compile_step(graph_module, "draft" | "verify") -> callable` (which must keep writing the
-    graph module's cache buffers in place). cuda_graphs: wrap both in `CUDAGraphStep` (CUDA only)."""
+    graph module's cache buffers in place). compile_step "pipeline": `pipeline_compile_step` for the models'
+    device (its CompileReports go to Steps.reports); None: the programs run as captured."""
     if executor == "eager":
         draft_module, verify_module = DraftStep(target, draft), VerifyStep(target)
-        draft_fn, verify_fn = draft_module, verify_module
-    else:
-        compile_step = compile_step or identity_compile
-        draft_module = capture_draft(target, draft, max_batch=max_batch, block_size=block_size).module()
-        verify_module = capture_verify(target, block_size=block_size, max_batch=max_batch).module()
-        draft_fn, verify_fn = compile_step(draft_module, "draft"), compile_step(verify_module, "verify")
-    if cuda_graphs:
-        pool = graph_pool()
-        draft_fn, verify_fn = CUDAGraphStep(draft_fn, pool), CUDAGraphStep(verify_fn, pool)
-    return Steps(draft_fn, verify_fn, _caches(draft_module, verify_module))
+        return Steps(draft_module, verify_module, cache_buffers(draft_module, verify_module))
+    if compile_step == PIPELINE:
+        compile_step = pipeline_compile_step(device_target(next(target.parameters()).device))
+    compile_step = compile_step or _as_captured
+    draft_module = capture_draft(target, draft, max_batch=max_batch, block_size=block_size).module()
+    verify_module = capture_verify(target, block_size=block_size, max_batch=max_batch).module()
+    return Steps(compile_step(draft_module, "draft"), compile_step(verify_module, "verify"),
+                 cache_buffers(draft_module, verify_module), getattr(compile_step, "reports", {}))
+
+
+def with_cuda_graphs(steps: Steps) -> Steps:
+    """Both steps replayed from CUDA graphs (one per batch size, `CUDAGraphStep`) sharing one memory pool."""
+    pool = graph_pool()
+    return Steps(CUDAGraphStep(steps.draft, pool), CUDAGraphStep(steps.verify, pool), steps.caches, steps.reports)

@@ -35,8 +35,7 @@ from torch_dflash.kernel_export import check_archs, write_triton_kernels
 from torch_dflash.manifest import MANIFEST, ArtifactError, read_manifest, write_manifest
 from torch_dflash.runtime import DFlashEngine
 from torch_dflash.runtime.checks import check_engine, check_pair
-from torch_dflash.runtime.device import CUDAGraphStep, graph_pool
-from torch_dflash.runtime.executors import Steps
+from torch_dflash.runtime.executors import Steps, cache_buffers
 
 GRAPHS = ("draft", "verify")
 Step = Callable[[str], ContextManager]
@@ -243,15 +242,10 @@ class Artifact:
     verify_program: ExportedProgram
     reports: dict                      # graph -> {"report": CompileReport fields, "attention": [...]}
 
-    def steps(self, cuda_graphs: bool = False) -> Steps:
+    def steps(self) -> Steps:
         """The runtime's step functions, running the programs; caches = the buffers the programs write."""
         draft_fn, verify_fn = self.draft_program.module(), self.verify_program.module()
-        caches = [buffer for module in (draft_fn, verify_fn) for name, buffer in module.named_buffers()
-                  if name.endswith(("k_cache", "v_cache"))]   # the models' cache names, as runtime/executors.py
-        if cuda_graphs:
-            pool = graph_pool()
-            draft_fn, verify_fn = CUDAGraphStep(draft_fn, pool), CUDAGraphStep(verify_fn, pool)
-        return Steps(draft_fn, verify_fn, caches)
+        return Steps(draft_fn, verify_fn, cache_buffers(draft_fn, verify_fn))
 
     def check_models(self, target, draft) -> None:
         """The models must be those the artifact was exported from (class, dtype, config) and on its device."""
@@ -270,11 +264,9 @@ class Artifact:
         """A DFlashEngine over (target, draft) whose draft and verify steps are this artifact's programs."""
         self.check_models(target, draft)
         shape = self.manifest["engine"]
-        engine = DFlashEngine(target, draft, max_batch=shape["max_batch"], max_seq_len=shape["max_seq_len"],
-                              block_size=shape["block_size"], draft_window_size=shape["context_window"],
-                              executor="eager", cuda_graphs=cuda_graphs)
-        engine.steps = self.steps(engine.cuda_graphs)
-        return engine
+        return DFlashEngine(target, draft, max_batch=shape["max_batch"], max_seq_len=shape["max_seq_len"],
+                            block_size=shape["block_size"], draft_window_size=shape["context_window"],
+                            cuda_graphs=cuda_graphs, steps=self.steps())
 
     def generate(self, target, draft, input_ids, **kwargs):
         """`td.generate` through the artifact's programs (kwargs: those of DFlashEngine.generate)."""

@@ -92,21 +92,20 @@ def run(console: Console, *, device: str | torch.device = "cpu", seed: int = 0, 
 
 
 def _spec_decode(console: Console, target, draft, prompt, device, quiet: bool) -> dict:
-    """td.generate through the exported, pass-optimized, lowered draft and verify programs; checks the tokens
-    against the eager engine and prints the fusion report and acceptance stats."""
-    from torch_dflash.compiler.step_compiler import pipeline_compile_step
-    from torch_dflash.runtime import generate
+    """The engine's default steps (exported, pass-optimized, lowered draft and verify programs); checks the
+    tokens against the eager engine and prints the fusion report and acceptance stats."""
+    from torch_dflash.runtime import DFlashEngine, generate
 
-    compile_step = pipeline_compile_step(target="auto")
     with console.status("capturing, optimizing and lowering the draft and verify steps …"):
-        out = generate(target, draft, prompt, max_new_tokens=24, executor="exported", compile_step=compile_step)
+        engine = DFlashEngine(target, draft, max_seq_len=len(prompt) + 25)
+        out = engine.generate(prompt, max_new_tokens=24)
     eager = generate(target, draft, prompt, max_new_tokens=24, executor="eager")
     same = torch.equal(out.sequences[0], eager.sequences[0])
     if not quiet:
         table = Table(title="passes and lowering per captured step")
         for col in ("step", "fusions", "providers", "rejections"):
             table.add_column(col)
-        for kind, rep in compile_step.reports.items():
+        for kind, rep in engine.reports.items():
             fusions = ", ".join(f"{k} {v}" for k, v in rep.fusions.items() if not k.startswith(("cleanup", "canon")))
             providers = ", ".join(f"{op}→{'/'.join(sorted(set(p)))}" for op, p in rep.providers.items())
             table.add_row(kind, fusions, f"{rep.target}: {providers}", str(len(rep.rejections)))
@@ -116,4 +115,4 @@ def _spec_decode(console: Console, target, draft, prompt, device, quiet: bool) -
                       f"{stats.mean_acceptance:.2f}, histogram {stats.histogram}; tokens identical to the eager "
                       f"engine: {same}")
     return {"identical_to_eager": same, "mean_acceptance": out.stats.mean_acceptance,
-            "fusions": {k: r.fusions for k, r in compile_step.reports.items()}}
+            "fusions": {k: r.fusions for k, r in engine.reports.items()}}

@@ -6,6 +6,7 @@ from runtime_testing import one_thread, tiny_pair
 
 import torch_dflash as td
 from torch_dflash.errors import ConfigError, InputError
+from torch_dflash.runtime import Steps
 
 single_thread = pytest.fixture(autouse=True)(one_thread)
 
@@ -24,7 +25,7 @@ def assert_one_sentence(error):
 @pytest.fixture(scope="module")
 def engine():
     target, draft = tiny_pair(0, block_size=4)
-    engine = td.DFlashEngine(target, draft, max_batch=2, max_seq_len=40)
+    engine = td.DFlashEngine(target, draft, max_batch=2, max_seq_len=40, executor="eager")  # errors come first
     engine.generate([PROMPT, PROMPT[:2]], max_new_tokens=6)  # caches now hold real K/V
     return engine
 
@@ -121,6 +122,8 @@ ENGINE_SETTING_CASES = {
     "no rows": (dict(max_batch=0), "max_batch must be a positive integer"),
     "cache shorter than two blocks": (dict(max_seq_len=8), "at least 2 \\* block_size \\+ 1 = 9"),
     "hook on eager modules": (dict(executor="eager", compile_step=lambda gm, kind: gm), "compile_step applies"),
+    "unknown compile_step": (dict(compile_step="fast"), "compile_step must be 'pipeline', None or a callable"),
+    "steps and an executor": (dict(steps=Steps(print, print, []), executor="eager"), "steps= are run as given"),
 }
 
 

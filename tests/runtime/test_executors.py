@@ -57,9 +57,9 @@ def test_exported_programs_equal_the_eager_modules(exported_and_eager):
 def test_a_window_covering_everything_changes_nothing_and_any_window_is_lossless():
     target, draft = small_pair()
     prompts = prompts_of(PROMPT_LENGTHS, 64, seed=4)
-    full = td.generate(target, draft, prompts, max_new_tokens=MAX_NEW)
-    wide = td.generate(target, draft, prompts, max_new_tokens=MAX_NEW, draft_window_size=64)
-    narrow = td.generate(target, draft, prompts, max_new_tokens=MAX_NEW, draft_window_size=4)
+    full = td.generate(target, draft, prompts, max_new_tokens=MAX_NEW, executor="eager")
+    wide = td.generate(target, draft, prompts, max_new_tokens=MAX_NEW, draft_window_size=64, executor="eager")
+    narrow = td.generate(target, draft, prompts, max_new_tokens=MAX_NEW, draft_window_size=4, executor="eager")
     assert draft.context_window == 4
     assert wide.acceptance_lengths == full.acceptance_lengths
     for i, (prompt, n) in enumerate(zip(prompts, MAX_NEW)):
@@ -91,7 +91,7 @@ def test_finished_rows_leave_the_batch():
     """Rows finish at different steps; the live ones are compacted to the front, so later steps run on fewer
     rows, and every sequence still equals its own greedy decoding."""
     target, draft = small_pair()
-    engine = td.DFlashEngine(target, draft, max_batch=4, max_seq_len=80)
+    engine = td.DFlashEngine(target, draft, max_batch=4, max_seq_len=80, executor="eager")
     batch_sizes = []
     draft_step = engine.steps.draft
 

@@ -13,6 +13,10 @@ from torch_dflash.runtime.sampling import accept_rejection, sample_probs, sampli
 
 single_thread = pytest.fixture(autouse=True)(one_thread)
 
+# What is under test is the loop, not the compiled steps (tests/runtime/test_lossless.py runs those):
+# eager modules skip the capture, which costs seconds per engine.
+EAGER = "eager"
+
 
 def assert_distributed_as(samples, probs, what):
     """Pearson chi-square of integer samples against probs, cells with expected count < 5 merged into one; fails
@@ -84,7 +88,7 @@ def test_generate_samples_the_targets_distribution(temperature, top_p, top_k):
     """4096 runs of 3 new tokens (one prefill sample, then 1-2 rejection steps with 2 then 1 draft tokens)."""
     target, draft = tiny_pair(3, vocab=16, block_size=4, coin=3.0)
     prompt = prompts_of([5], 16, seed=1)[0]
-    engine = td.DFlashEngine(target, draft, max_batch=256, max_seq_len=16)
+    engine = td.DFlashEngine(target, draft, max_batch=256, max_seq_len=16, executor=EAGER)
     outs = [engine.generate([prompt] * 256, max_new_tokens=3, temperature=temperature, top_p=top_p, top_k=top_k,
                             seed=seed) for seed in range(16)]
     new = torch.stack([s[5:] for out in outs for s in out.sequences])
@@ -98,8 +102,9 @@ def test_generate_samples_the_targets_distribution(temperature, top_p, top_k):
 def test_temperature_to_zero_is_greedy():
     target, draft = tiny_pair(2, coin=10.0)
     prompts = prompts_of([7, 19], 64)
-    greedy = td.generate(target, draft, prompts, max_new_tokens=30)
-    cold = td.generate(target, draft, prompts, max_new_tokens=30, temperature=1e-6, seed=0)
+    greedy = td.generate(target, draft, prompts, max_new_tokens=30, executor=EAGER)
+    cold = td.generate(target, draft, prompts, max_new_tokens=30, temperature=1e-6, seed=0,
+                       executor=EAGER)
     assert [s.tolist() for s in cold.sequences] == [s.tolist() for s in greedy.sequences]
     assert cold.acceptance_lengths == greedy.acceptance_lengths
     assert max(greedy.stats.acceptance_lengths) > 1
