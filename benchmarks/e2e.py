@@ -1,0 +1,272 @@
+"""End-to-end cases: the spec-decode loop of THIS runtime at Qwen3-8B shapes, beside z-lab's loop and the floors.
+
+Models: a Qwen3-8B-shape target (36 layers) and a Qwen3-8B-DFlash-b16-shape draft (5 layers), random bf16
+weights built by benchmarks/steps.py; a 1024-token random prompt; block 16. Every dflash number runs through
+`DFlashEngine` with its default steps (captured, pass pipeline, lowered for the models' device, CUDA-graphed
+per batch bucket on CUDA).
+
+turn     one `DFlashEngine.iterate` — draft step, verify step, acceptance, commit (cache rollback by position),
+         next context: exactly one loop turn of `generate`. Each timed call iterates a `fork()` of the state
+         after the first turn, so every call redoes the same second turn (engine.py: rollback is by position).
+         Peer "zlab": one turn of z-lab's `dflash_generate` loop (`zlab_turn`, its lines at temperature 0) on
+         the same weights (transformers' Qwen3ForCausalLM and z-lab's DFlashDraftModel holding our tensors),
+         resumed the same way with z-lab's `_crop_to`.
+draft, verify   the engine's two step functions on that turn's inputs (graph replays, input copies included).
+ar       the target's one-token step through the same path (capture_verify at block 1, pipeline, lowering,
+         CUDA graph).
+Floors: weight bytes + KV bytes over the copy bandwidth, as steps.py; the draft step also reads the target's
+lm_head (its logits), so a turn reads it twice.
+
+Random weights accept ~nothing. The turn's work does not depend on acceptance (blocks and contexts are padded
+to [n, b]); only the host bookkeeping does. The notes give the acceptance length the timed turn had, the
+engine's own per-phase times (GenerateStats) and the projected speedup τ·T_ar / T_turn at the published
+τ = 6.5 — a projection, not a measurement. z-lab's draft reads only the previous turn's committed tokens as
+context (here 1, at τ 6.5 about 6.5), so its turn is slightly cheaper at low acceptance.
+"""
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from torch_dflash.compiler.capture import DraftStep, VerifyStep, capture_verify
+from torch_dflash.compiler.step_compiler import device_target, pipeline_compile_step
+from torch_dflash.models import DecoderConfig, DecoderLM, DFlashDraft, DFlashDraftConfig
+from torch_dflash.runtime import DFlashEngine, GenerateStats
+from torch_dflash.runtime.device import Clock, CUDAGraphStep, graph_pool, is_cuda
+
+from . import harness
+from .case import Case
+from .steps import DRAFT_B16, QWEN3_8B, TINY, TINY_DRAFT, _build, kv_bytes, no_grad, weight_bytes
+from .steps_backend import _on_meta_with_weights
+
+TAU = 6.5          # published mean acceptance of Qwen3-8B-DFlash-b16 (GSM8K / HumanEval, design.md §6)
+STATS_TURNS = 10   # turns the check runs to read the engine's own per-phase times (2 when small)
+PROJECTION_REPS = 20  # timed calls of the AR step and the turn for the projection (2 when small)
+
+
+def _pair(device, dtype, small):
+    """(target, draft, target config fields, draft config fields + the target shape it reads) — steps.py's shapes."""
+    target_cfg, draft_extra = (TINY, TINY_DRAFT) if small else (QWEN3_8B, DRAFT_B16)
+    cfg = {**{k: v for k, v in target_cfg.items() if k != "vocab_size"}, **draft_extra,
+           "num_target_layers": target_cfg["num_hidden_layers"]}
+    target = _build(DecoderLM, DecoderConfig(**target_cfg), device, dtype, seed=2)
+    draft_fields = {k: v for k, v in cfg.items() if k in DFlashDraftConfig.__dataclass_fields__}
+    return target, _build(DFlashDraft, DFlashDraftConfig(**draft_fields), device, dtype, seed=1), target_cfg, cfg
+
+
+def _relative(got, want):
+    want = want.float()
+    return ((got.float() - want).norm() / want.norm()).item()
+
+
+# ---- z-lab's loop -------------------------------------------------------------------------------------------
+
+@dataclass
+class ZlabState:
+    """What `dflash_generate` carries from one turn to the next."""
+
+    start: int
+    output_ids: torch.Tensor
+    position_ids: torch.Tensor
+    target_hidden: torch.Tensor
+    target_cache: object
+    draft_cache: object
+
+
+def zlab_models(target, draft, target_cfg, cfg, device):
+    """transformers' Qwen3ForCausalLM and z-lab's DFlashDraftModel holding our models' weight tensors."""
+    from dflash.model import DFlashDraftModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    hf = _on_meta_with_weights(lambda: Qwen3ForCausalLM(Qwen3Config(**target_cfg, tie_word_embeddings=False)),
+                               target.state_dict(), device)
+    config = Qwen3Config(**{k: cfg[k] for k in QWEN3_8B if k in cfg}, num_target_layers=cfg["num_target_layers"],
+                         dflash_config={k: cfg[k] for k in ("block_size", "mask_token_id", "target_layer_ids")})
+    config.num_hidden_layers = cfg["num_hidden_layers"]
+    return hf, _on_meta_with_weights(lambda: DFlashDraftModel(config), draft.state_dict(), device)
+
+
+@torch.inference_mode()
+def zlab_prefill(zlab, hf, prompt, max_new_tokens) -> ZlabState:
+    """`dflash_generate`'s prefill at temperature 0: the target over the prompt [1, n], the first token, the
+    context features."""
+    from dflash.model import _crop_to, _make_cache, extract_context_feature, sample
+
+    n = prompt.shape[1]
+    output_ids = torch.full((1, n + max_new_tokens + 1), zlab.mask_token_id, dtype=torch.long, device=prompt.device)
+    position_ids = torch.arange(output_ids.shape[1], device=prompt.device)[None]
+    target_cache, draft_cache = _make_cache(hf.config), _make_cache(zlab.config)
+    out = hf(prompt, position_ids=position_ids[:, :n], past_key_values=target_cache, use_cache=True,
+             logits_to_keep=1, output_hidden_states=True)
+    output_ids[:, :n] = prompt
+    output_ids[:, n:n + 1] = sample(out.logits)
+    _crop_to(target_cache, n)
+    features = extract_context_feature(out.hidden_states, zlab.target_layer_ids)
+    return ZlabState(n, output_ids, position_ids, features, target_cache, draft_cache)
+
+
+@torch.inference_mode()
+def zlab_turn(zlab, hf, s: ZlabState) -> int:
+    """One turn of `dflash_generate`'s loop at temperature 0 with a full block (its lines and helpers): draft,
+    verify, accept, commit, crop both caches, next context. Advances s; returns the tokens committed."""
+    from dflash.model import _crop_to, _draft_value, _output_head, _raw_input_embeddings, extract_context_feature
+
+    b, start = zlab.block_size, s.start
+    block_ids = s.output_ids[:, start:start + b].clone()
+    noise = _raw_input_embeddings(hf, block_ids, float(_draft_value(zlab.config, "input_embedding_scale", 1.0)))
+    draft_hidden = zlab(target_hidden=s.target_hidden, noise_embedding=noise,
+                        position_ids=s.position_ids[:, start - s.target_hidden.shape[1]:start + b],
+                        past_key_values=s.draft_cache, use_cache=True)[:, 1 - b:, :]
+    _crop_to(s.draft_cache, start)
+    block_ids[:, 1:] = torch.argmax(zlab.compute_logits(draft_hidden, _output_head(hf)), dim=-1)
+    out = hf(block_ids, position_ids=s.position_ids[:, start:start + b], past_key_values=s.target_cache,
+             use_cache=True, output_hidden_states=True)
+    posterior = torch.argmax(out.logits, dim=-1)
+    accepted = (block_ids[:, 1:] == posterior[:, :-1]).cumprod(dim=1).sum(dim=1)[0].item()
+    s.output_ids[:, start:start + accepted + 1] = block_ids[:, :accepted + 1]
+    s.output_ids[:, start + accepted + 1] = posterior[:, accepted][0]
+    s.start = start + accepted + 1
+    _crop_to(s.target_cache, s.start)
+    s.target_hidden = extract_context_feature(out.hidden_states, zlab.target_layer_ids)[:, :accepted + 1, :]
+    return accepted + 1
+
+
+def _zlab_variant(zlab, hf, prompt, max_new_tokens):
+    """(the timed second turn, its check against `dflash_generate` itself)."""
+    from dflash.model import _crop_to, dflash_generate
+
+    state = zlab_prefill(zlab, hf, prompt, max_new_tokens)
+    first = zlab_turn(zlab, hf, state)
+    snapshot, draft_length = replace(state), state.draft_cache.get_seq_length()
+
+    def turn():
+        _crop_to(snapshot.target_cache, snapshot.start)
+        _crop_to(snapshot.draft_cache, draft_length)
+        return zlab_turn(zlab, hf, replace(snapshot))
+
+    def check():
+        """Our transcription of z-lab's loop commits what dflash_generate commits (same code, same device)."""
+        replay = zlab_prefill(zlab, hf, prompt, max_new_tokens)
+        lengths = [zlab_turn(zlab, hf, replay) for _ in range(2)]
+        ref = dflash_generate(zlab, hf, prompt, max_new_tokens, None, return_stats=is_cuda(prompt.device))
+        ref_ids = ref.output_ids if is_cuda(prompt.device) else ref
+        assert torch.equal(replay.output_ids[:, :replay.start + 1], ref_ids[:, :replay.start + 1]), \
+            "zlab_turn commits other tokens than dflash_generate"
+        note = f"z-lab turns committed {first} then {turn()} tokens (first two: {lengths})"
+        if is_cuda(prompt.device):
+            per_turn = ref.time_per_output_token * ref.num_output_tokens / len(ref.acceptance_lengths) * 1e3
+            note += f"; dflash_generate's own decode time: {per_turn:.2f} ms/turn over {len(ref.acceptance_lengths)}"
+        return note
+    return turn, check
+
+
+# ---- the runtime ----------------------------------------------------------------------------------------------
+
+def _engine_after_one_turn(target, draft, prompt, b):
+    """The engine with its default steps, the prompt prefilled and one turn run: (engine, state, tokens committed)."""
+    engine = DFlashEngine(target, draft, max_batch=1, max_seq_len=prompt.shape[1] + 3 * b + 1)
+    decode = engine.begin(prompt[0], max_new_tokens=3 * b)
+    first = engine.iterate(decode)[0]
+    return engine, decode, first
+
+
+@torch.no_grad()
+def _turn_inputs(engine, snapshot):
+    """The arguments of the next turn's draft step and verify step (a full block at the row's start)."""
+    rows, b = snapshot.rows, engine.block_size
+    positions = rows.start[:, None] + torch.arange(b, device=engine.device)
+    block = torch.full_like(positions, engine.mask_token_id)
+    block[:, 0] = rows.last
+    draft_args = (rows.context, rows.context_pos, block, positions)
+    drafted = block.clone()
+    drafted[:, 1:] = engine.steps.draft(*draft_args).argmax(-1)
+    return draft_args, (drafted, positions)
+
+
+def _ar_step(target, device):
+    """The target's one-token step through the runtime's compile path (capture, pipeline, lowering, graph)."""
+    program = capture_verify(target, block_size=1, max_batch=1).module()
+    step = pipeline_compile_step(device_target(device))(program, "ar")
+    return CUDAGraphStep(step, graph_pool()) if is_cuda(device) else step
+
+
+def _tensors(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _step_check(compiled, eager, args, tol):
+    """The compiled step agrees with the eager step module on the same inputs (relative norm per output)."""
+    @torch.no_grad()
+    def check():
+        got = [t.clone() for t in _tensors(compiled(*args))]  # a CUDA graph's outputs are overwritten next call
+        distances = [_relative(a, e) for a, e in zip(got, _tensors(eager(*args)))]
+        assert max(distances) <= tol, f"compiled step differs from eager by {max(distances):.1e} > {tol:.0e}"
+        return "relative distance to eager: " + ", ".join(f"{d:.1e}" for d in distances)
+    return check
+
+
+def _stats_note(engine, snapshot, turns):
+    """The engine's own per-phase times (GenerateStats: synchronised perf_counter laps) over `turns` turns."""
+    stats = GenerateStats(engine.block_size)
+    for _ in range(turns):
+        clock = Clock(engine.device)
+        engine.iterate(replace(snapshot.fork(), stats=stats, clock=clock))
+        stats.overhead_s += clock.lap()  # acceptance + commit: the loop laps them at the start of the next turn
+    per_turn = ", ".join(f"{name} {getattr(stats, name + '_s') / stats.steps * 1e3:.2f} ms"
+                         for name in ("draft", "verify", "overhead"))
+    return f"engine stats per turn: {per_turn} (GenerateStats over {stats.steps} turns)"
+
+
+def _projection(t_ar_us, t_turn_us, reps):
+    return (f"projection, not a measurement: τ {TAU} × T_ar {t_ar_us / 1e3:.2f} ms / T_turn {t_turn_us / 1e3:.2f} ms "
+            f"= {TAU * t_ar_us / t_turn_us:.2f}× over AR decoding (medians of {reps} in this check)")
+
+
+def cases(device="cuda", small=False) -> list[Case]:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tol_draft, tol_target = (1e-4, 1e-4) if dtype == torch.float32 else (2e-2, 1e-1)
+    target, draft, target_cfg, cfg = _pair(device, dtype, small)
+    b, n = cfg["block_size"], 12 if small else 1024
+    g = torch.Generator(device).manual_seed(0)
+    prompt = torch.randint(0, target.config.vocab_size - 1, (1, n), generator=g, device=device)
+
+    engine, snapshot, first = _engine_after_one_turn(target, draft, prompt, b)
+    steps, (draft_args, verify_args) = engine.steps, _turn_inputs(engine, snapshot)
+    ar, ar_args = _ar_step(target, device), (verify_args[0][:, :1], verify_args[1][:, :1])
+    hf, zlab = zlab_models(target, draft, target_cfg, cfg, device)
+    zlab_turn_fn, zlab_check = _zlab_variant(zlab, hf, prompt, 3 * b)
+
+    def turn():
+        return engine.iterate(snapshot.fork())[0]
+
+    ar_call = no_grad(lambda: ar(*ar_args))
+
+    def turn_check():
+        notes = [f"timed turn committed {turn()} token(s) (the first turn {first}; random weights)",
+                 _stats_note(engine, snapshot, 2 if small else STATS_TURNS), zlab_check()]
+        reps = 2 if small else PROJECTION_REPS
+        t_ar, _ = harness.time_variant(ar_call, device, reps, False)
+        t_turn, _ = harness.time_variant(turn, device, reps, False)
+        return "; ".join([*notes, _projection(t_ar, t_turn, reps)])
+
+    ctx = int(snapshot.rows.start[0])
+    floor_draft = weight_bytes(draft) + weight_bytes(target.lm_head) + kv_bytes(cfg, ctx + b, dtype)
+    floor_verify = weight_bytes(target) + kv_bytes(target_cfg, ctx + b, dtype)
+    floor_ar = weight_bytes(target) + kv_bytes(target_cfg, ctx + 1, dtype)
+    where = f"DFlashEngine default steps, {device_target(device)}{' + CUDA graph' if engine.cuda_graphs else ''}"
+    eager_draft, eager_verify = DraftStep(target, draft), VerifyStep(target)
+    return [
+        Case("e2e", f"runtime draft step (ctx {ctx}, {b}+{b} tokens)", {"dflash": no_grad(lambda: steps.draft(
+            *draft_args))}, _step_check(steps.draft, eager_draft, draft_args, tol_draft), floor_bytes=floor_draft,
+             notes=f"{where}; floor: draft weights {weight_bytes(draft) / 1e9:.2f} GB + the target's lm_head "
+                   f"{weight_bytes(target.lm_head) / 1e9:.2f} GB (the draft's logits) + KV"),
+        Case("e2e", f"runtime verify step ({b} tokens, ctx {ctx})", {"dflash": no_grad(lambda: steps.verify(
+            *verify_args))}, _step_check(steps.verify, eager_verify, verify_args, tol_target),
+             floor_bytes=floor_verify, notes=where),
+        Case("e2e", f"runtime AR step (1 token, ctx {ctx})", {"dflash": ar_call},
+             _step_check(ar, eager_verify, ar_args, tol_target), floor_bytes=floor_ar,
+             notes=f"capture_verify(block 1) + pipeline, {device_target(device)}"
+                   + (" + CUDA graph" if is_cuda(device) else "")),
+        Case("e2e", f"spec-decode turn (ctx {ctx}, block {b})", {"dflash": turn, "zlab": zlab_turn_fn}, turn_check,
+             floor_bytes=floor_draft + floor_verify, notes=f"{where}; floor = draft + verify floors"),
+    ]
