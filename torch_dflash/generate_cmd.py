@@ -51,7 +51,7 @@ def run(console: Console, args) -> None:
         out, source = artifact.generate(target, draft, prompt, **options), f"the programs of {artifact.path}"
     else:
         target, draft = load_pair(args.target, args.draft, args.random_config, torch_device(args.device))
-        out, source = generate(target, draft, prompt, **options), "eager models"
+        out, source = generate(target, draft, prompt, **options), "td.generate's compiled steps"
     tokens = out.sequences[0].tolist()
     if args.quiet:
         print(json.dumps(tokens))
