@@ -8,6 +8,7 @@ With one split the decode kernel writes the output directly and no reduce is lau
 """
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -131,38 +132,66 @@ def decode_block_m(group: int, sq: int) -> int:
     return max(16, triton.next_power_of_2(group * sq))
 
 
-def attention_decode(q, k, v, kind, scale, window=0, mask=None, q_pos=None, num_splits=None, out=None):
-    """dflash.attention with the split-KV decode kernel; `out` is an optional preallocated [B, Hq, Sq, D] result.
+@dataclass(frozen=True)
+class DecodePlan:
+    """What one decode call launches: the decode grid (batch × kv heads, kv splits), and the reduce grid (batch ×
+    kv heads, packed rows) when there is more than one split; the tile and the launch config."""
+    grid: tuple[int, int]
+    num_splits: int
+    min_blocks_per_split: int
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    reduce_grid: tuple[int, int] | None
+    reduce_num_warps: int
 
-    `num_splits` overrides the heuristic, and then a split may be as short as one block (tests use it to run
-    the reduce on small shapes); otherwise a split gets at least min_keys_per_split of the visible keys."""
+
+def decode_plan(batch: int, n_q_heads: int, n_kv_heads: int, sq: int, sk: int, head_dim: int, dtype: torch.dtype,
+                fam: str, num_sms: int, num_splits: int | None = None) -> DecodePlan:
+    """The launch of attention_decode for these shapes on a device of `num_sms` SMs/CUs (family `fam`).
+
+    `num_splits` overrides the heuristic, and then a split may be as short as one block (tests use it to run the
+    reduce on small shapes); otherwise a split gets at least min_keys_per_split of the visible keys."""
+    cfg = launch_params("decode", head_dim, dtype, fam)
+    min_blocks_per_split = 1
+    if num_splits is None:
+        num_splits = num_kv_splits(batch * n_kv_heads, sk, num_sms, cfg["min_keys_per_split"], cfg["max_splits"])
+        min_blocks_per_split = triton.cdiv(cfg["min_keys_per_split"], cfg["block_n"])
+    rows = (n_q_heads // n_kv_heads) * sq
+    return DecodePlan((batch * n_kv_heads, num_splits), num_splits, min_blocks_per_split,
+                      decode_block_m(n_q_heads // n_kv_heads, sq), cfg["block_n"], cfg["num_warps"],
+                      cfg["num_stages"], (batch * n_kv_heads, rows) if num_splits > 1 else None,
+                      cfg["reduce_num_warps"])
+
+
+def attention_decode(q, k, v, kind, scale, window=0, mask=None, q_pos=None, num_splits=None, out=None):
+    """dflash.attention with the split-KV decode kernel (launch: `decode_plan`); `out` is an optional
+    preallocated [B, Hq, Sq, D] result; `num_splits` forces that many splits."""
     batch, n_q_heads, sq, head_dim = q.shape
     n_kv_heads, sk = k.shape[1], k.shape[2]
     group = n_q_heads // n_kv_heads
-    cfg = launch_params("decode", head_dim, q.dtype, family(q.device))
-    min_blocks_per_split = 1
-    if num_splits is None:
-        num_splits = num_kv_splits(batch * n_kv_heads, sk, multiprocessor_count(q.device), cfg["min_keys_per_split"],
-                                   cfg["max_splits"])
-        min_blocks_per_split = triton.cdiv(cfg["min_keys_per_split"], cfg["block_n"])
+    plan = decode_plan(batch, n_q_heads, n_kv_heads, sq, sk, head_dim, q.dtype, family(q.device),
+                       multiprocessor_count(q.device), num_splits)
     out = q.new_empty(batch, n_q_heads, sq, head_dim) if out is None else out
     n_rows = group * sq
-    split_kv = num_splits > 1
+    split_kv = plan.reduce_grid is not None
     ws_o = ws_lse = None
     if split_kv:
-        ws_o = torch.empty(batch * n_kv_heads, num_splits, n_rows, head_dim, device=q.device, dtype=torch.float32)
-        ws_lse = torch.empty(batch * n_kv_heads, num_splits, n_rows, device=q.device, dtype=torch.float32)
+        ws_o = torch.empty(batch * n_kv_heads, plan.num_splits, n_rows, head_dim, device=q.device,
+                           dtype=torch.float32)
+        ws_lse = torch.empty(batch * n_kv_heads, plan.num_splits, n_rows, device=q.device, dtype=torch.float32)
     mask, mask_strides, mask_bool = mask_args(mask, (batch, n_q_heads, sq, sk))
     q_pos, stride_pb, stride_ps = qpos_args(q_pos)
-    attention_decode_kernel[(batch * n_kv_heads, num_splits)](
+    attention_decode_kernel[plan.grid](
         q, k, v, out, q_pos, mask, ws_o, ws_lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        stride_pb, stride_ps, *mask_strides, n_kv_heads, group, sq, sk, window, num_splits, min_blocks_per_split,
-        scale * LOG2E,
+        stride_pb, stride_ps, *mask_strides, n_kv_heads, group, sq, sk, window, plan.num_splits,
+        plan.min_blocks_per_split, scale * LOG2E,
         KIND=kind, MASK_BOOL=mask_bool, HAS_QPOS=q_pos is not None, SPLIT_KV=split_kv,
-        BLOCK_M=decode_block_m(group, sq), BLOCK_N=cfg["block_n"], HEAD_DIM=head_dim, WIDEN_DOT=widen_dot(q),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, HEAD_DIM=head_dim, WIDEN_DOT=widen_dot(q),
+        num_warps=plan.num_warps, num_stages=plan.num_stages)
     if split_kv:
-        reduce_splits_kernel[(batch * n_kv_heads, n_rows)](
-            ws_o, ws_lse, out, *out.stride(), n_kv_heads, group, sq, num_splits,
-            SPLITS_P2=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, num_warps=cfg["reduce_num_warps"])
+        reduce_splits_kernel[plan.reduce_grid](
+            ws_o, ws_lse, out, *out.stride(), n_kv_heads, group, sq, plan.num_splits,
+            SPLITS_P2=triton.next_power_of_2(plan.num_splits), HEAD_DIM=head_dim, num_warps=plan.reduce_num_warps)
     return out
