@@ -22,9 +22,6 @@ from torch_dflash.models import DecoderConfig, DecoderLM, DFlashDraft, DFlashDra
 
 SHAPE = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
 MAX_SEQ, CTX, BLOCK = 16, 5, 4
-KEPT_MUTATIONS = pytest.mark.xfail(
-    strict=True, reason="compiler/backend.py must pass keep_inference_input_mutations=True to "
-                        "aot_module_simplified; until then AOT returns each new cache and copies it back in full")
 
 
 def with_random_weights(model, seed):
@@ -120,7 +117,6 @@ def final_graph_code(step, model) -> str:
     return td.last_report().snapshots["cleanup"][1]
 
 
-@KEPT_MUTATIONS
 @pytest.mark.parametrize("build,step", [(tiny_target, target_step), (tiny_draft, draft_step)],
                          ids=["verify", "draft"])
 def test_compiled_step_keeps_cache_writes_as_input_mutations(build, step):
@@ -137,7 +133,6 @@ def test_compiled_step_keeps_cache_writes_as_input_mutations(build, step):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("TORCH_DFLASH_SLOW"), reason="opt in with TORCH_DFLASH_SLOW=1 (~30 s)")
-@KEPT_MUTATIONS
 def test_inductor_code_writes_only_the_new_rows():
     """Inductor's code for a compiled verify step allocates no buffer of a cache's size (no clone of the cache)
     and returns only the logits (no cache for the caller to copy back)."""
