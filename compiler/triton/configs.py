@@ -6,22 +6,30 @@ Kernel modules read their row with `launch_config(kernel, family)`; edit the num
 
 TABLE: dict[str, dict[str, dict[str, int]]] = {
     # rows are added by the kernel modules' authors: "kernel_name": {"cuda": {...}, "rocm": {...}},
-    # mhc.py: one kernel for mhc_post_pre / mhc_pre, picked by token count T (first row with T <= max_t; 0 = no
-    # limit): block_t tokens per program (>= 16: tensor-core GEMV against fn), D cut into `split` slices per token
-    # block (the last slice to arrive finishes the block), block_d columns per step. mhc.post (split 0 = one
-    # program per block_d chunk) serves mhc_post alone. cuda rows: the best of a config sweep on the H100
-    # (docs/kernels/mhc.md); rocm rows: untuned guesses (wavefront 64, narrower tiles).
+    # mhc.py: dflash.mhc_post_pre / mhc_pre by token count T (first row with T <= max_t; 0 = no limit): block_t
+    # tokens per program (>= 16: tensor-core GEMV against fn), D cut into `split` slices per token block (the last
+    # slice to arrive finishes the block), block_d columns per phase-1 step. apply_launch 1: phase 2 (layer_in and
+    # its norm) is a second launch over [block_t, apply_d] tiles; 0: the finishing program does it, apply_d
+    # columns per step, right after the block's phase 1 (its new_res still in L2). mhc.post (split 0 = one program
+    # per block_d chunk) serves mhc_post alone. cuda: chosen from the traffic/latency analysis and the H100 sweep in
+    # docs/kernels/mhc.md (re-tune with benchmarks/sweep_mhc.py); rocm: untuned (wavefront 64, narrower tiles).
     "mhc.small": {
-        "cuda": {"max_t": 64, "block_t": 16, "block_d": 128, "split": 16, "num_warps": 4, "num_stages": 2},
-        "rocm": {"max_t": 64, "block_t": 16, "block_d": 64, "split": 16, "num_warps": 4, "num_stages": 2},
+        "cuda": {"max_t": 64, "block_t": 16, "block_d": 64, "split": 32, "apply_launch": 1, "apply_d": 64,
+                 "num_warps": 4, "num_stages": 2},
+        "rocm": {"max_t": 64, "block_t": 16, "block_d": 32, "split": 32, "apply_launch": 1, "apply_d": 64,
+                 "num_warps": 4, "num_stages": 2},
     },
     "mhc.medium": {
-        "cuda": {"max_t": 1024, "block_t": 16, "block_d": 64, "split": 8, "num_warps": 4, "num_stages": 2},
-        "rocm": {"max_t": 1024, "block_t": 16, "block_d": 32, "split": 8, "num_warps": 4, "num_stages": 2},
+        "cuda": {"max_t": 1024, "block_t": 16, "block_d": 64, "split": 16, "apply_launch": 1, "apply_d": 128,
+                 "num_warps": 4, "num_stages": 2},
+        "rocm": {"max_t": 1024, "block_t": 16, "block_d": 32, "split": 16, "apply_launch": 1, "apply_d": 128,
+                 "num_warps": 4, "num_stages": 2},
     },
     "mhc.large": {
-        "cuda": {"max_t": 0, "block_t": 16, "block_d": 64, "split": 2, "num_warps": 4, "num_stages": 2},
-        "rocm": {"max_t": 0, "block_t": 16, "block_d": 32, "split": 2, "num_warps": 4, "num_stages": 2},
+        "cuda": {"max_t": 0, "block_t": 16, "block_d": 64, "split": 16, "apply_launch": 0, "apply_d": 256,
+                 "num_warps": 4, "num_stages": 2},
+        "rocm": {"max_t": 0, "block_t": 16, "block_d": 32, "split": 16, "apply_launch": 0, "apply_d": 128,
+                 "num_warps": 4, "num_stages": 2},
     },
     "mhc.post": {
         "cuda": {"max_t": 0, "block_t": 4, "block_d": 256, "split": 0, "num_warps": 4, "num_stages": 2},

@@ -1,15 +1,18 @@
 """Triton kernels for dflash.mhc_post_pre, dflash.mhc_pre and dflash.mhc_post (CUDA sm_80+, ROCm gfx942/gfx950).
 
-One kernel, `_mhc_kernel`; constexpr flags make it the fused boundary (post → pre → RMSNorm), the first
-sublayer's pre alone or the last sublayer's post alone. A program owns BLOCK_T tokens and one of `split`
-contiguous slices of D:
-  phase 1, per slice:  new_res = post·x + combᵀ·res (stored once, in the activation dtype), Σ new_res² and the
-                       (2+n)·n mixes (the un-normalized rounded row against fn) → fp32 partials in a workspace;
-  phase 2, per token block, run by the program that arrives last (an atomic ticket; split = 1 needs none):
-                       sum the partials, r = rsqrt(mean + eps), sigmoid / 2·sigmoid / softmax + Sinkhorn in
-                       registers, then layer_in = Σ_k pre_k·new_res_k over the whole row (re-read, mostly from
-                       L2) and, for mhc_post_pre, the weighted RMSNorm of layer_in.
-docs/kernels/mhc.md explains the grid, the memory traffic and the configs.
+`_mhc_kernel`'s constexpr flags make it the fused boundary (post → pre → RMSNorm), the first sublayer's pre
+alone or the last sublayer's post alone. Grid (split, token blocks): a program owns BLOCK_T tokens and one of
+`split` contiguous slices of D, and the slices of a block are adjacent in launch order, so they run together:
+  phase 1, per slice:  new_res = post·x + combᵀ·res (stored once, in the activation dtype), Σ new_res², the
+                       (2+n)·n mixes (the un-normalized rounded row against fn) and, for the norm, the Gram
+                       matrix of the inputs (x, res_i) → fp32 partials in a workspace;
+  finish, per token block, by the slice that arrives last (an atomic ticket; split = 1 needs none): r, pre,
+                       post, softmax + Sinkhorn on [BLOCK_T] vectors (a token's n×n matrix in one thread), and
+                       r_in = rsqrt(wᵀ·G·w / D + eps), the norm's statistic from the Gram matrix;
+  phase 2:             layer_in = Σ_k pre_k·new_res_k → its RMSNorm in ONE pass over new_res — either by the
+                       finishing program right after the block's phase 1 (new_res still in L2: large T), or by
+                       `_mhc_apply_kernel`, a second launch spread over (D chunks × token blocks) (small T).
+docs/kernels/mhc.md explains the grid, the memory traffic, the numerics and the configs.
 """
 
 import os
@@ -21,7 +24,7 @@ import triton.language as tl
 
 from ...errors import InputError
 from ..providers import Provider, register
-from .aot import KernelSpec
+from .aot import KernelSpec, pointer_args
 from .configs import launch_config
 
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -29,7 +32,7 @@ _TL_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32
 _MAX_STREAMS = 8
 
 
-# ----------------------------------------------------------------------------------------------- the kernel
+# ----------------------------------------------------------------------------------------------- the kernels
 
 @triton.jit
 def _dot_bf16(a, b, acc, INTERPRETED: tl.constexpr):
@@ -43,120 +46,174 @@ def _dot_bf16(a, b, acc, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _mix_partial(f, fn_ptr, d, d_ok, D, N: tl.constexpr, NM: tl.constexpr, USE_DOT: tl.constexpr,
-                 FN_BF16_PARTS: tl.constexpr, INTERPRETED: tl.constexpr):
-    """f [BLOCK_T, BLOCK_D] (one stream's chunk, fp32, zero where masked) · fn[:, d]ᵀ → [BLOCK_T, NM] partial
-    mixes, fp32-accurate; fn_ptr points at this stream's columns of fn.
-
-    USE_DOT: tensor cores. With bf16 activations f is exact in bf16 and fn is split into three bf16 parts
-    (hi + mid + lo carry all 24 bits of an fp32), so three bf16 dots give the fp32 product; other activation
-    dtypes use an IEEE fp32 dot. Without USE_DOT (BLOCK_T < 16): broadcast-multiply-reduce on CUDA cores."""
+def _mix_partial(f, fn_ptr, d, d_ok, D, acc, N: tl.constexpr, NM: tl.constexpr, FN_BF16_PARTS: tl.constexpr,
+                 INTERPRETED: tl.constexpr):
+    """acc + f [BLOCK_T, BLOCK_D] (one stream's chunk, fp32, zero where masked) · fn[:, d]ᵀ → [BLOCK_T, NM], on
+    tensor cores and fp32-accurate; fn_ptr points at this stream's columns of fn. With bf16 activations f is exact
+    in bf16 and fn is split into three bf16 parts (hi + mid + lo carry all 24 bits of an fp32), so three bf16 dots
+    give the fp32 product; other activation dtypes use an IEEE fp32 dot."""
     NMIX: tl.constexpr = (2 + N) * N
     j = tl.arange(0, NM)
-    if USE_DOT:
-        w = tl.load(fn_ptr + j[None, :] * (N * D) + d[:, None], mask=(j[None, :] < NMIX) & d_ok[:, None], other=0.0)
-        w = w.to(tl.float32)
-        if FN_BF16_PARTS:
-            a16 = f.to(tl.bfloat16)
-            hi = w.to(tl.bfloat16)
-            rest = w - hi.to(tl.float32)
-            mid = rest.to(tl.bfloat16)
-            lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
-            part = _dot_bf16(a16, lo, tl.zeros((f.shape[0], NM), tl.float32), INTERPRETED)
-            part = _dot_bf16(a16, mid, part, INTERPRETED)
-            part = _dot_bf16(a16, hi, part, INTERPRETED)
-        else:
-            part = tl.dot(f, w, input_precision="ieee")
+    w = tl.load(fn_ptr + j[None, :] * (N * D) + d[:, None], mask=(j[None, :] < NMIX) & d_ok[:, None], other=0.0)
+    w = w.to(tl.float32)
+    if FN_BF16_PARTS:
+        a16 = f.to(tl.bfloat16)
+        hi = w.to(tl.bfloat16)
+        rest = w - hi.to(tl.float32)
+        mid = rest.to(tl.bfloat16)
+        lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+        acc = _dot_bf16(a16, lo, acc, INTERPRETED)
+        acc = _dot_bf16(a16, mid, acc, INTERPRETED)
+        acc = _dot_bf16(a16, hi, acc, INTERPRETED)
     else:
-        w = tl.load(fn_ptr + j[:, None] * (N * D) + d[None, :], mask=(j[:, None] < NMIX) & d_ok[None, :], other=0.0)
-        part = tl.sum(f[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-    return part
+        acc = tl.dot(f, w, acc, input_precision="ieee")
+    return acc
 
 
 @triton.jit
-def _finish_rows(res_ptr, new_res_ptr, base_ptr, scale_ptr, norm_w_ptr, out_ptr, post_out_ptr, comb_out_ptr,
-                 ws_ptr, tt, t_ok, D, split, iters, rms_eps, hc_eps, norm_eps,
-                 N: tl.constexpr, NP: tl.constexpr, NM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 HAS_POST: tl.constexpr, HAS_NORM: tl.constexpr):
-    """Phase 2 for a token block: partials → pre/post/comb → layer_in (→ RMSNorm with weight)."""
+def _vsum(vals, first: tl.constexpr, stride: tl.constexpr, count: tl.constexpr):
+    """vals[first] + vals[first + stride] + … (count terms) of a tuple of tensors."""
+    acc = vals[first]
+    for k in tl.static_range(1, count):
+        acc += vals[first + k * stride]
+    return acc
+
+
+@triton.jit
+def _vmax(vals, first: tl.constexpr, count: tl.constexpr):
+    acc = vals[first]
+    for k in tl.static_range(1, count):
+        acc = tl.maximum(acc, vals[first + k])
+    return acc
+
+
+@triton.jit
+def _normalize(c, eps, N: tl.constexpr, ROWS: tl.constexpr):
+    """c: the n×n matrices of a token block as a flat tuple of N·N [BLOCK_T] vectors (row-major); divides each row
+    (ROWS) or column by its sum + eps. One thread holds a token's whole matrix: no shuffles, no barriers."""
+    SA: tl.constexpr = N if ROWS else 1
+    SB: tl.constexpr = 1 if ROWS else N
+    out = c
+    for a in tl.static_range(N):
+        s = _vsum(c, a * SA, SB, N) + eps
+        for b in tl.static_range(N):
+            out = out[:a * SA + b * SB] + (c[a * SA + b * SB] / s,) + out[a * SA + b * SB + 1:]
+    return out
+
+
+@triton.jit
+def _slice_sum(rows, q: tl.constexpr, split, SPLIT_P2: tl.constexpr, WSC: tl.constexpr):
+    """Σ over the `split` slices of workspace column q for the block's tokens ([BLOCK_T] row pointers)."""
+    s = tl.arange(0, SPLIT_P2)
+    v = tl.load(rows[:, None] + s[None, :] * WSC + q, mask=s[None, :] < split, other=0.0)
+    return tl.sum(v, axis=1)
+
+
+@triton.jit
+def _apply_chunk(src_ptr, out_ptr, norm_w_ptr, pre, r_in, tt, t_ok, d, D,
+                 N: tl.constexpr, HAS_NORM: tl.constexpr):
+    """Phase 2 for one [BLOCK_T, width] chunk: layer_in = Σ_k pre_k·src_k, rounded to the activation dtype as the
+    reference rounds it, then (HAS_NORM) `(layer_in · r_in) · w` rounded once; stored to out."""
+    td_ok = t_ok[:, None] & (d[None, :] < D)
+    rows = src_ptr + tt[:, None] * (N * D) + d[None, :]
+    li = pre[0][:, None] * tl.load(rows, mask=td_ok, other=0.0).to(tl.float32)
+    for k in tl.static_range(1, N):
+        li += pre[k][:, None] * tl.load(rows + k * D, mask=td_ok, other=0.0).to(tl.float32)
+    li = li.to(out_ptr.dtype.element_ty)
+    if HAS_NORM:
+        w = tl.load(norm_w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
+        li = ((li.to(tl.float32) * r_in[:, None]) * w[None, :]).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + tt[:, None] * D + d[None, :], li, mask=td_ok)
+
+
+@triton.jit
+def _finish_block(src_ptr, post_ptr, comb_ptr, base_ptr, scale_ptr, norm_w_ptr, out_ptr, post_out_ptr, comb_out_ptr,
+                  ws_ptr, coef_ptr, tt, t_ok, D, split, iters, rms_eps, hc_eps, norm_eps,
+                  N: tl.constexpr, SPLIT_P2: tl.constexpr, APPLY_D: tl.constexpr,
+                  HAS_NORM: tl.constexpr, FINISH_INLINE: tl.constexpr):
+    """The token block's scalars from the slices' partials: r, pre, post, comb (softmax + Sinkhorn), and for the
+    norm r_in = rsqrt(Σ layer_in² / D + eps) with Σ layer_in² = wᵀ·H·w, H the Gram matrix of the inputs
+    u = (x, res_0, …) and w their weights in layer_in = Σ_k pre_k·new_res_k = Σ_a w_a·u_a. Then phase 2 over the
+    whole row (FINISH_INLINE), or pre and r_in to `coef` for the apply launch."""
     NMIX: tl.constexpr = (2 + N) * N
+    WSC: tl.constexpr = NMIX + 1 + (N + 1) * (N + 2) // 2
     tl.debug_barrier()
-    k = tl.arange(0, NP)
-    k_ok = k < N
-    i3 = k[None, :, None]
-    j3 = k[None, None, :]
-    ij_ok = (i3 < N) & (j3 < N)
-    ssq = tl.zeros(tt.shape, tl.float32)
-    pre_m = tl.zeros((tt.shape[0], NP), tl.float32)
-    post_m = tl.zeros((tt.shape[0], NP), tl.float32)
-    comb_m = tl.zeros((tt.shape[0], NP, NP), tl.float32)
-    for s in range(split):
-        row = ws_ptr + (tt * split + s) * NM
-        ssq += tl.load(row + NMIX)
-        pre_m += tl.load(row[:, None] + k[None, :], mask=k_ok[None, :], other=0.0)
-        post_m += tl.load(row[:, None] + N + k[None, :], mask=k_ok[None, :], other=0.0)
-        comb_m += tl.load(row[:, None, None] + 2 * N + i3 * N + j3, mask=ij_ok, other=0.0)
-    r = tl.math.rsqrt(ssq / (N * D) + rms_eps)
+    rows = ws_ptr + tt * (split * WSC)
+    m = ()
+    for q in tl.static_range(NMIX):
+        m = m + (_slice_sum(rows, q, split, SPLIT_P2, WSC),)
+    r = tl.math.rsqrt(_slice_sum(rows, NMIX, split, SPLIT_P2, WSC) / (N * D) + rms_eps)
 
     s_pre = tl.load(scale_ptr).to(tl.float32)
     s_post = tl.load(scale_ptr + 1).to(tl.float32)
     s_comb = tl.load(scale_ptr + 2).to(tl.float32)
-    b_pre = tl.load(base_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-    b_post = tl.load(base_ptr + N + k, mask=k_ok, other=0.0).to(tl.float32)
-    b_comb = tl.load(base_ptr + 2 * N + i3 * N + j3, mask=ij_ok, other=0.0).to(tl.float32)
-    pre = tl.where(k_ok[None, :], tl.sigmoid(pre_m * r[:, None] * s_pre + b_pre[None, :]) + hc_eps, 0.0)
-    post = 2.0 * tl.sigmoid(post_m * r[:, None] * s_post + b_post[None, :])
-    tl.store(post_out_ptr + tt[:, None] * N + k[None, :], post, mask=t_ok[:, None] & k_ok[None, :])
+    pre = ()
+    for k in tl.static_range(N):
+        pre = pre + (tl.sigmoid(m[k] * r * s_pre + tl.load(base_ptr + k).to(tl.float32)) + hc_eps,)
+        post = 2.0 * tl.sigmoid(m[N + k] * r * s_post + tl.load(base_ptr + N + k).to(tl.float32))
+        tl.store(post_out_ptr + tt * N + k, post, mask=t_ok)
 
-    # softmax over destinations, then Sinkhorn; padded rows/columns are held at 0 and stay 0.
-    logits = tl.where(j3 < N, comb_m * r[:, None, None] * s_comb + b_comb, float("-inf"))
-    e = tl.exp(logits - tl.max(logits, axis=2)[:, :, None])
-    comb = tl.where(ij_ok, e / tl.sum(e, axis=2)[:, :, None] + hc_eps, 0.0)
-    comb = comb / (tl.sum(comb, axis=1)[:, None, :] + hc_eps)
-    for _ in range(iters - 1):
-        comb = comb / (tl.sum(comb, axis=2)[:, :, None] + hc_eps)
-        comb = comb / (tl.sum(comb, axis=1)[:, None, :] + hc_eps)
-    tl.store(comb_out_ptr + tt[:, None, None] * (N * N) + i3 * N + j3, comb, mask=t_ok[:, None, None] & ij_ok)
-
-    if HAS_POST:
-        src_ptr = new_res_ptr
+    r_in = r
+    if HAS_NORM:  # w_0 = Σ_k pre_k·post_k (the weight of x), w_1+i = Σ_k pre_k·comb[i, k] (of res_i)
+        w = ()
+        for a in tl.static_range(N + 1):
+            acc = tl.zeros(tt.shape, tl.float32)
+            for k in tl.static_range(N):
+                if a == 0:
+                    mixer = tl.load(post_ptr + tt * N + k, mask=t_ok, other=0.0)
+                else:
+                    mixer = tl.load(comb_ptr + tt * (N * N) + (a - 1) * N + k, mask=t_ok, other=0.0)
+                acc += pre[k] * mixer.to(tl.float32)
+            w = w + (acc,)
+        quad = tl.zeros(tt.shape, tl.float32)
+        for a in tl.static_range(N + 1):  # Gram pair (a, b), b <= a, sits at column NMIX + 1 + a(a+1)/2 + b
+            for b in tl.static_range(a + 1):
+                g = _slice_sum(rows, NMIX + 1 + a * (a + 1) // 2 + b, split, SPLIT_P2, WSC)
+                quad += (1.0 if a == b else 2.0) * (w[a] * w[b]) * g
+        r_in = tl.math.rsqrt(quad / D + norm_eps)
+    if FINISH_INLINE:
+        for c0 in range(0, D, APPLY_D):
+            _apply_chunk(src_ptr, out_ptr, norm_w_ptr, pre, r_in, tt, t_ok, c0 + tl.arange(0, APPLY_D), D,
+                         N, HAS_NORM)
     else:
-        src_ptr = res_ptr
-    chunks = tl.cdiv(D, BLOCK_D)
-    ssq_in = tl.zeros(tt.shape, tl.float32)
-    for c in range(chunks):
-        d = c * BLOCK_D + tl.arange(0, BLOCK_D)
-        td_ok = t_ok[:, None] & (d[None, :] < D)
-        rows = tt[:, None, None] * (N * D) + k[None, :, None] * D + d[None, None, :]
-        v = tl.load(src_ptr + rows, mask=td_ok[:, None, :] & k_ok[None, :, None], other=0.0).to(tl.float32)
-        layer_in = tl.sum(pre[:, :, None] * v, axis=1).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + tt[:, None] * D + d[None, :], layer_in, mask=td_ok)
-        if HAS_NORM:
-            li = layer_in.to(tl.float32)
-            ssq_in += tl.sum(li * li, axis=1)
-    if HAS_NORM:
-        tl.debug_barrier()
-        r_in = tl.math.rsqrt(ssq_in / D + norm_eps)
-        for c in range(chunks):
-            d = c * BLOCK_D + tl.arange(0, BLOCK_D)
-            td_ok = t_ok[:, None] & (d[None, :] < D)
-            li = tl.load(out_ptr + tt[:, None] * D + d[None, :], mask=td_ok, other=0.0).to(tl.float32)
-            w = tl.load(norm_w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
-            normed = (li * r_in[:, None]) * w[None, :]
-            tl.store(out_ptr + tt[:, None] * D + d[None, :], normed.to(out_ptr.dtype.element_ty), mask=td_ok)
+        for k in tl.static_range(N):
+            tl.store(coef_ptr + tt * (N + 1) + k, pre[k])
+        tl.store(coef_ptr + tt * (N + 1) + N, r_in)
+
+    # softmax over destinations, then Sinkhorn, on one [BLOCK_T] vector per (source, destination)
+    logits = ()
+    for q in tl.static_range(N * N):
+        logits = logits + (m[2 * N + q] * r * s_comb + tl.load(base_ptr + 2 * N + q).to(tl.float32),)
+    comb = ()
+    for i in tl.static_range(N):
+        top = _vmax(logits, i * N, N)
+        e = ()
+        for j in tl.static_range(N):
+            e = e + (tl.exp(logits[i * N + j] - top),)
+        total = _vsum(e, 0, 1, N)
+        for j in tl.static_range(N):
+            comb = comb + (e[j] / total + hc_eps,)
+    comb = _normalize(comb, hc_eps, N, False)
+    for _ in range(iters - 1):
+        comb = _normalize(comb, hc_eps, N, True)
+        comb = _normalize(comb, hc_eps, N, False)
+    for q in tl.static_range(N * N):
+        tl.store(comb_out_ptr + tt * (N * N) + q, comb[q], mask=t_ok)
 
 
 @triton.jit
 def _mhc_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, fn_ptr, base_ptr, scale_ptr, norm_w_ptr,
-                new_res_ptr, out_ptr, post_out_ptr, comb_out_ptr, ws_ptr, count_ptr,
+                new_res_ptr, out_ptr, post_out_ptr, comb_out_ptr, ws_ptr, coef_ptr, count_ptr,
                 T, D, split, iters, rms_eps, hc_eps, norm_eps,
-                N: tl.constexpr, NP: tl.constexpr, NM: tl.constexpr,
-                BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                USE_DOT: tl.constexpr, FN_BF16_PARTS: tl.constexpr, INTERPRETED: tl.constexpr,
-                HAS_POST: tl.constexpr, HAS_PRE: tl.constexpr, HAS_NORM: tl.constexpr):
+                N: tl.constexpr, NM: tl.constexpr, NH: tl.constexpr, BLOCK_T: tl.constexpr,
+                BLOCK_D: tl.constexpr, APPLY_D: tl.constexpr, SPLIT_P2: tl.constexpr, FN_BF16_PARTS: tl.constexpr,
+                INTERPRETED: tl.constexpr, HAS_POST: tl.constexpr, HAS_PRE: tl.constexpr, HAS_NORM: tl.constexpr,
+                FINISH_INLINE: tl.constexpr):
     NMIX: tl.constexpr = (2 + N) * N
-    tb = tl.program_id(0)
-    sl = tl.program_id(1)
+    NPAIR: tl.constexpr = (N + 1) * (N + 2) // 2
+    WSC: tl.constexpr = NMIX + 1 + NPAIR
+    sl = tl.program_id(0)  # the slices of a token block are adjacent in launch order: they run together
+    tb = tl.program_id(1)
     # Pointers start at this block's first token (64-bit, once); offsets inside the block stay 32-bit.
     t0 = tb.to(tl.int64) * BLOCK_T
     x_ptr += t0 * D
@@ -167,43 +224,56 @@ def _mhc_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, fn_ptr, base_ptr, scale_ptr,
     post_out_ptr += t0 * N
     comb_ptr += t0 * (N * N)
     comb_out_ptr += t0 * (N * N)
-    ws_ptr += t0 * (split * NM)
+    ws_ptr += t0 * (split * WSC)
+    coef_ptr += t0 * (N + 1)
     tt = tl.arange(0, BLOCK_T)
     t_ok = tt < T - t0
 
     mixes = tl.zeros((BLOCK_T, NM), tl.float32)
     ssq = tl.zeros((BLOCK_T,), tl.float32)
+    gram = tl.zeros((BLOCK_T, NH), tl.float32)  # the inputs' Gram pairs, for the norm's statistic
+    pairs = tl.arange(0, NH)[None, :]
     chunks = tl.cdiv(D, BLOCK_D)
     per_slice = tl.cdiv(chunks, split)
     for c in range(sl * per_slice, tl.minimum(sl * per_slice + per_slice, chunks)):
         d = c * BLOCK_D + tl.arange(0, BLOCK_D)
         d_ok = d < D
         td_ok = t_ok[:, None] & d_ok[None, :]
+        rows = tt[:, None] * (N * D) + d[None, :]
         if HAS_POST:
             x = tl.load(x_ptr + tt[:, None] * D + d[None, :], mask=td_ok, other=0.0).to(tl.float32)
+            if HAS_NORM:  # inputs u = (x, res_0, …): Σ_d u_a·u_b for b <= a, at column a(a+1)/2 + b
+                gram += tl.where(pairs == 0, tl.sum(x * x, axis=1)[:, None], 0.0)
         # Destination stream j (a runtime loop: unrolled, the streams' tiles would all be live at once).
         for j in range(N):
             if HAS_POST:  # new_res[j] = post_j·x + Σ_i comb[i, j]·res[i]; res[i] is re-read from L1 per j
+                if HAS_NORM:
+                    res_j = tl.load(res_ptr + rows + j * D, mask=td_ok, other=0.0).to(tl.float32)
+                    gram += tl.where(pairs == (j + 1) * (j + 2) // 2, tl.sum(res_j * x, axis=1)[:, None], 0.0)
                 mix = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
                 for i in tl.static_range(N):
                     comb_ij = tl.load(comb_ptr + tt * (N * N) + i * N + j, mask=t_ok, other=0.0).to(tl.float32)
-                    res_i = tl.load(res_ptr + tt[:, None] * (N * D) + i * D + d[None, :], mask=td_ok, other=0.0)
-                    mix += comb_ij[:, None] * res_i.to(tl.float32)
+                    res_i = tl.load(res_ptr + rows + i * D, mask=td_ok, other=0.0).to(tl.float32)
+                    mix += comb_ij[:, None] * res_i
+                    if HAS_NORM:
+                        at = (pairs == (j + 1) * (j + 2) // 2 + 1 + i) & (i <= j)
+                        gram += tl.where(at, tl.sum(res_j * res_i, axis=1)[:, None], 0.0)
                 post_j = tl.load(post_ptr + tt * N + j, mask=t_ok, other=0.0).to(tl.float32)
                 new_j = (post_j[:, None] * x + mix).to(new_res_ptr.dtype.element_ty)
-                tl.store(new_res_ptr + tt[:, None] * (N * D) + j * D + d[None, :], new_j, mask=td_ok)
+                tl.store(new_res_ptr + rows + j * D, new_j, mask=td_ok)
                 f = new_j.to(tl.float32)
             else:
-                f = tl.load(res_ptr + tt[:, None] * (N * D) + j * D + d[None, :], mask=td_ok, other=0.0)
-                f = f.to(tl.float32)
-            if HAS_PRE:
+                f = tl.load(res_ptr + rows + j * D, mask=td_ok, other=0.0).to(tl.float32)
+            if HAS_PRE:  # the rounded row, as the reference's mhc_pre sees it
                 ssq += tl.sum(f * f, axis=1)
-                mixes += _mix_partial(f, fn_ptr + j * D, d, d_ok, D, N, NM, USE_DOT, FN_BF16_PARTS, INTERPRETED)
+                mixes = _mix_partial(f, fn_ptr + j * D, d, d_ok, D, mixes, N, NM, FN_BF16_PARTS, INTERPRETED)
 
     if HAS_PRE:
+        row = ws_ptr + (tt[:, None] * split + sl) * WSC
         cols = tl.arange(0, NM)
-        partial = mixes + tl.where(cols[None, :] == NMIX, ssq[:, None], 0.0)
-        tl.store(ws_ptr + (tt[:, None] * split + sl) * NM + cols[None, :], partial)
+        tl.store(row + cols[None, :], mixes, mask=cols[None, :] < NMIX)
+        tl.store(ws_ptr + (tt * split + sl) * WSC + NMIX, ssq)
+        tl.store(row + NMIX + 1 + pairs, gram, mask=pairs < NPAIR)
         # With split > 1 the last slice of this token block to arrive finishes it: the ticket's acq_rel orders the
         # partials and new_res stores of the other slices (each made before a CTA barrier) before our loads.
         ticket = split - 1
@@ -211,11 +281,29 @@ def _mhc_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, fn_ptr, base_ptr, scale_ptr,
             tl.debug_barrier()
             ticket = tl.atomic_add(count_ptr + tb, 1, sem="acq_rel", scope="gpu")
         if ticket == split - 1:
-            _finish_rows(res_ptr, new_res_ptr, base_ptr, scale_ptr, norm_w_ptr, out_ptr, post_out_ptr, comb_out_ptr,
-                         ws_ptr, tt, t_ok, D, split, iters, rms_eps, hc_eps, norm_eps, N, NP, NM, BLOCK_D,
-                         HAS_POST, HAS_NORM)
+            src_ptr = new_res_ptr if HAS_POST else res_ptr
+            _finish_block(src_ptr, post_ptr, comb_ptr, base_ptr, scale_ptr, norm_w_ptr, out_ptr, post_out_ptr,
+                          comb_out_ptr, ws_ptr, coef_ptr, tt, t_ok, D, split, iters, rms_eps, hc_eps, norm_eps,
+                          N, SPLIT_P2, APPLY_D, HAS_NORM, FINISH_INLINE)
             if split > 1:
                 tl.store(count_ptr + tb, 0)  # leave the ticket ready for the next launch
+
+
+@triton.jit
+def _mhc_apply_kernel(src_ptr, out_ptr, coef_ptr, norm_w_ptr, T, D,
+                      N: tl.constexpr, BLOCK_T: tl.constexpr, APPLY_D: tl.constexpr, HAS_NORM: tl.constexpr):
+    """Phase 2 as its own launch: one [BLOCK_T, APPLY_D] chunk of layer_in (→ its RMSNorm) per program, from the
+    pre weights and r_in that _mhc_kernel left in `coef`."""
+    t0 = tl.program_id(1).to(tl.int64) * BLOCK_T
+    tt = tl.arange(0, BLOCK_T)
+    t_ok = tt < T - t0
+    coef = coef_ptr + (t0 + tt) * (N + 1)
+    pre = ()
+    for k in tl.static_range(N):
+        pre = pre + (tl.load(coef + k),)
+    r_in = tl.load(coef + N)
+    _apply_chunk(src_ptr + t0 * (N * D), out_ptr + t0 * D, norm_w_ptr, pre, r_in, tt, t_ok,
+                 tl.program_id(0) * APPLY_D + tl.arange(0, APPLY_D), D, N, HAS_NORM)
 
 
 # ------------------------------------------------------------------------------------------------- launching
@@ -248,18 +336,20 @@ def pick_config(op: str, tokens: int, fam: str) -> dict[str, int]:
 def _plan(p: _Problem, cfg: dict[str, int]) -> tuple[dict[str, object], int]:
     """The kernel's constexprs and the number of D slices for one problem and config row (tuned at n = 4)."""
     has_post, has_pre, has_norm = _KINDS[p.op]
-    np_ = triton.next_power_of_2(p.n)
-    nm = max(16, triton.next_power_of_2((2 + p.n) * p.n + 1))  # the mixes plus one column for Σx²
+    nm = max(16, triton.next_power_of_2((2 + p.n) * p.n))  # the mixes, the N of the GEMV's dots
     block_d = min(cfg["block_d"], triton.next_power_of_2(p.d))
     if has_pre:  # keep the fn tile (BLOCK_D × NM) at the size the row was tuned for (NM = 32)
         block_d = max(16, min(block_d, cfg["block_d"] * 32 // nm))
+        if cfg["block_t"] < 16:
+            raise ValueError(f"mhc: block_t {cfg['block_t']} < 16; the GEMV against fn runs on tensor cores")
     chunks = triton.cdiv(p.d, block_d)
     split = chunks if cfg["split"] == 0 else min(cfg["split"], chunks)
     split = triton.cdiv(chunks, triton.cdiv(chunks, split))  # no empty slices
-    block_t = cfg["block_t"]
-    meta = dict(N=p.n, NP=np_, NM=nm, BLOCK_T=block_t, BLOCK_D=block_d,
-                USE_DOT=has_pre and block_t >= 16, FN_BF16_PARTS=p.dtype == torch.bfloat16,
-                INTERPRETED=p.interpreted, HAS_POST=has_post, HAS_PRE=has_pre, HAS_NORM=has_norm)
+    meta = dict(N=p.n, NM=nm, NH=triton.next_power_of_2((p.n + 1) * (p.n + 2) // 2), BLOCK_T=cfg["block_t"],
+                BLOCK_D=block_d, APPLY_D=min(cfg["apply_d"] if has_pre else 16, triton.next_power_of_2(p.d)),
+                SPLIT_P2=triton.next_power_of_2(split) if has_pre else 1, FN_BF16_PARTS=p.dtype == torch.bfloat16,
+                INTERPRETED=p.interpreted, HAS_POST=has_post, HAS_PRE=has_pre, HAS_NORM=has_norm,
+                FINISH_INLINE=has_pre and not cfg["apply_launch"])
     return meta, split
 
 
@@ -283,8 +373,9 @@ def _device_family(device: torch.device) -> str:
 
 
 def _launch(op, res, x=None, post=None, comb=None, fn=None, base=None, scale=None, norm_w=None,
-            rms_eps=0.0, hc_eps=0.0, iters=1, norm_eps=0.0, config=None):
-    """(new_res, layer_in or its RMSNorm, post_next, comb_next); the ones `op` does not produce are None."""
+            rms_eps=0.0, hc_eps=0.0, iters=1, norm_eps=0.0, config=None, launches=("main", "apply")):
+    """(new_res, layer_in or its RMSNorm, post_next, comb_next); the ones `op` does not produce are None.
+    `launches` (benchmarks only) leaves out one of the two launches of an apply_launch config to time the other."""
     n, d = res.shape[-2:]
     lead = res.shape[:-2]
     tokens = res.numel() // (n * d)
@@ -298,20 +389,29 @@ def _launch(op, res, x=None, post=None, comb=None, fn=None, base=None, scale=Non
     if tokens:
         cfg = config or pick_config(op, tokens, _device_family(dev))
         meta, split = _plan(_Problem(op, n, d, dtype, dev.type == "cpu"), cfg)
-        blocks = triton.cdiv(tokens, meta["BLOCK_T"])
-        ws = torch.empty(blocks * meta["BLOCK_T"] * split * meta["NM"], dtype=torch.float32, device=dev) \
-            if has_pre else None
-        counters = _arrival_counters(dev, blocks if split > 1 else 1) if has_pre else None  # int32 even unused
+        padded = triton.cdiv(tokens, meta["BLOCK_T"]) * meta["BLOCK_T"]
+        ws = coef = counters = None
+        if has_pre:
+            columns = (2 + n) * n + 1 + (n + 1) * (n + 2) // 2  # mixes, Σ new_res², the inputs' Gram pairs
+            ws = torch.empty(padded * split * columns, dtype=torch.float32, device=dev)
+            coef = None if meta["FINISH_INLINE"] else torch.empty(padded, n + 1, dtype=torch.float32, device=dev)
+            counters = _arrival_counters(dev, padded // meta["BLOCK_T"] if split > 1 else 1)
 
         def pointer(t, *shape):  # an absent tensor gets a stand-in the kernel never dereferences
             return res2 if t is None else t.reshape(shape or t.shape).contiguous()
 
-        _mhc_kernel[(blocks, split)](
-            pointer(x, tokens, d), res2, pointer(post, tokens, n), pointer(comb, tokens, n, n),
-            pointer(fn), pointer(base), pointer(scale), pointer(norm_w),
-            pointer(new_res), pointer(out), pointer(post_out), pointer(comb_out), pointer(ws), pointer(counters),
-            tokens, d, split, iters, rms_eps, hc_eps, norm_eps,
-            **meta, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        blocks = padded // meta["BLOCK_T"]
+        if "main" in launches:
+            _mhc_kernel[(split, blocks)](
+                pointer(x, tokens, d), res2, pointer(post, tokens, n), pointer(comb, tokens, n, n),
+                pointer(fn), pointer(base), pointer(scale), pointer(norm_w),
+                pointer(new_res), pointer(out), pointer(post_out), pointer(comb_out), pointer(ws), pointer(coef),
+                pointer(counters), tokens, d, split, iters, rms_eps, hc_eps, norm_eps,
+                **meta, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        if coef is not None and "apply" in launches:
+            _mhc_apply_kernel[(triton.cdiv(d, meta["APPLY_D"]), blocks)](
+                new_res if has_post else res2, out, coef, pointer(norm_w), tokens, d, N=n,
+                BLOCK_T=meta["BLOCK_T"], APPLY_D=meta["APPLY_D"], HAS_NORM=has_norm, num_warps=cfg["num_warps"])
     shaped = lambda t, *tail: None if t is None else t.reshape(*lead, *tail)  # noqa: E731
     return shaped(new_res, n, d), shaped(out, d), shaped(post_out, n), shaped(comb_out, n, n)
 
@@ -405,23 +505,31 @@ register(Provider("mhc_post", "triton", ("cuda", "rocm"), mhc_post, priority=10,
 
 # ---------------------------------------------------------------------------------------------------- AOT
 
-def _signature(dtype: torch.dtype) -> dict[str, str]:
+def _signature(kernel, dtype: torch.dtype) -> dict[str, str]:
     act = "*" + _TL_NAMES[dtype]
-    pointers = dict(x_ptr=act, res_ptr=act, post_ptr="*fp32", comb_ptr="*fp32", fn_ptr="*fp32",
-                    base_ptr="*fp32", scale_ptr="*fp32", norm_w_ptr="*fp32", new_res_ptr=act, out_ptr=act,
-                    post_out_ptr="*fp32", comb_out_ptr="*fp32", ws_ptr="*fp32", count_ptr="*i32")
-    scalars = dict(T="i32", D="i32", split="i32", iters="i32", rms_eps="fp32", hc_eps="fp32", norm_eps="fp32")
-    sig = {**pointers, **scalars}
-    return {name: sig.get(name, "constexpr") for name in _mhc_kernel.arg_names}
+    types = dict(x_ptr=act, res_ptr=act, post_ptr="*fp32", comb_ptr="*fp32", fn_ptr="*fp32", base_ptr="*fp32",
+                 scale_ptr="*fp32", norm_w_ptr="*fp32", new_res_ptr=act, out_ptr=act, post_out_ptr="*fp32",
+                 comb_out_ptr="*fp32", ws_ptr="*fp32", coef_ptr="*fp32", count_ptr="*i32", src_ptr=act,
+                 T="i32", D="i32", split="i32", iters="i32", rms_eps="fp32", hc_eps="fp32", norm_eps="fp32")
+    return {name: types.get(name, "constexpr") for name in kernel.arg_names}
 
 
 def _buckets(op: str) -> tuple[str, ...]:
     return ("mhc.post",) if op == "mhc_post" else ("mhc.small", "mhc.medium", "mhc.large")
 
 
+def _spec(name: str, kernel, meta: dict, cfg: dict[str, int]) -> KernelSpec:
+    """A bf16 spec assuming what the JIT specializes for these launches: 16-byte aligned tensors, D % 16 == 0."""
+    signature = _signature(kernel, torch.bfloat16)
+    meta = {k: v for k, v in meta.items() if k in kernel.arg_names}
+    return KernelSpec(name, kernel, signature, meta, cfg["num_warps"], cfg["num_stages"],
+                      divisible_by_16=pointer_args(signature) + ("D",))
+
+
 def aot_specs(fam: str = "cuda") -> list[KernelSpec]:
-    """Every configuration the launcher picks for bf16, n = 4, D ∈ {4096, 7168}, with `fam`'s config rows.
-    D is a runtime argument, so both hidden sizes share a binary wherever their constexprs agree."""
+    """Every launch the launcher makes for bf16, n = 4, D ∈ {4096, 7168} with `fam`'s config rows (the main kernel
+    and, for rows with apply_launch, the apply kernel). D is a runtime argument, so both hidden sizes share a
+    binary wherever their constexprs agree."""
     shared: dict[tuple, list[int]] = {}
     for op in _KINDS:
         for bucket in _buckets(op):
@@ -429,7 +537,11 @@ def aot_specs(fam: str = "cuda") -> list[KernelSpec]:
             for d in (4096, 7168):
                 meta, _ = _plan(_Problem(op, 4, d, torch.bfloat16), cfg)
                 shared.setdefault((op, bucket, tuple(meta.items())), []).append(d)
-    return [KernelSpec(f"{op}_{bucket.split('.')[1]}_bf16_n4_D{'+'.join(map(str, ds))}", _mhc_kernel,
-                       _signature(torch.bfloat16), dict(meta), launch_config(bucket, fam)["num_warps"],
-                       launch_config(bucket, fam)["num_stages"])
-            for (op, bucket, meta), ds in shared.items()]
+    specs = []
+    for (op, bucket, meta), ds in shared.items():
+        meta, cfg = dict(meta), launch_config(bucket, fam)
+        name = f"{op}_{bucket.split('.')[1]}_bf16_n4_D{'+'.join(map(str, ds))}"
+        specs.append(_spec(name, _mhc_kernel, meta, cfg))
+        if meta["HAS_PRE"] and not meta["FINISH_INLINE"]:
+            specs.append(_spec(name + "_apply", _mhc_apply_kernel, meta, cfg))
+    return specs
