@@ -140,13 +140,13 @@ def fold_bmm_views(out_view: fx.Node) -> bool:
             and same_sizes(out.shape[-2:], [a3.shape[1], b3.shape[2]])
             and (sym_expr(a3.shape[0]) - sympy_prod(batch)).expand() == 0):
         return False
-    inputs = list(bmm.args[:2])
+    flattened = bmm.args[:2]
     replace(out_view, aten.matmul.default, (a, b))
     erase_if_unused(bmm)
-    for chain in inputs:
-        while isinstance(chain, fx.Node) and chain not in (a, b) and not chain.users:
-            chain, dead = chain.args[0], chain
-            chain.graph.erase_node(dead)
+    for node in flattened:  # the views, clones and expands that only fed the bmm
+        while node not in (a, b) and not node.users:
+            node, dead = node.args[0], node
+            node.graph.erase_node(dead)
     return True
 
 
