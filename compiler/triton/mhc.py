@@ -353,6 +353,11 @@ def _plan(p: _Problem, cfg: dict[str, int]) -> tuple[dict[str, object], int]:
     return meta, split
 
 
+def _main_meta(meta: dict[str, object]) -> dict[str, object]:
+    """_mhc_kernel's constexprs: APPLY_D only matters where the kernel runs phase 2 itself."""
+    return meta if meta["FINISH_INLINE"] else dict(meta, APPLY_D=16)
+
+
 _COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
@@ -407,7 +412,7 @@ def _launch(op, res, x=None, post=None, comb=None, fn=None, base=None, scale=Non
                 pointer(fn), pointer(base), pointer(scale), pointer(norm_w),
                 pointer(new_res), pointer(out), pointer(post_out), pointer(comb_out), pointer(ws), pointer(coef),
                 pointer(counters), tokens, d, split, iters, rms_eps, hc_eps, norm_eps,
-                **meta, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                **_main_meta(meta), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         if coef is not None and "apply" in launches:
             _mhc_apply_kernel[(triton.cdiv(d, meta["APPLY_D"]), blocks)](
                 new_res if has_post else res2, out, coef, pointer(norm_w), tokens, d, N=n,
@@ -541,7 +546,7 @@ def aot_specs(fam: str = "cuda") -> list[KernelSpec]:
     for (op, bucket, meta), ds in shared.items():
         meta, cfg = dict(meta), launch_config(bucket, fam)
         name = f"{op}_{bucket.split('.')[1]}_bf16_n4_D{'+'.join(map(str, ds))}"
-        specs.append(_spec(name, _mhc_kernel, meta, cfg))
+        specs.append(_spec(name, _mhc_kernel, _main_meta(meta), cfg))
         if meta["HAS_PRE"] and not meta["FINISH_INLINE"]:
             specs.append(_spec(name + "_apply", _mhc_apply_kernel, meta, cfg))
     return specs

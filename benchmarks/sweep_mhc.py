@@ -1,0 +1,193 @@
+"""Config sweep and ablations of dflash.mhc_post_pre's Triton kernels (compiler/triton/mhc.py) on the GPU.
+
+python -m torch_dflash.benchmarks.sweep_mhc [--out DIR] [--budget-s 170]   (CUDA; inside the GPU session)
+
+DeepSeek-V4 boundary shapes (n 4, bf16 activations, fp32 fn, Sinkhorn 20 iters) at D 4096 / 7168 × T 16, 256,
+4096, 16384, fresh random inputs. Every run is first checked against the reference op (|out − ref| ≤ 2e-2 ·
+max |ref| + 2e-2 · |ref| on all four outputs, after NaN-filling nothing: the launcher allocates fresh outputs)
+and then timed as the lead timed the "before" numbers: triton.testing.do_bench_cudagraph for T ≤ 256, do_bench
+(L2 flushed between runs) above, medians in µs. Beside each number: the bytes floor (floor bytes / the copy
+bandwidth measured in this run) and the ratio to it.
+
+1. grid at D 4096 (block_t 16, 4 warps, num_stages 2): block_d 32/64 × phase-2 mode (apply_launch 0 with
+   apply_d 128/256 = the finishing program does phase 2; 1 with apply_d 64/128 = a second launch), each with the
+   splits that suit its T (split is a runtime argument: no recompilation, ~8 compilations in all). Stops at 75 %
+   of --budget-s; the rest is listed under not_run.
+2. D 7168: the table row and the best D-4096 config of each T.
+3. ablations at D 4096 (best config of each T): num_stages 1 (no cp.async prefetch of the next chunk), Sinkhorn
+   iters 1, main launch alone and apply launch alone (apply_launch configs), mhc_pre (no post, no norm, no Gram),
+   mhc_post (phase-1 streaming alone: no GEMV, no finish).
+Prints one table (and the suggested configs rows, ready to paste into compiler/triton/configs.py), writes
+sweep_mhc.json and sweep_mhc.md to --out (default $OUT or .).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench, do_bench_cudagraph
+
+from torch_dflash.compiler.ops.mhc import mhc_post_pre_reference
+from torch_dflash.compiler.triton import mhc
+from torch_dflash.compiler.triton.configs import launch_config
+
+from .harness import _cuda_time_ms
+
+DEVICE = "cuda"
+N, ITERS, EPS = 4, 20, 1e-6
+HIDDEN = (4096, 7168)
+TOKENS = (16, 256, 4096, 16384)
+SPLITS = {16: (16, 32, 64), 256: (8, 16, 32), 4096: (4, 8, 16, 32), 16384: (4, 8, 16)}
+MODES = ((0, 128), (0, 256), (1, 64), (1, 128))       # (apply_launch, apply_d)
+KEYS = ("block_t", "block_d", "split", "apply_launch", "apply_d", "num_warps", "num_stages")
+
+
+class Problem:
+    """One (D, T): inputs at the benchmark's magnitudes, the reference outputs, the floor in bytes."""
+
+    def __init__(self, hidden: int, tokens: int):
+        g = torch.Generator(DEVICE).manual_seed(tokens * 7 + hidden)
+
+        def rand(*shape):
+            return torch.randn(*shape, generator=g, device=DEVICE)
+
+        self.hidden, self.tokens = hidden, tokens
+        x, res = rand(tokens, hidden).bfloat16(), rand(tokens, N, hidden).bfloat16()
+        post, comb = 2 * torch.sigmoid(rand(tokens, N)), torch.softmax(rand(tokens, N, N), -1)
+        fn, base = rand((2 + N) * N, N * hidden) * 0.02, rand((2 + N) * N) * 0.1
+        scale, norm_w = 0.5 + torch.rand(3, generator=g, device=DEVICE), (1 + 0.1 * rand(hidden)).bfloat16()
+        self.args = (x, res, post, comb, fn, base, scale, norm_w, EPS, EPS, ITERS, EPS)
+        self.refs = mhc_post_pre_reference(*self.args)
+        mixes = (2 + N) * N
+        self.floor_bytes = (tokens * hidden * 2 * 2 + tokens * N * hidden * 2 * 2 + tokens * (N + N * N) * 4 * 2
+                            + (mixes * N * hidden + mixes + 3) * 4 + hidden * 2)
+
+    def error(self, outs) -> float:
+        """max over the outputs of max(|out − ref| / (2e-2 · max|ref| + 2e-2 · |ref|)): ≤ 1 passes."""
+        return max(((o.float() - r.float()).abs() / (2e-2 * r.float().abs().max() + 2e-2 * r.float().abs()))
+                   .max().item() for o, r in zip(outs, self.refs))
+
+    def time_us(self, fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        if self.tokens <= 256:
+            return do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e3
+        return do_bench(fn, warmup=5, rep=40, return_mode="median") * 1e3
+
+
+def _run(problem: Problem, cfg: dict, op="mhc_post_pre", iters=ITERS, launches=("main", "apply")) -> dict:
+    x, res, post, comb, fn, base, scale, norm_w, *_ = problem.args
+    if op == "mhc_post_pre":
+        call = lambda: mhc._launch(op, res, x, post, comb, fn, base, scale, norm_w, EPS, EPS, iters, EPS,  # noqa
+                                   config=cfg, launches=launches)
+    elif op == "mhc_pre":
+        call = lambda: mhc._launch(op, res, fn=fn, base=base, scale=scale, rms_eps=EPS, hc_eps=EPS,  # noqa
+                                   iters=iters, config=cfg)
+    else:
+        call = lambda: mhc._launch(op, res, x, post, comb, config=cfg)  # noqa: E731
+    try:
+        row = {}
+        if op == "mhc_post_pre" and iters == ITERS and len(launches) == 2:
+            row["err"] = round(problem.error(call()), 3)
+            row["ok"] = row["err"] <= 1
+        row["us"] = round(problem.time_us(call), 1)
+        return row
+    except Exception as error:  # noqa: BLE001 — e.g. a config that cannot compile: reported, the sweep goes on
+        return {"error": f"{type(error).__name__}: {error}"[:200]}
+
+
+def _grid(tokens: int) -> list[dict]:
+    base = launch_config("mhc.large", "cuda")
+    return [dict(base, max_t=0, block_d=bd, split=sp, apply_launch=al, apply_d=ad)
+            for al, ad in MODES for bd in (32, 64) for sp in SPLITS[tokens]]
+
+
+def _best(rows: list[dict], hidden: int, tokens: int) -> dict | None:
+    timed = [r for r in rows if r["D"] == hidden and r["T"] == tokens and r.get("ok")
+             and r["what"] in ("grid", "num_stages 1")]
+    return min(timed, key=lambda r: r["us"])["cfg"] if timed else None
+
+
+def _line(r: dict) -> str:
+    cfg = "/".join(str(r["cfg"].get(k, "-")) for k in KEYS)
+    if "error" in r:
+        return f"{r['D']:5} {r['T']:6} {r['what']:<14} {cfg:<24} {r['error']}"
+    err = f"{r['err']:.2f}" if "err" in r else "-"
+    return (f"{r['D']:5} {r['T']:6} {r['what']:<14} {cfg:<24} {r['us']:9.1f} µs {r['us'] / r['floor_us']:6.2f}× floor"
+            f" (floor {r['floor_us']:.1f})  err/tol {err}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--budget-s", type=float, default=170.0)
+    opts = parser.parse_args()
+    start = time.perf_counter()
+    src = torch.randn(2 ** 28, device=DEVICE)
+    dst = torch.empty_like(src)
+    copy_bw = 2 * src.numel() * 4 / (statistics.median(_cuda_time_ms(lambda: dst.copy_(src), 20)) * 1e-3)
+    del src, dst
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_GBps": round(copy_bw / 1e9),
+              "keys": KEYS, "rows": [], "not_run": []}
+    rows = result["rows"]
+
+    def record(problem, what, cfg, **kw):
+        row = {"D": problem.hidden, "T": problem.tokens, "what": what, "cfg": cfg,
+               "floor_us": round(problem.floor_bytes / copy_bw * 1e6, 1), **_run(problem, cfg, **kw)}
+        rows.append(row)
+        print(_line(row), flush=True)
+
+    for hidden in HIDDEN:
+        for tokens in TOKENS:
+            problem = Problem(hidden, tokens)
+            record(problem, "table", mhc.pick_config("mhc_post_pre", tokens, "cuda"))
+            if hidden == HIDDEN[0]:
+                for cfg in _grid(tokens):
+                    if time.perf_counter() - start > 0.75 * opts.budget_s:
+                        result["not_run"].append({"T": tokens, **cfg})
+                        continue
+                    record(problem, "grid", cfg)
+            best = _best(rows, HIDDEN[0], tokens)
+            if best is None:
+                continue
+            if hidden != HIDDEN[0]:
+                record(problem, "best of 4096", best)
+            elif time.perf_counter() - start <= opts.budget_s:
+                record(problem, "num_stages 1", dict(best, num_stages=1))
+                record(problem, "iters 1", best, iters=1)
+                if best["apply_launch"]:
+                    record(problem, "main only", best, launches=("main",))
+                    record(problem, "apply only", best, launches=("apply",))
+                record(problem, "mhc_pre", best, op="mhc_pre")
+                record(problem, "mhc_post", launch_config("mhc.post", "cuda"), op="mhc_post")
+            del problem
+            torch.cuda.empty_cache()
+    result["best"] = {t: _best(rows, HIDDEN[0], t) for t in TOKENS}
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    text = "\n".join([f"{result['device']}, torch {result['torch']}, copy {result['copy_GBps']} GB/s; config = "
+                      + "/".join(KEYS), *map(_line, rows), "", _suggested_rows(result["best"])])
+    print(text)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep_mhc.json").write_text(json.dumps(result, indent=1))
+    (out / "sweep_mhc.md").write_text("```\n" + text + "\n```\n")
+
+
+def _suggested_rows(best: dict) -> str:
+    """The cuda rows for configs.TABLE from the best D-4096 configs: small = T 16, medium = T 256, large = the
+    better of T 4096's and T 16384's (by T 4096)."""
+    lines = ["suggested cuda rows (compiler/triton/configs.py):"]
+    for bucket, tokens, max_t in (("mhc.small", 16, 64), ("mhc.medium", 256, 1024), ("mhc.large", 4096, 0)):
+        cfg = best.get(tokens) or best.get(16384)
+        if cfg:
+            row = {"max_t": max_t, **{k: cfg[k] for k in KEYS}}
+            lines.append(f'    "{bucket}": "cuda": {json.dumps(row)}')
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
