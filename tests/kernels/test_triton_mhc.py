@@ -277,7 +277,8 @@ def test_gpu_fp32_pre_and_post(tokens):
 
 @pytest.mark.gpu
 def test_gpu_split_path_in_a_cuda_graph():
-    """T = 16 (D split over programs, arrival tickets) replayed from a CUDA graph with new inputs each time."""
+    """T = 16 (D split over programs, arrival tickets, phase 2 as a second launch) replayed from a CUDA graph with
+    new inputs each time."""
     x, res, post, comb, fn, base, scale, w = make_inputs(16, 4, 4096, torch.bfloat16, seed=7)
     args = (x, res, post, comb, fn, base, scale, w, EPS["rms_eps"], EPS["hc_eps"], 20, NORM_EPS)
     tm.mhc_post_pre(*args)  # compile outside the capture
