@@ -81,6 +81,7 @@ def _vsum(vals, first: tl.constexpr, stride: tl.constexpr, count: tl.constexpr):
 
 @triton.jit
 def _vmax(vals, first: tl.constexpr, count: tl.constexpr):
+    """max(vals[first], …, vals[first + count − 1]) of a tuple of tensors."""
     acc = vals[first]
     for k in tl.static_range(1, count):
         acc = tl.maximum(acc, vals[first + k])
