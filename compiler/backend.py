@@ -2,14 +2,14 @@
 
 Dynamo graph → AOT (functionalized inference ATen graph) → parameters frozen into constants (those the graph
 does not mutate; KV caches stay inputs) → OUR pass pipeline and lowering (merged weights built once from the
-frozen values) → Inductor compiles the rewritten graph (its own AOT pass decomposes what remains; dflash and
-provider ops stay opaque kernels inside it). With `inductor=False` the rewritten graph runs eagerly (debugging).
-Training graphs (anything requiring grad) are out of scope: they go to Inductor unchanged, with one warning.
+frozen values), or its output from the compile cache (compile_cache.py) → Inductor compiles the rewritten graph
+(its own AOT pass decomposes what remains; dflash and provider ops stay opaque kernels inside it). With
+`inductor=False` the rewritten graph runs eagerly (debugging). Training graphs (anything requiring grad) are out
+of scope: they go to Inductor unchanged, with one warning.
 """
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 from pathlib import Path
@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from torch_dflash.errors import InputError
 
-from . import lowering, report
+from . import compile_cache, lowering, report
 
 log = logging.getLogger("torch_dflash")
 
@@ -32,6 +32,7 @@ class BackendOptions:
     report: str | None = None             # write each CompileReport as JSON to this path
     cudagraphs: bool = False              # Inductor's CUDA graphs
     snapshots: bool = False               # keep each pass's before/after code in the report
+    cache: bool = True                    # the compile cache (off also with TORCH_DFLASH_CACHE_DISABLE=1)
 
     @classmethod
     def parse(cls, options: dict | None) -> "BackendOptions":
@@ -46,17 +47,6 @@ class BackendOptions:
         return cls(**options)
 
 
-def _passes_source_hash() -> str:
-    """Hash of every pass module's and the lowering's source: part of the compile-cache key."""
-    from torch_dflash import passes
-
-    digest = hashlib.sha256()
-    for path in sorted(Path(passes.__file__).parent.glob("*.py")):
-        digest.update(path.read_bytes())
-    digest.update(inspect.getsource(lowering).encode())
-    return digest.hexdigest()
-
-
 class DFlashGraphPass:
     """Our pipeline + lowering over one ATen graph, recording a CompileReport. Also an Inductor custom pass."""
 
@@ -65,13 +55,17 @@ class DFlashGraphPass:
         self.target = lowering.resolve_target(options.target)
 
     def __call__(self, graph: fx.Graph) -> None:
+        self.publish(self.run(graph.owning_module))
+
+    def run(self, gm: fx.GraphModule) -> report.CompileReport:
         from torch_dflash.passes.pipeline import default_pass_manager
 
-        gm = graph.owning_module
         manager = default_pass_manager(disabled=self.options.disable, keep_snapshots=self.options.snapshots)
         pipeline = manager.run(gm)
         choices = lowering.lower(gm, self.target)
-        compile_report = report.CompileReport.build(self.target, pipeline, choices, self.graph_name)
+        return report.CompileReport.build(self.target, pipeline, choices, self.graph_name)
+
+    def publish(self, compile_report: report.CompileReport) -> None:
         report.record(compile_report)
         if self.options.report:
             Path(self.options.report).write_text(compile_report.to_json(snapshots=self.options.snapshots))
@@ -80,8 +74,8 @@ class DFlashGraphPass:
         """Inductor's FX-graph cache key part: pass sources, options, target, torch/triton versions."""
         import triton
 
-        key = {"passes": _passes_source_hash(), "options": dataclasses.asdict(self.options), "target": self.target,
-               "torch": torch.__version__, "triton": triton.__version__}
+        key = {"passes": compile_cache.source_hash(), "options": dataclasses.asdict(self.options),
+               "target": self.target, "torch": torch.__version__, "triton": triton.__version__}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -116,7 +110,7 @@ def dflash_backend(gm: fx.GraphModule, example_inputs, options: dict | None = No
 
         with unset_fake_temporarily():  # the passes compute merged weights from real frozen tensors
             kept = freeze_parameters(aot_gm, user_params)
-            graph_pass(aot_gm.graph)
+            aot_gm = compile_cache.rewrite(aot_gm, graph_pass)
         if not opts.inductor:
             run = aot_gm.forward
         else:

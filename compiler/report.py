@@ -18,6 +18,8 @@ class CompileReport:
     declined: dict[str, list[tuple[str, str]]] = field(default_factory=dict)   # op -> (provider, reason)
     graph: str = ""                                                            # which graph: "draft", "aot#0"...
     snapshots: dict[str, tuple[str, str]] = field(default_factory=dict)        # pass -> (before, after) code
+    cache: str = "off"                 # compile cache: hit | miss | rebuilt (damaged entry replaced) | skipped | off
+    cache_key: str = ""                # the first 16 hex digits of the cache key
 
     @classmethod
     def build(cls, target: str, pipeline, choices: dict, graph: str = "") -> "CompileReport":

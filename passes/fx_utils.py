@@ -1,4 +1,5 @@
-"""Small FX helpers shared by the passes: op tests, parameter lookup, replacing a subgraph's outputs."""
+"""Small FX helpers shared by the passes: op tests, parameter lookup, constants built from recipes, replacing a
+subgraph's outputs."""
 
 import sympy
 import torch
@@ -22,21 +23,58 @@ def attr_tensor(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
     """The tensor behind a get_attr node (a parameter, buffer or constant), else None."""
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
+    return _named_tensor(gm, node.target)
+
+
+def _named_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor | None:
     value = gm
-    for part in node.target.split("."):
+    for part in target.split("."):
         value = getattr(value, part, None)
         if value is None:
             return None
     return value if isinstance(value, torch.Tensor) else None
 
 
-def add_constant(gm: fx.GraphModule, anchor: fx.Node, prefix: str, value: torch.Tensor) -> fx.Node:
-    """Register `value` on gm under a fresh name and return a get_attr node for it, inserted before anchor."""
+RECIPES = "dflash_constant_recipes"   # gm.meta key: constant name -> its recipe (see build_constant)
+
+
+def recipe_of(gm: fx.GraphModule, node: fx.Node) -> tuple:
+    """How the tensor behind get_attr `node` is made from the module's own tensors: the recipe recorded when a
+    pass built it, else ("attr", target) — the tensor as it is."""
+    return gm.meta.get(RECIPES, {}).get(node.target, ("attr", node.target))
+
+
+def build_constant(gm: fx.GraphModule, recipe: tuple) -> torch.Tensor:
+    """Evaluate a recipe over gm's tensors: ("attr", name) | ("rows", r, start, end) | ("zeros", r, n) (n rows of
+    zeros shaped like r's rows) | ("cat", [r, ...]) along dim 0 | ("ones", n, dtype, device). The compile cache
+    replays recipes against the live parameters, so a cached graph never stores weights."""
+    kind, *args = recipe
+    if kind == "attr":
+        value = _named_tensor(gm, args[0])
+        if value is None:
+            raise KeyError(f"the module has no tensor '{args[0]}'")
+        return value
+    if kind == "rows":
+        return build_constant(gm, args[0])[args[1]:args[2]]
+    if kind == "zeros":
+        ref = build_constant(gm, args[0])
+        return ref.new_zeros(args[1], *ref.shape[1:])
+    if kind == "cat":
+        return torch.cat([build_constant(gm, part) for part in args[0]]).detach()
+    if kind == "ones":
+        return torch.ones(args[0], dtype=args[1], device=args[2])
+    raise ValueError(f"unknown constant recipe {kind!r}")
+
+
+def add_constant(gm: fx.GraphModule, anchor: fx.Node, prefix: str, recipe: tuple) -> fx.Node:
+    """Build the constant `recipe` describes, register it on gm under a fresh name (recording the recipe) and
+    return a get_attr node for it, inserted before anchor."""
     i = 0
     while hasattr(gm, f"{prefix}_{i}"):
         i += 1
     name = f"{prefix}_{i}"
-    gm.register_buffer(name, value, persistent=True)
+    gm.register_buffer(name, build_constant(gm, recipe), persistent=True)
+    gm.meta.setdefault(RECIPES, {})[name] = recipe
     with gm.graph.inserting_before(anchor):
         return gm.graph.get_attr(name)
 

@@ -2,8 +2,9 @@
 removing what the fused op replaced.
 
 Merged weights: when every piece is a get_attr tensor (torch.export graphs) the merged tensor is built ONCE
-here and registered on the module as a constant (`dflash_<prefix>_<i>`); when a piece is a graph input (AOT
-graphs lift parameters to placeholders) the merge is an aten.cat in the graph, recomputed per call.
+here and registered on the module as a constant (`dflash_<prefix>_<i>`) together with its recipe (the cat of
+row slices it is, see fx_utils.build_constant; the compile cache replays it); when a piece is a graph input
+(AOT graphs lift parameters to placeholders) the merge is an aten.cat in the graph, recomputed per call.
 """
 
 import operator
@@ -12,7 +13,7 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
-from .fx_utils import add_constant, attr_tensor, infer_meta, meta_val, same_sizes
+from .fx_utils import add_constant, attr_tensor, infer_meta, meta_val, recipe_of, same_sizes
 from .head_chains import Proj, Table, is_idle
 from .rope_patterns import shape
 
@@ -35,11 +36,11 @@ class Emitter:
         node = self.call(target, *args)
         return [self.call(operator.getitem, node, i) for i in range(n)]
 
-    def constant(self, prefix: str, value: torch.Tensor, like: fx.Node) -> fx.Node:
-        node = add_constant(self.gm, self.anchor, f"dflash_{prefix}", value)
+    def constant(self, prefix: str, recipe: tuple, like: fx.Node) -> fx.Node:
+        node = add_constant(self.gm, self.anchor, f"dflash_{prefix}", recipe)
         fake_mode = detect_fake_mode([meta_val(like)])
         if fake_mode is not None:
-            node.meta["val"] = fake_mode.from_tensor(value, static_shapes=True)
+            node.meta["val"] = fake_mode.from_tensor(attr_tensor(self.gm, node), static_shapes=True)
         return node
 
     def size(self, node: fx.Node, dim: int):
@@ -59,12 +60,11 @@ class Emitter:
         if all(p is first for p in params) and [r for _, r, _ in parts] == _tiling(sizes) \
                 and shape(first)[0] == sum(sizes):
             return first
-        tensors = [attr_tensor(self.gm, p) for p in params if p is not None]
-        if all(t is not None for t in tensors):
-            ref = tensors[0]
-            pieces = [ref.new_zeros(n, *ref.shape[1:]) if p is None else
-                      attr_tensor(self.gm, p)[slice(*(rows or (0, n)))] for p, rows, n in parts]
-            return self.constant(prefix, torch.cat(pieces).detach().clone(), like)
+        if all(attr_tensor(self.gm, p) is not None for p in params if p is not None):
+            ref = recipe_of(self.gm, next(p for p in params if p is not None))
+            pieces = [("zeros", ref, n) if p is None else ("rows", recipe_of(self.gm, p), *(rows or (0, n)))
+                      for p, rows, n in parts]
+            return self.constant(prefix, ("cat", pieces), like)
         ref = next(p for p in params if p is not None)
         pieces = [self.call(aten.new_zeros.default, ref, [n, *shape(ref)[1:]]) if p is None else
                   (self.call(aten.slice.Tensor, p, 0, *rows) if rows else p) for p, rows, n in parts]
@@ -86,7 +86,7 @@ class Emitter:
 
     def ones(self, dim: int, like: fx.Node) -> fx.Node:
         """A [dim] weight of ones in x's dtype, for an RMSNorm spelled without a weight."""
-        return self.constant("ones", torch.ones(dim, dtype=meta_val(like).dtype, device=meta_val(like).device), like)
+        return self.constant("ones", ("ones", dim, meta_val(like).dtype, meta_val(like).device), like)
 
 
 def _tiling(sizes: list[int]) -> list[tuple[int, int]]:
