@@ -12,6 +12,18 @@ from torch import nn
 from torch.export import Dim, ExportedProgram
 
 
+def one_batch_symbol(like: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`tensors` expanded to the batch (dim 0) of `like`, so that every tensor of a captured step has ONE batch symbol.
+
+    torch.export traces a dynamic dim over [max(2, min), max]; with max_batch 2 that is the single value 2, so every
+    relation between the inputs' batch sizes holds without a guard and each input keeps a symbol of its own: the
+    draft's k = cat(context, block) viewed to heads gets (2·s0)//s1 heads, the positions another batch than the
+    queries, and the passes' shape guards refuse the sites (docs/passes.md). An expand gives its output `like`'s
+    symbol. With max_batch ≥ 3 the symbols are one anyway and the expands are no-ops (cleanup removes them).
+    A step takes inputs of one batch; here a batch-1 input would be broadcast, any other mismatch fails."""
+    return tuple(t.expand(like.shape[0], *t.shape[1:]) for t in tensors)
+
+
 class TargetIO(nn.Module):
     """Only the target's embedding and lm_head — what the draft borrows — so a draft program does not carry
     the whole target. Expects the HF layout `target.model.embed_tokens`."""
@@ -33,6 +45,8 @@ class DraftStep(nn.Module):
         self.target, self.draft = TargetIO(target), draft
 
     def forward(self, context_features, context_positions, block_ids, block_positions):
+        context_features, context_positions, block_positions = one_batch_symbol(
+            block_ids, context_features, context_positions, block_positions)
         embeds = self.draft.embed_block(block_ids, self.target)
         hidden = self.draft(context_features, embeds, context_positions, block_positions)
         return self.draft.compute_logits(hidden[:, 1:], self.target)
@@ -47,6 +61,7 @@ class VerifyStep(nn.Module):
         self.target = target
 
     def forward(self, block_ids, positions):
+        (positions,) = one_batch_symbol(block_ids, positions)
         out = self.target(block_ids, positions=positions, return_features=True)
         return out.logits, out.features
 

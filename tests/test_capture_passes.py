@@ -1,70 +1,86 @@
-"""The pass pipeline on OUR captured draft and verify steps: every layer fused, attention kinds selected, and the
-rewritten programs equal the captured ones on a second shape (batch and context length differ)."""
+"""The pass pipeline on OUR captured draft and verify steps, with a dynamic batch 1..max_batch (max_batch 2, the
+degenerate export range, included): every layer fused as with a static batch, attention kinds selected, and the
+rewritten programs equal the model as written at batch 1 and at batch max_batch, positions ragged per row."""
 
 import pytest
 import torch
+from tiny_models import mhc_decoder_lm
 
-from torch_dflash.compiler.capture import capture_draft, capture_verify
+from torch_dflash.compiler.capture import DraftStep, VerifyStep, capture_draft, capture_verify
 from torch_dflash.compiler.step_compiler import pipeline_compile_step
 from torch_dflash.demo import build_demo_pair
 
-dflash = torch.ops.dflash
+STARTS = (7, 0, 12, 3)  # the first position of each row's step: every row at its own place in the cache
 
 
-@pytest.fixture(scope="module")
-def pair():
-    return build_demo_pair(seed=5, max_batch=3, max_seq_len=48)
+@pytest.fixture(scope="module", params=[2, 3, 4])
+def pair(request):
+    """(target, draft, max_batch): the demo pair with caches of max_batch rows."""
+    return *build_demo_pair(seed=5, max_batch=request.param, max_seq_len=48), request.param
 
 
-def _dflash_ops(gm):
-    return sorted(str(n.target) for n in gm.graph.nodes if n.op == "call_function" and "dflash" in str(n.target))
+def _compiled(program, kind):
+    compile_step = pipeline_compile_step("cpu")
+    return compile_step(program.module(), kind), compile_step.reports[kind]
 
 
-def _same_outputs(before, after, args, caches_of):
-    """Run both programs from zeroed caches on args; outputs and the caches they wrote agree."""
-    results = []
+def _kinds(report):
+    return {kind: n for kind, n in report.fusions.items() if not kind.startswith(("canonicalize.", "cleanup."))}
+
+
+def _run(step, args):
+    """`step` on args from caches filled with the same random K/V → (outputs, {cache name: written cache})."""
+    caches = {name: buf for name, buf in step.named_buffers() if name.endswith(("k_cache", "v_cache"))}
+    torch.manual_seed(1)
     with torch.no_grad():
-        for program in (before, after):
-            for buf in caches_of(program):
-                buf.zero_()
-            out = program(*args)
-            results.append((out if isinstance(out, tuple) else (out,), [b.clone() for b in caches_of(program)]))
-    (out_a, caches_a), (out_b, caches_b) = results
-    for a, b in zip(out_a + tuple(caches_a), out_b + tuple(caches_b)):
+        for name in sorted(caches):
+            caches[name].copy_(torch.randn_like(caches[name]))
+        out = step(*args)
+    return out if isinstance(out, tuple) else (out,), {name: buf.clone() for name, buf in caches.items()}
+
+
+def _assert_same(eager_step, program, args):
+    (want, want_caches), (got, got_caches) = _run(eager_step, args), _run(program, args)
+    assert want_caches.keys() == got_caches.keys() and want_caches
+    for a, b in zip(want + tuple(want_caches.values()), got + tuple(got_caches[k] for k in want_caches)):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
 
-def _caches(program):
-    return [b for name, b in program.named_buffers() if name.endswith(("k_cache", "v_cache"))]
+def _ragged(batch, length, offset=0):
+    return (torch.tensor(STARTS[:batch])[:, None] + offset + torch.arange(length)).contiguous()
 
 
 def test_draft_step_fuses_every_layer(pair):
-    target, draft = pair
-    program = capture_draft(target, draft, max_batch=3)
-    before, after = program.module(), program.module()
-    compile_step = pipeline_compile_step("cpu")
-    compile_step(after, "draft")
-    layers = len(draft.layers)
-    fusions = compile_step.reports["draft"].fusions
-    assert (fusions["kv_materialize"], fusions["qkv_norm_rope"], fusions["attention.non_causal"]) == (layers,) * 3
-    assert _dflash_ops(after).count("dflash.attention.default") == layers
-    assert not compile_step.reports["draft"].rejections
-    B, C, b = 3, 5, draft.block_size  # a second shape: the capture's example was batch 2, context 3
-    args = (torch.randn(B, C, draft.fc.in_features), (4 + torch.arange(C)).expand(B, C).contiguous(),
-            torch.randint(0, 1000, (B, b)), (4 + C + torch.arange(b)).expand(B, b).contiguous())
-    _same_outputs(before, after, args, _caches)
+    target, draft, max_batch = pair
+    layers, b = len(draft.layers), draft.block_size
+    program, report = _compiled(capture_draft(target, draft, max_batch=max_batch), "draft")
+    assert _kinds(report) == {"kv_materialize": layers, "qkv_norm_rope": layers, "attention.non_causal": layers,
+                              "merge_sibling_projections": layers}
+    assert not report.rejections
+    C = 5  # the capture's example was batch 2, context 3
+    for B in (1, max_batch):
+        args = (torch.randn(B, C, draft.fc.in_features), _ragged(B, C), torch.randint(0, 1000, (B, b)),
+                _ragged(B, b, offset=C))
+        _assert_same(DraftStep(target, draft), program, args)
 
 
 def test_verify_step_fuses_every_layer(pair):
-    target, draft = pair
-    program = capture_verify(target, block_size=draft.block_size, max_batch=3)
-    before, after = program.module(), program.module()
-    compile_step = pipeline_compile_step("cpu")
-    compile_step(after, "verify")
-    layers = target.config.num_hidden_layers
-    fusions = compile_step.reports["verify"].fusions
-    assert (fusions["qkv_norm_rope"], fusions["attention.causal"]) == (layers, layers)
-    assert not compile_step.reports["verify"].rejections
-    ids = torch.randint(0, 1000, (1, draft.block_size))
-    positions = (7 + torch.arange(draft.block_size))[None].contiguous()
-    _same_outputs(before, after, (ids, positions), _caches)
+    target, draft, max_batch = pair
+    layers, b = target.config.num_hidden_layers, draft.block_size
+    program, report = _compiled(capture_verify(target, block_size=b, max_batch=max_batch), "verify")
+    assert _kinds(report) == {"qkv_norm_rope": layers, "attention.causal": layers, "merge_sibling_projections": layers}
+    assert not report.rejections
+    for B in (1, max_batch):
+        _assert_same(VerifyStep(target), program, (torch.randint(0, 1000, (B, b)), _ragged(B, b)))
+
+
+def test_mhc_verify_step_with_a_batch_of_two_fuses_every_boundary():
+    """Our mHC target (cache of 2 rows): hc_post/hc_pre boundaries, q/k/v and causal attention all fuse."""
+    target = mhc_decoder_lm(layers=2, iters=3)
+    target.feature_layer_ids = [0, 1]
+    program, report = _compiled(capture_verify(target, block_size=4, max_batch=2), "verify")
+    assert _kinds(report) == {"mhc_pre": 1, "mhc_post_pre": 3, "mhc_post": 1, "qkv_norm_rope": 2,
+                              "attention.causal": 2, "merge_sibling_projections": 2}
+    assert not report.rejections
+    for B in (1, 2):
+        _assert_same(VerifyStep(target), program, (torch.randint(0, 128, (B, 4)), _ragged(B, 4)))
