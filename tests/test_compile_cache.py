@@ -19,7 +19,9 @@ import tiny_models
 import torch_dflash as td
 from torch_dflash.compiler import compile_cache
 
-# One process compiling our 1-layer DecoderLM (weights from argv seed) and checking it against eager.
+# One process compiling our 1-layer DecoderLM (weights from argv seed) and checking it against eager. Target cuda
+# with the Triton kernels in the interpreter on CPU tensors (TRITON_INTERPRET=1, on any machine): the lowered graph
+# calls dflash_triton ops, which a hit must register before it unpickles the graph.
 PROCESS = textwrap.dedent("""
     import sys
     import torch
@@ -33,7 +35,8 @@ PROCESS = textwrap.dedent("""
     model = DecoderLM(DecoderConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
     model.setup_cache(2, 16)
-    fast = torch.compile(model, backend="dflash", dynamic=False, options={"inductor": False, "report": report})
+    options = {"target": "cuda", "inductor": False, "report": report}
+    fast = torch.compile(model, backend="dflash", dynamic=False, options=options)
     ids, positions = torch.randint(0, 128, (2, 6)), torch.arange(6).expand(2, 6)
     with torch.no_grad():
         torch.testing.assert_close(fast(ids, positions=positions).logits, model(ids, positions=positions).logits,
@@ -54,7 +57,7 @@ def _package_tree(root: Path) -> Path:
 
 
 def _process(tree: Path, cache: Path, report: Path, seed: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(tree), "TORCH_DFLASH_CACHE_DIR": str(cache)}
+    env = {**os.environ, "PYTHONPATH": str(tree), "TORCH_DFLASH_CACHE_DIR": str(cache), "TRITON_INTERPRET": "1"}
     env.pop("TORCH_DFLASH_CACHE_DISABLE", None)
     run = subprocess.run([sys.executable, "-c", PROCESS, str(tree), str(report), str(seed)], env=env, cwd=tree,
                          capture_output=True, text=True, timeout=300)
@@ -80,6 +83,7 @@ def test_second_process_hits_with_its_own_weights(first_process, tmp_path):
     second = _process(tree, cache, tmp_path / "second.json", seed=2)   # other weights, same key: recipes replay
     assert second["cache"] == "hit" and second["cache_key"] == first["cache_key"]
     assert second["fusions"]["qkv_norm_rope"] == 1 and second["fusions"]["attention.causal"] == 1
+    assert second["providers"]["qkv_norm_rope"] == ["triton"]
     assert second["fusions"] == first["fusions"] and len(_entries(cache)) == 1
 
 
