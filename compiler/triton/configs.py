@@ -85,23 +85,26 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     # by group_m token tiles); fused 0: the vendor GEMM + norm_rope_heads epilogue (the tiles still serve
     # benchmarks that force the fused kernel). one_dot 1: one hd-wide dot split in registers (NVIDIA layouts only),
     # 0: two hd/2-wide dots. rocm tiles keep shared memory under gfx942's 64 KiB LDS.
-    # Untuned first guesses: tune with benchmarks/sweep_qkv_gemm.py (docs/kernels/projections.md).
+    # cuda rows from the H100 sweep of 2026-11-21 (benchmarks/sweep_qkv_gemm.py, torch 2.11, triton 3.6; H 4096,
+    # 32/8 heads, hd 128, bf16): fused 26.8 µs vs vendor GEMM + epilogue 29.5 at T 32; at T 512 61.8 vs 45.4 and at
+    # T 8192 727 vs 632 (GEMM alone 540), so the fused kernel serves only T <= 32. medium/large keep the sweep's
+    # best fused tiles for forced-fused runs. rocm rows: untuned, vendor GEMM + epilogue everywhere.
     "qkv_gemm.small": {
-        "cuda": {"max_t": 256, "fused": 0, "block_m": 64, "block_k": 64, "group_m": 8, "one_dot": 0,
+        "cuda": {"max_t": 32, "fused": 1, "block_m": 16, "block_k": 128, "group_m": 4, "one_dot": 0,
                  "num_warps": 4, "num_stages": 4},
-        "rocm": {"max_t": 256, "fused": 0, "block_m": 64, "block_k": 64, "group_m": 8, "one_dot": 0,
+        "rocm": {"max_t": 32, "fused": 0, "block_m": 64, "block_k": 64, "group_m": 8, "one_dot": 0,
                  "num_warps": 4, "num_stages": 2},
     },
     "qkv_gemm.medium": {
-        "cuda": {"max_t": 2048, "fused": 1, "block_m": 64, "block_k": 64, "group_m": 8, "one_dot": 0,
-                 "num_warps": 4, "num_stages": 4},
-        "rocm": {"max_t": 2048, "fused": 1, "block_m": 64, "block_k": 64, "group_m": 8, "one_dot": 0,
+        "cuda": {"max_t": 2048, "fused": 0, "block_m": 128, "block_k": 64, "group_m": 4, "one_dot": 1,
+                 "num_warps": 4, "num_stages": 3},
+        "rocm": {"max_t": 2048, "fused": 0, "block_m": 64, "block_k": 64, "group_m": 8, "one_dot": 0,
                  "num_warps": 4, "num_stages": 2},
     },
     "qkv_gemm.large": {
-        "cuda": {"max_t": 0, "fused": 1, "block_m": 128, "block_k": 64, "group_m": 8, "one_dot": 0,
-                 "num_warps": 8, "num_stages": 3},
-        "rocm": {"max_t": 0, "fused": 1, "block_m": 128, "block_k": 32, "group_m": 8, "one_dot": 0,
+        "cuda": {"max_t": 0, "fused": 0, "block_m": 256, "block_k": 64, "group_m": 8, "one_dot": 1,
+                 "num_warps": 8, "num_stages": 3},  # the sweep's 4 stages exceed sm_80's shared memory
+        "rocm": {"max_t": 0, "fused": 0, "block_m": 128, "block_k": 32, "group_m": 8, "one_dot": 0,
                  "num_warps": 8, "num_stages": 2},
     },
 }
