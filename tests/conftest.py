@@ -12,6 +12,13 @@ if not torch.cuda.is_available():
 
 HAS_GPU = torch.cuda.is_available()
 
+# The backend's compile cache goes to a fresh directory per test session, never the user's ~/.cache (tests that
+# exercise the cache set their own TORCH_DFLASH_CACHE_DIR).
+if "TORCH_DFLASH_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TORCH_DFLASH_CACHE_DIR"] = tempfile.mkdtemp(prefix="torch_dflash_cache_")
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_GPU:
