@@ -118,7 +118,9 @@ def dflash_backend(gm: fx.GraphModule, example_inputs, options: dict | None = No
             run = compile_fx(aot_gm, [aot_inputs[i] for i in kept], config_patches=patches)
         return make_boxed_func(lambda *args: run(*[args[i] for i in kept]))
 
-    return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler)
+    # keep_inference_input_mutations: KV-cache writes stay in the graph (copy_ into the input) so Inductor writes the
+    # new tokens in place; without it AOT returns each whole new cache as an output and copies it back per step.
+    return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler, keep_inference_input_mutations=True)
 
 
 def freeze_parameters(aot_gm: fx.GraphModule, user_params: dict[int, torch.Tensor]) -> list[int]:
