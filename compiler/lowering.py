@@ -29,7 +29,7 @@ log = logging.getLogger("torch_dflash")
 
 PROVIDER_PACKAGES = {"cuda": "triton", "rocm": "triton", "ascend": "ascend"}
 PROVIDER_MODULES = {
-    "triton": ("qkv_norm_rope", "kv_materialize", "norm_rope", "mhc", "attention"),
+    "triton": ("qkv_norm_rope", "kv_materialize", "norm_rope", "mhc", "attention", "linear"),
     "ascend": ("providers",),
 }
 

@@ -347,6 +347,9 @@ SAMPLES = {
     "attention.causal": _attention("causal"),
     "attention.sliding": _attention("sliding", window=3),
     "attention.custom": _attention("custom"),
+    "linear": Sample(
+        ops.linear, lambda g, b, s, k: (randn(g, b, s, 16), randn(g, 24, 16, scale=0.25), randn(g, 24)),
+        lambda B, S, K: ({0: B, 1: S}, None, None)),
 }
 # Tracing tests need one attention kind without a mask and `custom` (the other kinds share the same fake).
 TRACED = [name for name in SAMPLES if name not in ("attention.non_causal", "attention.sliding")]
@@ -469,6 +472,8 @@ ERRORS = {  # case -> (op, args, message)
     "sliding window 0": (ops.attention, _attention_args("sliding", 0), r"sliding needs window > 0, got 0"),
     "qkv weight width": (ops.qkv_norm_rope, _qkv_args_with_wrong_width(),
                          r"qkv_norm_rope: weight has 56 rows, expected 8×8"),
+    "linear width": (ops.linear, (torch.zeros(2, 3, 8), torch.zeros(4, 6), None),
+                     r"linear: x has 8 features but w \(4, 6\) takes 6"),
     "mhc fn rows": (ops.mhc_pre, (torch.zeros(2, 4, 8), torch.zeros(20, 32), torch.zeros(24), torch.ones(3),
                                   EPS, EPS, 20), r"mhc: fn has 20 rows, expected \(2\+n\)·n = 24 for n = 4"),
 }

@@ -215,6 +215,15 @@ def _kv_materialize(op: str, a: dict[str, Operand]) -> Lowered:
                    "not apply)", body)
 
 
+# ---------------------------------------------------------------------------------------------- linear
+
+
+def _linear(op: str, a: dict[str, Operand]) -> Lowered:
+    x, w, b = (a[n].src for n in ("x", "w", "b"))
+    return Lowered("dflash.linear -> torch.nn.functional.linear (torch_npu's matmul; no skinny kernel on Ascend)",
+                   (f"return torch.nn.functional.linear({x}, {w}, {b})",))
+
+
 # ---------------------------------------------------------------------------------------------- mHC
 
 
@@ -245,4 +254,5 @@ _LOWERINGS = {
     "mhc_pre": _traced_reference,
     "mhc_post": _traced_reference,
     "mhc_post_pre": _traced_reference,
+    "linear": _linear,
 }

@@ -1,8 +1,9 @@
 """The op library: `torch.ops.dflash.*`, each with a schema, a reference in plain torch, a fake
 implementation for symbolic shapes, and provider slots per target (see compiler/providers.py)."""
 
-from . import attention, mhc, norm_rope, projections
+from . import attention, linear, mhc, norm_rope, projections
 from .attention import attention_reference
+from .linear import linear_reference
 from .mhc import mhc_post_pre_reference, mhc_post_reference, mhc_pre_reference
 from .norm_rope import rms_norm_reference, rope_reference, rotate_half
 from .projections import kv_materialize_reference, qkv_norm_rope_reference
@@ -16,6 +17,7 @@ REFERENCES = {
     "mhc_post": mhc_post_reference,
     "mhc_post_pre": mhc_post_pre_reference,
     "attention": attention_reference,
+    "linear": linear_reference,
 }
 OP_NAMES = tuple(REFERENCES)
 

@@ -7,7 +7,10 @@ MMA's M operand ("swap AB"), so a 16-row x still fills a 64-row tensor-core tile
 keep every SM streaming even when N / BLOCK_N alone would not. With SPLIT_K > 1 each program stores its fp32
 partial tile to a workspace and takes an arrival ticket (the pattern of mhc.py); the last slice of an N tile to
 arrive sums the SPLIT_K partials in slice order (deterministic) and stores y — one launch, no memset, no atomics
-on the data. Used by benchmarks/sweep_skinny_gemm.py; not wired into a dflash op.
+on the data. An optional bias is added in fp32 by whichever program stores y.
+
+`gemm_config(m, n, k, family)` derives the launch from configs.TABLE["skinny_gemm"] (the rule and the H100 sweep
+behind it: docs/kernels/skinny_gemm.md); compiler/triton/linear.py serves dflash.linear with it.
 """
 
 import os
@@ -18,20 +21,17 @@ import triton.language as tl
 
 from ...errors import InputError
 from .aot import KernelSpec, pointer_args
+from .configs import launch_config
 from .mhc import _arrival_counters
 from .norm_rope import DTYPES, _compilable, _signature, family_of
 
 MAX_M = 32
-# per family: shared memory is stages × (BLOCK_N + BLOCK_M) × BLOCK_K × 2 bytes on sm_90 (one stage less on sm_80):
-# 4 stages fit sm_80 / sm_90 at BLOCK_M 32; gfx942's 64 KiB LDS takes 2.
-DEFAULT_CONFIG = {"cuda": {"block_n": 64, "block_k": 256, "split_k": 4, "num_warps": 4, "num_stages": 4},
-                  "rocm": {"block_n": 64, "block_k": 256, "split_k": 4, "num_warps": 4, "num_stages": 2}}
 
 
 @triton.jit
-def skinny_gemm_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                       EVEN: tl.constexpr, WIDEN_DOT: tl.constexpr):
+                       EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, WIDEN_DOT: tl.constexpr):
     pid_n = tl.program_id(0)
     sl = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -58,8 +58,12 @@ def skinny_gemm_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_x
         x_ptrs += BLOCK_K
     out_ok = (rn[:, None] < N) & (rm[None, :] < M)
     y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[:, None]
+    else:
+        bias = 0.0
     if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+        tl.store(y_ptrs, (acc + bias).to(y_ptr.dtype.element_ty), mask=out_ok)
     else:
         tile = rm[None, :] * N + rn[:, None]
         tl.store(ws_ptr + sl * BLOCK_M * N + tile, acc, mask=out_ok)
@@ -71,20 +75,48 @@ def skinny_gemm_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_x
             total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for s in range(SPLIT_K):
                 total += tl.load(ws_ptr + s * BLOCK_M * N + tile, mask=out_ok, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_ok)
+            tl.store(y_ptrs, (total + bias).to(y_ptr.dtype.element_ty), mask=out_ok)
             tl.store(count_ptr + pid_n, 0)  # leave the ticket ready for the next launch
 
 
-def _unsupported(x: torch.Tensor, w: torch.Tensor) -> str | None:
+def unsupported(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> str | None:
+    """Why the kernel cannot compute x [M, K] @ w [N, K]ᵀ (+ bias [N]), or None."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         return f"skinny_gemm: x must be [M, K] and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}."
     if not 1 <= x.shape[0] <= MAX_M:
         return f"skinny_gemm: x has {x.shape[0]} rows; the kernel takes 1 to {MAX_M}."
     if x.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype:
         return f"skinny_gemm: x and w must both be bf16 or fp16, got {x.dtype} and {w.dtype}."
-    if x.device != w.device or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"):
-        return "skinny_gemm: x and w must be on one GPU (CPU tensors only under TRITON_INTERPRET=1)."
+    if bias is not None and (tuple(bias.shape) != (w.shape[0],) or bias.dtype != x.dtype):
+        return f"skinny_gemm: bias must be [{w.shape[0]}] in {x.dtype}, got {tuple(bias.shape)} in {bias.dtype}."
+    tensors = (x, w) if bias is None else (x, w, bias)
+    if any(t.device != x.device for t in tensors) or (
+            x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"):
+        return "skinny_gemm: x, w and bias must be on one GPU (CPU tensors only under TRITON_INTERPRET=1)."
     return None
+
+
+def serves(m: int, n: int, k: int, family: str) -> bool:
+    """Whether the kernel beats the vendor GEMM at this shape (configs.TABLE["skinny_gemm"]): every shape up to
+    max_m_any_weight rows, up to max_m rows only weights of at least min_weight_elems elements."""
+    row = launch_config("skinny_gemm", family)
+    return 1 <= m <= row["max_m_any_weight"] or (m <= row["max_m"] and n * k >= row["min_weight_elems"])
+
+
+def gemm_config(n: int, k: int, family: str) -> dict:
+    """The launch for w [N, K] (docs/kernels/skinny_gemm.md): block_n the widest power of two in [min_block_n,
+    max_block_n] that still gives `programs` N tiles (else min_block_n); split_k the largest power of two up to
+    max_split that keeps tiles × split within `programs` (≈ 2 per SM: enough to stream, few enough that the
+    partial tiles stay cheap); block_k, warps and stages from the row."""
+    row = launch_config("skinny_gemm", family)
+    block_n = row["max_block_n"]
+    while block_n > row["min_block_n"] and triton.cdiv(n, block_n) < row["programs"]:
+        block_n //= 2
+    tiles, split = triton.cdiv(n, block_n), 1
+    while split * 2 <= row["max_split"] and tiles * split * 2 <= row["programs"]:
+        split *= 2
+    return {"block_n": block_n, "block_k": row["block_k"], "split_k": split, "num_warps": row["num_warps"],
+            "num_stages": row["num_stages"]}
 
 
 def plan(m: int, n: int, k: int, config: dict) -> dict:
@@ -97,37 +129,39 @@ def plan(m: int, n: int, k: int, config: dict) -> dict:
 
 
 def skinny_gemm(x: torch.Tensor, w: torch.Tensor, config: dict | None = None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ wᵀ (x [M ≤ 32, K], w [N, K], bf16 / fp16) in x's dtype; config overrides keys of the device
-    family's DEFAULT_CONFIG."""
-    reason = _unsupported(x, w)
+                out: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ wᵀ (+ bias) (x [M ≤ 32, K], w [N, K], bf16 / fp16) in x's dtype; config overrides keys of
+    gemm_config(N, K, family)."""
+    reason = unsupported(x, w, bias)
     if reason:
         raise InputError(reason)
-    cfg = {**DEFAULT_CONFIG[family_of(x)], **(config or {})}
     x, w = x.contiguous(), w.contiguous()
     (m, k), n = x.shape, w.shape[0]
+    cfg = {**gemm_config(n, k, family_of(x)), **(config or {})}
     meta = plan(m, n, k, cfg)
     y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     tiles, split = triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]
     ws = torch.empty(split * meta["BLOCK_M"] * n if split > 1 else 1, dtype=torch.float32, device=x.device)
     counters = _arrival_counters(x.device, tiles if split > 1 else 1)
     skinny_gemm_kernel[(tiles, split)](
-        x, w, y, ws, counters, m, n, k, x.stride(0), w.stride(0), y.stride(0),
-        **meta, WIDEN_DOT=x.device.type != "cuda", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        x, w, x if bias is None else bias.contiguous(), y, ws, counters, m, n, k, x.stride(0), w.stride(0),
+        y.stride(0), **meta, HAS_BIAS=bias is not None, WIDEN_DOT=x.device.type != "cuda",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
 
 
-def gemm_spec(dtype: torch.dtype, block_m: int, split_k: int, family: str = "cuda") -> KernelSpec:
-    """One build with the family's DEFAULT_CONFIG: N and K tile multiples (EVEN), 16-byte aligned pointers and
-    strides divisible by 16."""
-    config = DEFAULT_CONFIG[family]
-    constexprs = dict(BLOCK_M=block_m, BLOCK_N=config["block_n"], BLOCK_K=config["block_k"], SPLIT_K=split_k,
-                      EVEN=True, WIDEN_DOT=False)
+def gemm_spec(dtype: torch.dtype, block_m: int, n: int, k: int, bias: bool = False, family: str = "cuda") -> KernelSpec:
+    """The build gemm_config(n, k, family) launches for up to block_m rows: N and K tile multiples (EVEN),
+    16-byte aligned pointers and strides divisible by 16."""
+    config = gemm_config(n, k, family)
+    split = plan(block_m, n, k, config)["SPLIT_K"]
+    constexprs = dict(BLOCK_M=block_m, BLOCK_N=config["block_n"], BLOCK_K=config["block_k"], SPLIT_K=split,
+                      EVEN=True, HAS_BIAS=bias, WIDEN_DOT=False)
     fn = _compilable(skinny_gemm_kernel)
     dt = "*" + DTYPES[dtype]
-    pointers = {"x_ptr": dt, "w_ptr": dt, "y_ptr": dt, "ws_ptr": "*fp32", "count_ptr": "*i32"}
+    pointers = {"x_ptr": dt, "w_ptr": dt, "b_ptr": dt, "y_ptr": dt, "ws_ptr": "*fp32", "count_ptr": "*i32"}
     signature = _signature(fn, pointers, (), constexprs)
     return KernelSpec(f"skinny_gemm[{DTYPES[dtype]},m{block_m},n{config['block_n']},k{config['block_k']},"
-                      f"split{split_k},{family}]", fn, signature, constexprs, num_warps=config["num_warps"],
-                      num_stages=config["num_stages"],
+                      f"split{split}{',bias' if bias else ''},{family}]", fn, signature, constexprs,
+                      num_warps=config["num_warps"], num_stages=config["num_stages"],
                       divisible_by_16=pointer_args(signature) + ("N", "K", "stride_xm", "stride_wn", "stride_ym"))

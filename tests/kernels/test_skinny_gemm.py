@@ -1,54 +1,115 @@
-"""The split-K skinny GEMM (compiler/triton/skinny_gemm.py) vs torch.mm in fp32: interpreter numerics with tails
-in M, N and K, one split and several (the last-arriving slice sums the partials; its tickets reset), one-sentence
-refusals, and ahead-of-time builds for sm_80, sm_90, gfx942, gfx950."""
+"""The split-K skinny GEMM (compiler/triton/skinny_gemm.py) and the dflash.linear provider on it
+(compiler/triton/linear.py) vs fp32 references: interpreter numerics with tails in M, N and K, bias, one split and
+several (the last-arriving slice sums the partials; its tickets reset), one-sentence refusals, the config rule
+against the H100 sweep's best configs, the provider's run-time choice (kernel or F.linear) into NaN-poisoned
+outputs, and ahead-of-time builds for sm_80, sm_90, gfx942, gfx950 within shared memory."""
 
 import pytest
 import torch
 from aot_testing import run_aot_script
 from test_triton_qkv_gemm import SHARED_LIMIT
 
+from torch_dflash.compiler.triton import configs
+from torch_dflash.compiler.triton import linear as linear_provider
 from torch_dflash.compiler.triton import skinny_gemm as sg
 from torch_dflash.errors import InputError
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _reference(x, w):
-    return (x.float() @ w.float().t()).to(x.dtype)
+def _reference(x, w, b=None):
+    y = x.float() @ w.float().t()
+    return (y if b is None else y + b.float()).to(x.dtype)
 
 
-@pytest.mark.parametrize("m,n,k,split", [(1, 96, 256, 1), (5, 72, 200, 3), (16, 64, 128, 4), (32, 40, 96, 2)])
-def test_matches_mm_with_tails_and_splits(m, n, k, split):
-    """72 / 40 rows are not multiples of BLOCK_N 32; 200 / 96 of K are not multiples of split × BLOCK_K."""
+def _operands(m, n, k, bias=False, lead=()):
     g = torch.Generator().manual_seed(m + n + k)
-    x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(DEVICE)
+    x = torch.randn(*lead, m, k, generator=g).to(torch.bfloat16).to(DEVICE)
     w = (torch.randn(n, k, generator=g) * k ** -0.5).to(torch.bfloat16).to(DEVICE)
+    b = torch.randn(n, generator=g).to(torch.bfloat16).to(DEVICE) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("m,n,k,split,bias", [(1, 96, 256, 1, True), (5, 72, 200, 3, False),
+                                              (16, 64, 128, 4, True), (32, 40, 96, 2, True)])
+def test_matches_mm_with_tails_and_splits(m, n, k, split, bias):
+    """72 / 40 rows are not multiples of BLOCK_N 32; 200 / 96 of K are not multiples of split × BLOCK_K."""
+    x, w, b = _operands(m, n, k, bias)
     config = {"block_n": 32, "block_k": 32, "split_k": split}
-    want = _reference(x, w)
+    want = _reference(x, w, b)
     for _ in range(2):   # the second call finds the tickets the first one reset
         out = torch.full((m, n), float("nan"), dtype=x.dtype, device=DEVICE)
-        got = sg.skinny_gemm(x, w, config, out=out)
+        got = sg.skinny_gemm(x, w, config, out=out, bias=b)
         assert got is out
         torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
     if split > 1:
         assert not sg._arrival_counters(x.device, n // 32 + 1).any()
 
 
-@pytest.mark.parametrize("x,w,match", [
-    (torch.zeros(33, 8, dtype=torch.bfloat16), torch.zeros(4, 8, dtype=torch.bfloat16), "33 rows; the kernel takes 1 to 32"),
-    (torch.zeros(2, 8), torch.zeros(4, 8), "must both be bf16 or fp16"),
-    (torch.zeros(2, 8, dtype=torch.bfloat16), torch.zeros(4, 6, dtype=torch.bfloat16), r"\[M, K\] and w \[N, K\]"),
+@pytest.mark.parametrize("x,w,b,match", [
+    (torch.zeros(33, 8, dtype=torch.bfloat16), torch.zeros(4, 8, dtype=torch.bfloat16), None,
+     "33 rows; the kernel takes 1 to 32"),
+    (torch.zeros(2, 8), torch.zeros(4, 8), None, "must both be bf16 or fp16"),
+    (torch.zeros(2, 8, dtype=torch.bfloat16), torch.zeros(4, 6, dtype=torch.bfloat16), None, r"\[M, K\] and w \[N, K\]"),
+    (torch.zeros(2, 8, dtype=torch.bfloat16), torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(4),
+     r"bias must be \[4\] in torch.bfloat16"),
 ])
-def test_refuses_what_it_cannot_run(x, w, match):
+def test_refuses_what_it_cannot_run(x, w, b, match):
     with pytest.raises(InputError, match=match):
-        sg.skinny_gemm(x.to(DEVICE), w.to(DEVICE))
+        sg.skinny_gemm(x.to(DEVICE), w.to(DEVICE), bias=None if b is None else b.to(DEVICE))
+
+
+# (N, K) -> the H100 sweep's best (block_n, block_k, split_k) at M 16 (docs/kernels/skinny_gemm.md) and what the
+# rule picks; down's best (64, 128, 4) measured 37.9 µs, the rule's (32, 128, 2) 38.1 (and best at M 32).
+RULE = {"qkv": ((6144, 4096), (32, 128, 1)), "o": ((4096, 4096), (32, 128, 2)),
+        "gate_up": ((24576, 4096), (64, 128, 1)), "down": ((4096, 12288), (32, 128, 2)),
+        "lm_head": ((151936, 4096), (128, 128, 1))}
+
+
+@pytest.mark.parametrize("shape", RULE)
+def test_config_rule_reproduces_the_h100_sweep(shape):
+    (n, k), want = RULE[shape]
+    cfg = sg.gemm_config(n, k, "cuda")
+    assert (cfg["block_n"], cfg["block_k"], cfg["split_k"], cfg["num_warps"], cfg["num_stages"]) == (*want, 4, 4)
+
+
+def test_kernel_serves_what_it_won_in_the_sweep():
+    """M ≤ 16 every shape; M 32 only the large weights (the sweep: cuBLAS wins o and qkv there); M 33 never."""
+    served = {m: {s for s, ((n, k), _) in RULE.items() if sg.serves(m, n, k, "cuda")} for m in (1, 16, 32, 33)}
+    assert served == {1: set(RULE), 16: set(RULE), 32: {"gate_up", "down", "lm_head"}, 33: set()}
+
+
+@pytest.mark.parametrize("m,large_m_weights,kernel", [(1, False, True), (16, False, True), (32, False, False),
+                                                      (32, True, True), (33, True, False)])
+def test_linear_provider_picks_kernel_or_vendor_gemm_at_run_time(monkeypatch, m, large_m_weights, kernel):
+    """x [2, M/2 or M, K] with bias; the kernel writes into a NaN-filled output. large_m_weights: the table's
+    min_weight_elems lowered to 0 so that a small weight is served at M 32 (in the sweep only ≥ 32 Mi elements
+    were)."""
+    if large_m_weights:
+        monkeypatch.setitem(configs.TABLE["skinny_gemm"], "cuda",
+                            {**configs.TABLE["skinny_gemm"]["cuda"], "min_weight_elems": 0})
+    launched = []
+
+    def poisoned(x2, w, bias=None):
+        launched.append(x2.shape[0])
+        out = torch.full((x2.shape[0], w.shape[0]), float("nan"), dtype=x2.dtype, device=x2.device)
+        return sg.skinny_gemm(x2, w, out=out, bias=bias)
+
+    monkeypatch.setattr(linear_provider, "skinny_gemm", poisoned)
+    lead = (2,) if m % 2 == 0 else ()
+    x, w, b = _operands(m // 2 if lead else m, 96, 512, bias=True, lead=lead)
+    got = linear_provider.linear(x, w, b)
+    assert launched == ([m] if kernel else [])
+    assert got.shape == (*x.shape[:-1], 96) and not got.isnan().any()
+    torch.testing.assert_close(got.float(), torch.nn.functional.linear(x.float(), w.float(), b.float()),
+                               atol=2e-2, rtol=2e-2)
 
 
 AOT_SCRIPT = """
 import json, sys, torch
-from torch_dflash.compiler.triton import aot, skinny_gemm
+from torch_dflash.compiler.triton import aot, linear, skinny_gemm
 fam = sys.argv[1]
-specs = [skinny_gemm.gemm_spec(torch.bfloat16, 16, 4, fam), skinny_gemm.gemm_spec(torch.bfloat16, 32, 1, fam)]
+specs = linear.aot_specs(fam) + [skinny_gemm.gemm_spec(torch.bfloat16, 32, 24576, 4096, bias=True, family=fam)]
 result = {}
 for arch in (a for a in aot.ARCHS if aot.family(a) == fam):
     for spec in specs:
@@ -62,10 +123,10 @@ print(json.dumps(result))
 
 
 def test_compiles_for_every_arch():
-    """bf16, 16 rows split 4 ways (the ticket path) and 32 rows unsplit, with each family's default config, for
-    sm_80, sm_90, gfx942 and gfx950, within each target's shared memory."""
+    """The provider's specs (Qwen3-8B shapes, 16 rows: split and unsplit, block_n 32 to 128) and a 32-row build
+    with bias, for sm_80, sm_90, gfx942 and gfx950, within each target's shared memory."""
     results = run_aot_script(AOT_SCRIPT)
-    assert len(results) == 4 * 2
+    assert len(results) == 4 * (3 + 1)   # 4 archs × (3 provider specs + 1)
     failed = {name: r for name, r in results.items() if not isinstance(r, list) or r[0] == 0}
     assert not failed, failed
     over = {name: shared for name, (_, shared) in results.items() if shared > SHARED_LIMIT[name.split("@")[1]]}
@@ -75,8 +136,12 @@ def test_compiles_for_every_arch():
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 16, 32])
 def test_gpu_qwen3_shapes(m):
-    """The Qwen3-8B shapes of the benchmark (K 4096 → N 24576 merged gate|up; K 12288 → 4096 down), default config."""
-    for n, k in ((24576, 4096), (4096, 12288)):
+    """The Qwen3-8B shapes of the sweep with the rule's configs (K 4096 → N 24576 merged gate|up with a bias;
+    K 12288 → 4096 down; K 4096 → 4096 o, split 2) and the provider on them."""
+    for n, k, bias in ((24576, 4096, True), (4096, 12288, False), (4096, 4096, False)):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
-        torch.testing.assert_close(sg.skinny_gemm(x, w).float(), _reference(x, w).float(), atol=2e-2, rtol=2e-2)
+        b = torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None
+        want = _reference(x, w, b).float()
+        torch.testing.assert_close(sg.skinny_gemm(x, w, bias=b).float(), want, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(linear_provider.linear(x, w, b).float(), want, atol=2e-2, rtol=2e-2)

@@ -1,0 +1,39 @@
+"""dflash.linear — y = x @ wᵀ (+ b), nn.Linear's formula, as an op of its own.
+
+passes/weight_linears.py gives it the decode-sized projections whose weight is a constant (o_proj, the merged
+gate|up, down, lm_head, the draft's fc), so that the lowering can pick a weight-streaming kernel for them (Triton:
+compiler/triton/linear.py) where the vendor GEMM leaves bandwidth unused; everywhere else it is F.linear.
+"""
+
+import torch
+from torch import Tensor
+
+from torch_dflash.errors import InputError
+
+
+def _check(x: Tensor, w: Tensor, b: Tensor | None) -> None:
+    if isinstance(x, torch.fx.Proxy):  # symbolically traced (Ascend codegen): sizes are not known
+        return
+    torch._check_with(InputError, w.dim() == 2, lambda: f"linear: w must be [N, K], got {tuple(w.shape)}.")
+    torch._check_with(InputError, x.shape[-1] == w.shape[-1],
+                      lambda: f"linear: x has {x.shape[-1]} features but w {tuple(w.shape)} takes {w.shape[-1]}.")
+    if b is not None:
+        torch._check_with(InputError, b.dim() == 1 and b.shape[0] == w.shape[0],
+                          lambda: f"linear: b must be [{w.shape[0]}], got {tuple(b.shape)}.")
+
+
+def linear_reference(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """F.linear: x [..., K] @ w [N, K]ᵀ (+ b [N]) → [..., N] in x's dtype."""
+    _check(x, w, b)
+    return torch.nn.functional.linear(x, w, b)
+
+
+@torch.library.custom_op("dflash::linear", mutates_args=())
+def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return linear_reference(x, w, b)
+
+
+@linear.register_fake
+def _(x, w, b):
+    _check(x, w, b)
+    return x.new_empty(*x.shape[:-1], w.shape[0])

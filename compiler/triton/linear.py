@@ -1,0 +1,46 @@
+"""dflash.linear on CUDA/ROCm: the split-K skinny GEMM (skinny_gemm.py) for the token counts it serves, else the
+vendor GEMM — one branch on the run-time row count, here and nowhere in the models.
+
+x[..., K] ─ rows M = Π lead ─┬─ skinny_gemm.serves(M, N, K): skinny_gemm_kernel(x[M, K], w, b) ─▶ y[..., N]
+                             └─ otherwise (prefill, fp32 …):  F.linear(x, w, b) (cuBLAS / hipBLASLt)
+"""
+
+import torch
+from torch import Tensor
+
+from ..providers import Provider, register
+from .aot import KernelSpec
+from .norm_rope import device_reason, dtype_reason, family_of, first_reason
+from .skinny_gemm import gemm_spec, serves, skinny_gemm
+
+# Qwen3-8B (H 4096, inter 12288, vocab 151936) and its 5-layer DFlash draft's fc: o, gate|up, down, lm_head, fc
+AOT_SHAPES = ((4096, 4096), (24576, 4096), (4096, 12288), (151936, 4096), (4096, 20480))
+
+
+def linear_supports(x: Tensor, w: Tensor, b: Tensor | None) -> str | None:
+    rows = x.shape[:-1].numel()
+    return first_reason(
+        device_reason(x),
+        None if x.dtype in (torch.bfloat16, torch.float16) else f"the skinny GEMM takes bf16/fp16, not {x.dtype}",
+        dtype_reason(x, w=w, b=b),
+        None if w.dim() == 2 else f"w must be [N, K], got {tuple(w.shape)}",
+        None if not isinstance(rows, int) or serves(rows, w.shape[0], w.shape[-1], family_of(x)) else
+        f"{rows} token rows: the vendor GEMM serves this shape (configs.TABLE['skinny_gemm'])")
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """The dflash.linear provider: skinny_gemm when skinny_gemm.serves the run-time row count, else F.linear."""
+    (n, k), lead = w.shape, x.shape[:-1]
+    rows = lead.numel()
+    if not serves(rows, n, k, family_of(x)):
+        return torch.nn.functional.linear(x, w, b)
+    return skinny_gemm(x.reshape(rows, k), w, bias=b).view(*lead, n)
+
+
+def aot_specs(family: str = "cuda") -> list[KernelSpec]:
+    """bf16, up to 16 rows (a 16-token block at batch 1), no bias, the launches gemm_config picks for AOT_SHAPES."""
+    specs = {spec.name: spec for spec in (gemm_spec(torch.bfloat16, 16, n, k, family=family) for n, k in AOT_SHAPES)}
+    return list(specs.values())
+
+
+register(Provider("linear", "triton", ("cuda", "rocm"), linear, priority=10, supports=linear_supports))
