@@ -10,25 +10,33 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     # tokens per program (>= 16: tensor-core GEMV against fn), D cut into `split` slices per token block (the last
     # slice to arrive finishes the block), block_d columns per phase-1 step. apply_launch 1: phase 2 (layer_in and
     # its norm) is a second launch over [block_t, apply_d] tiles; 0: the finishing program does it, apply_d
-    # columns per step, right after the block's phase 1 (its new_res still in L2). mhc.post (split 0 = one program
+    # columns per step, right after the block's phase 1 (its new_res still in L2). fn_parts: fn as 3 bf16 parts
+    # (the fp32 product) or 2 (16 bits, ≤ 2^-17 relative), split in every program (fn_presplit 0) or once per fn
+    # tensor by the launcher (1, cached; 1.5× fn's bytes at 3 parts). mhc.post (split 0 = one program
     # per block_d chunk) serves mhc_post alone. cuda: chosen from the traffic/latency analysis and the H100 sweep in
     # docs/kernels/mhc.md (re-tune with benchmarks/sweep_mhc.py); rocm: untuned (wavefront 64, narrower tiles).
     "mhc.small": {
         "cuda": {"max_t": 64, "block_t": 16, "block_d": 64, "split": 32, "apply_launch": 1, "apply_d": 64,
+                 "fn_parts": 3, "fn_presplit": 0,
                  "num_warps": 4, "num_stages": 2},
         "rocm": {"max_t": 64, "block_t": 16, "block_d": 32, "split": 32, "apply_launch": 1, "apply_d": 64,
+                 "fn_parts": 3, "fn_presplit": 0,
                  "num_warps": 4, "num_stages": 2},
     },
     "mhc.medium": {
         "cuda": {"max_t": 1024, "block_t": 16, "block_d": 64, "split": 16, "apply_launch": 1, "apply_d": 128,
+                 "fn_parts": 3, "fn_presplit": 0,
                  "num_warps": 4, "num_stages": 2},
         "rocm": {"max_t": 1024, "block_t": 16, "block_d": 32, "split": 16, "apply_launch": 1, "apply_d": 128,
+                 "fn_parts": 3, "fn_presplit": 0,
                  "num_warps": 4, "num_stages": 2},
     },
     "mhc.large": {
         "cuda": {"max_t": 0, "block_t": 16, "block_d": 64, "split": 16, "apply_launch": 0, "apply_d": 256,
+                 "fn_parts": 3, "fn_presplit": 0,
                  "num_warps": 4, "num_stages": 2},
         "rocm": {"max_t": 0, "block_t": 16, "block_d": 32, "split": 16, "apply_launch": 0, "apply_d": 128,
+                 "fn_parts": 3, "fn_presplit": 0,
                  "num_warps": 4, "num_stages": 2},
     },
     "mhc.post": {

@@ -16,6 +16,7 @@ docs/kernels/mhc.md explains the grid, the memory traffic, the numerics and the 
 """
 
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -46,27 +47,36 @@ def _dot_bf16(a, b, acc, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _mix_partial(f, fn_ptr, d, d_ok, D, acc, N: tl.constexpr, NM: tl.constexpr, FN_BF16_PARTS: tl.constexpr,
-                 INTERPRETED: tl.constexpr):
-    """acc + f [BLOCK_T, BLOCK_D] (one stream's chunk, fp32, zero where masked) · fn[:, d]ᵀ → [BLOCK_T, NM], on
-    tensor cores and fp32-accurate; fn_ptr points at this stream's columns of fn. With bf16 activations f is exact
-    in bf16 and fn is split into three bf16 parts (hi + mid + lo carry all 24 bits of an fp32), so three bf16 dots
-    give the fp32 product; other activation dtypes use an IEEE fp32 dot."""
+def _mix_partial(f, fn_ptr, d, d_ok, D, acc, N: tl.constexpr, NM: tl.constexpr, FN_PARTS: tl.constexpr,
+                 FN_PRESPLIT: tl.constexpr, INTERPRETED: tl.constexpr):
+    """acc + f [BLOCK_T, BLOCK_D] (one stream's chunk, fp32, zero where masked) · fn[:, d]ᵀ → [BLOCK_T, NM] on
+    tensor cores; fn_ptr points at this stream's columns. FN_PARTS 0 (fp16/fp32 activations): an IEEE fp32 dot.
+    2 or 3 (bf16 activations, exact in bf16): fn as bf16 parts hi + mid (+ lo), one bf16 dot each, smallest
+    first — 3 parts carry all 24 bits of an fp32 (the fp32 product), 2 parts 16 bits (each fn element within
+    2^-17 relative). FN_PRESPLIT: fn_ptr is the launcher's bf16 [FN_PARTS, NM, n·D] (rows zero-padded to NM);
+    otherwise fn is fp32 and split here, in every program."""
     NMIX: tl.constexpr = (2 + N) * N
     j = tl.arange(0, NM)
-    w = tl.load(fn_ptr + j[None, :] * (N * D) + d[:, None], mask=(j[None, :] < NMIX) & d_ok[:, None], other=0.0)
-    w = w.to(tl.float32)
-    if FN_BF16_PARTS:
+    if FN_PRESPLIT:
         a16 = f.to(tl.bfloat16)
-        hi = w.to(tl.bfloat16)
-        rest = w - hi.to(tl.float32)
-        mid = rest.to(tl.bfloat16)
-        lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
-        acc = _dot_bf16(a16, lo, acc, INTERPRETED)
-        acc = _dot_bf16(a16, mid, acc, INTERPRETED)
-        acc = _dot_bf16(a16, hi, acc, INTERPRETED)
+        for p in tl.static_range(FN_PARTS):
+            part = fn_ptr + (FN_PARTS - 1 - p) * (NM * N * D)
+            w = tl.load(part + j[None, :] * (N * D) + d[:, None], mask=d_ok[:, None], other=0.0)
+            acc = _dot_bf16(a16, w, acc, INTERPRETED)
     else:
-        acc = tl.dot(f, w, acc, input_precision="ieee")
+        w = tl.load(fn_ptr + j[None, :] * (N * D) + d[:, None], mask=(j[None, :] < NMIX) & d_ok[:, None], other=0.0)
+        w = w.to(tl.float32)
+        if FN_PARTS == 0:
+            acc = tl.dot(f, w, acc, input_precision="ieee")
+        else:
+            a16 = f.to(tl.bfloat16)
+            hi = w.to(tl.bfloat16)
+            rest = w - hi.to(tl.float32)
+            mid = rest.to(tl.bfloat16)
+            if FN_PARTS == 3:
+                acc = _dot_bf16(a16, (rest - mid.to(tl.float32)).to(tl.bfloat16), acc, INTERPRETED)
+            acc = _dot_bf16(a16, mid, acc, INTERPRETED)
+            acc = _dot_bf16(a16, hi, acc, INTERPRETED)
     return acc
 
 
@@ -103,10 +113,12 @@ def _normalize(c, eps, N: tl.constexpr, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _slice_sum(rows, q: tl.constexpr, split, SPLIT_P2: tl.constexpr, WSC: tl.constexpr):
-    """Σ over the `split` slices of workspace column q for the block's tokens ([BLOCK_T] row pointers)."""
+def _slice_sum(ws_ptr, tt, q: tl.constexpr, split, SPLIT_P2: tl.constexpr):
+    """Σ over the `split` slices of workspace column q for the block's tokens. The block's workspace is
+    [column, token, slice]: the [BLOCK_T, split] tile of a column is contiguous (coalesced, one vector load per
+    thread; a [token, slice, column] layout made every element its own 32-byte L2 sector)."""
     s = tl.arange(0, SPLIT_P2)
-    v = tl.load(rows[:, None] + s[None, :] * WSC + q, mask=s[None, :] < split, other=0.0)
+    v = tl.load(ws_ptr + (q * tt.shape[0] + tt[:, None]) * split + s[None, :], mask=s[None, :] < split, other=0.0)
     return tl.sum(v, axis=1)
 
 
@@ -137,13 +149,11 @@ def _finish_block(src_ptr, post_ptr, comb_ptr, base_ptr, scale_ptr, norm_w_ptr, 
     u = (x, res_0, …) and w their weights in layer_in = Σ_k pre_k·new_res_k = Σ_a w_a·u_a. Then phase 2 over the
     whole row (FINISH_INLINE), or pre and r_in to `coef` for the apply launch."""
     NMIX: tl.constexpr = (2 + N) * N
-    WSC: tl.constexpr = NMIX + 1 + (N + 1) * (N + 2) // 2
     tl.debug_barrier()
-    rows = ws_ptr + tt * (split * WSC)
     m = ()
     for q in tl.static_range(NMIX):
-        m = m + (_slice_sum(rows, q, split, SPLIT_P2, WSC),)
-    r = tl.math.rsqrt(_slice_sum(rows, NMIX, split, SPLIT_P2, WSC) / (N * D) + rms_eps)
+        m = m + (_slice_sum(ws_ptr, tt, q, split, SPLIT_P2),)
+    r = tl.math.rsqrt(_slice_sum(ws_ptr, tt, NMIX, split, SPLIT_P2) / (N * D) + rms_eps)
 
     s_pre = tl.load(scale_ptr).to(tl.float32)
     s_post = tl.load(scale_ptr + 1).to(tl.float32)
@@ -169,7 +179,7 @@ def _finish_block(src_ptr, post_ptr, comb_ptr, base_ptr, scale_ptr, norm_w_ptr, 
         quad = tl.zeros(tt.shape, tl.float32)
         for a in tl.static_range(N + 1):  # Gram pair (a, b), b <= a, sits at column NMIX + 1 + a(a+1)/2 + b
             for b in tl.static_range(a + 1):
-                g = _slice_sum(rows, NMIX + 1 + a * (a + 1) // 2 + b, split, SPLIT_P2, WSC)
+                g = _slice_sum(ws_ptr, tt, NMIX + 1 + a * (a + 1) // 2 + b, split, SPLIT_P2)
                 quad += (1.0 if a == b else 2.0) * (w[a] * w[b]) * g
         r_in = tl.math.rsqrt(quad / D + norm_eps)
     if FINISH_INLINE:
@@ -207,7 +217,8 @@ def _mhc_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, fn_ptr, base_ptr, scale_ptr,
                 new_res_ptr, out_ptr, post_out_ptr, comb_out_ptr, ws_ptr, coef_ptr, count_ptr,
                 T, D, split, iters, rms_eps, hc_eps, norm_eps,
                 N: tl.constexpr, NM: tl.constexpr, NH: tl.constexpr, BLOCK_T: tl.constexpr,
-                BLOCK_D: tl.constexpr, APPLY_D: tl.constexpr, SPLIT_P2: tl.constexpr, FN_BF16_PARTS: tl.constexpr,
+                BLOCK_D: tl.constexpr, APPLY_D: tl.constexpr, SPLIT_P2: tl.constexpr, FN_PARTS: tl.constexpr,
+                FN_PRESPLIT: tl.constexpr,
                 INTERPRETED: tl.constexpr, HAS_POST: tl.constexpr, HAS_PRE: tl.constexpr, HAS_NORM: tl.constexpr,
                 FINISH_INLINE: tl.constexpr):
     NMIX: tl.constexpr = (2 + N) * N
@@ -236,45 +247,44 @@ def _mhc_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, fn_ptr, base_ptr, scale_ptr,
     pairs = tl.arange(0, NH)[None, :]
     chunks = tl.cdiv(D, BLOCK_D)
     per_slice = tl.cdiv(chunks, split)
-    for c in range(sl * per_slice, tl.minimum(sl * per_slice + per_slice, chunks)):
-        d = c * BLOCK_D + tl.arange(0, BLOCK_D)
+    # One flat loop over (chunk, destination stream j) steps, so Triton's software pipeline prefetches across
+    # chunk boundaries too (a nested j loop restarted the pipeline, with a full load latency, every chunk).
+    first = sl * per_slice
+    for step in range(first * N, tl.minimum(first + per_slice, chunks) * N):
+        j = step % N
+        d = (step // N) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_ok = d < D
         td_ok = t_ok[:, None] & d_ok[None, :]
         rows = tt[:, None] * (N * D) + d[None, :]
-        if HAS_POST:
+        if HAS_POST:  # new_res[j] = post_j·x + Σ_i comb[i, j]·res[i]; x and res[i] are re-read from L1 per j
             x = tl.load(x_ptr + tt[:, None] * D + d[None, :], mask=td_ok, other=0.0).to(tl.float32)
             if HAS_NORM:  # inputs u = (x, res_0, …): Σ_d u_a·u_b for b <= a, at column a(a+1)/2 + b
-                gram += tl.where(pairs == 0, tl.sum(x * x, axis=1)[:, None], 0.0)
-        # Destination stream j (a runtime loop: unrolled, the streams' tiles would all be live at once).
-        for j in range(N):
-            if HAS_POST:  # new_res[j] = post_j·x + Σ_i comb[i, j]·res[i]; res[i] is re-read from L1 per j
+                gram += tl.where((pairs == 0) & (j == 0), tl.sum(x * x, axis=1)[:, None], 0.0)
+                res_j = tl.load(res_ptr + rows + j * D, mask=td_ok, other=0.0).to(tl.float32)
+                gram += tl.where(pairs == (j + 1) * (j + 2) // 2, tl.sum(res_j * x, axis=1)[:, None], 0.0)
+            mix = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
+            for i in tl.static_range(N):
+                comb_ij = tl.load(comb_ptr + tt * (N * N) + i * N + j, mask=t_ok, other=0.0).to(tl.float32)
+                res_i = tl.load(res_ptr + rows + i * D, mask=td_ok, other=0.0).to(tl.float32)
+                mix += comb_ij[:, None] * res_i
                 if HAS_NORM:
-                    res_j = tl.load(res_ptr + rows + j * D, mask=td_ok, other=0.0).to(tl.float32)
-                    gram += tl.where(pairs == (j + 1) * (j + 2) // 2, tl.sum(res_j * x, axis=1)[:, None], 0.0)
-                mix = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
-                for i in tl.static_range(N):
-                    comb_ij = tl.load(comb_ptr + tt * (N * N) + i * N + j, mask=t_ok, other=0.0).to(tl.float32)
-                    res_i = tl.load(res_ptr + rows + i * D, mask=td_ok, other=0.0).to(tl.float32)
-                    mix += comb_ij[:, None] * res_i
-                    if HAS_NORM:
-                        at = (pairs == (j + 1) * (j + 2) // 2 + 1 + i) & (i <= j)
-                        gram += tl.where(at, tl.sum(res_j * res_i, axis=1)[:, None], 0.0)
-                post_j = tl.load(post_ptr + tt * N + j, mask=t_ok, other=0.0).to(tl.float32)
-                new_j = (post_j[:, None] * x + mix).to(new_res_ptr.dtype.element_ty)
-                tl.store(new_res_ptr + rows + j * D, new_j, mask=td_ok)
-                f = new_j.to(tl.float32)
-            else:
-                f = tl.load(res_ptr + rows + j * D, mask=td_ok, other=0.0).to(tl.float32)
-            if HAS_PRE:  # the rounded row, as the reference's mhc_pre sees it
-                ssq += tl.sum(f * f, axis=1)
-                mixes = _mix_partial(f, fn_ptr + j * D, d, d_ok, D, mixes, N, NM, FN_BF16_PARTS, INTERPRETED)
+                    at = (pairs == (j + 1) * (j + 2) // 2 + 1 + i) & (i <= j)
+                    gram += tl.where(at, tl.sum(res_j * res_i, axis=1)[:, None], 0.0)
+            post_j = tl.load(post_ptr + tt * N + j, mask=t_ok, other=0.0).to(tl.float32)
+            new_j = (post_j[:, None] * x + mix).to(new_res_ptr.dtype.element_ty)
+            tl.store(new_res_ptr + rows + j * D, new_j, mask=td_ok)
+            f = new_j.to(tl.float32)
+        else:
+            f = tl.load(res_ptr + rows + j * D, mask=td_ok, other=0.0).to(tl.float32)
+        if HAS_PRE:  # the rounded row, as the reference's mhc_pre sees it
+            ssq += tl.sum(f * f, axis=1)
+            mixes = _mix_partial(f, fn_ptr + j * D, d, d_ok, D, mixes, N, NM, FN_PARTS, FN_PRESPLIT, INTERPRETED)
 
-    if HAS_PRE:
-        row = ws_ptr + (tt[:, None] * split + sl) * WSC
-        cols = tl.arange(0, NM)
-        tl.store(row + cols[None, :], mixes, mask=cols[None, :] < NMIX)
-        tl.store(ws_ptr + (tt * split + sl) * WSC + NMIX, ssq)
-        tl.store(row + NMIX + 1 + pairs, gram, mask=pairs < NPAIR)
+    if HAS_PRE:  # partials to the block's workspace [column, token, slice]
+        cols = tl.arange(0, NM)[None, :]
+        tl.store(ws_ptr + (cols * BLOCK_T + tt[:, None]) * split + sl, mixes, mask=cols < NMIX)
+        tl.store(ws_ptr + (NMIX * BLOCK_T + tt) * split + sl, ssq)
+        tl.store(ws_ptr + ((NMIX + 1 + pairs) * BLOCK_T + tt[:, None]) * split + sl, gram, mask=pairs < NPAIR)
         # With split > 1 the last slice of this token block to arrive finishes it: the ticket's acq_rel orders the
         # partials and new_res stores of the other slices (each made before a CTA barrier) before our loads.
         ticket = split - 1
@@ -343,12 +353,16 @@ def _plan(p: _Problem, cfg: dict[str, int]) -> tuple[dict[str, object], int]:
         block_d = max(16, min(block_d, cfg["block_d"] * 32 // nm))
         if cfg["block_t"] < 16:
             raise ValueError(f"mhc: block_t {cfg['block_t']} < 16; the GEMV against fn runs on tensor cores")
+    fn_parts = cfg["fn_parts"] if has_pre and p.dtype == torch.bfloat16 else 0
+    if fn_parts not in (0, 2, 3):
+        raise ValueError(f"mhc: fn_parts {fn_parts} is not 2 or 3 (bf16 parts of fn)")
     chunks = triton.cdiv(p.d, block_d)
     split = chunks if cfg["split"] == 0 else min(cfg["split"], chunks)
     split = triton.cdiv(chunks, triton.cdiv(chunks, split))  # no empty slices
     meta = dict(N=p.n, NM=nm, NH=triton.next_power_of_2((p.n + 1) * (p.n + 2) // 2), BLOCK_T=cfg["block_t"],
                 BLOCK_D=block_d, APPLY_D=min(cfg["apply_d"] if has_pre else 16, triton.next_power_of_2(p.d)),
-                SPLIT_P2=triton.next_power_of_2(split) if has_pre else 1, FN_BF16_PARTS=p.dtype == torch.bfloat16,
+                SPLIT_P2=triton.next_power_of_2(split) if has_pre else 1, FN_PARTS=fn_parts,
+                FN_PRESPLIT=bool(fn_parts and cfg["fn_presplit"]),
                 INTERPRETED=p.interpreted, HAS_POST=has_post, HAS_PRE=has_pre, HAS_NORM=has_norm,
                 FINISH_INLINE=has_pre and not cfg["apply_launch"])
     return meta, split
@@ -357,6 +371,32 @@ def _plan(p: _Problem, cfg: dict[str, int]) -> tuple[dict[str, object], int]:
 def _main_meta(meta: dict[str, object]) -> dict[str, object]:
     """_mhc_kernel's constexprs: APPLY_D only matters where the kernel runs phase 2 itself."""
     return meta if meta["FINISH_INLINE"] else dict(meta, APPLY_D=16)
+
+
+_FN_PARTS: dict[tuple, tuple] = {}
+
+
+def _fn_bf16_parts(fn: torch.Tensor, parts: int, nm: int) -> torch.Tensor:
+    """fn as bf16 [parts, nm, n·D]: hi, mid (, lo) with hi + mid + lo = fn (each part the bf16 rounding of what the
+    earlier ones leave), rows zero-padded to nm. fn is a weight: cached per fn tensor (identity and version
+    counter; the entry dies with the tensor), so an in-place change of fn is seen by the next eager call but not
+    by a CUDA graph captured before it. Not cached while a graph is being captured (the split is captured)."""
+    key = (id(fn), parts, nm)
+    try:
+        version = fn._version
+    except RuntimeError:  # inference tensors have no version counter (and cannot change outside inference mode)
+        version = None
+    hit = _FN_PARTS.get(key)
+    if hit is not None and hit[0]() is fn and hit[1] == version:
+        return hit[2]
+    rest = fn.detach().float()
+    out = torch.zeros(parts, nm, fn.shape[1], dtype=torch.bfloat16, device=fn.device)
+    for k in range(parts):
+        out[k, :fn.shape[0]] = rest.to(torch.bfloat16)
+        rest = rest - out[k, :fn.shape[0]].float()
+    if not (fn.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _FN_PARTS[key] = (weakref.ref(fn, lambda _, key=key: _FN_PARTS.pop(key, None)), version, out)
+    return out
 
 
 _COUNTERS: dict[tuple, torch.Tensor] = {}
@@ -402,6 +442,9 @@ def _launch(op, res, x=None, post=None, comb=None, fn=None, base=None, scale=Non
             ws = torch.empty(padded * split * columns, dtype=torch.float32, device=dev)
             coef = None if meta["FINISH_INLINE"] else torch.empty(padded, n + 1, dtype=torch.float32, device=dev)
             counters = _arrival_counters(dev, padded // meta["BLOCK_T"] if split > 1 else 1)
+
+        if meta["FN_PRESPLIT"]:
+            fn = _fn_bf16_parts(fn, meta["FN_PARTS"], meta["NM"])
 
         def pointer(t, *shape):  # an absent tensor gets a stand-in the kernel never dereferences
             return res2 if t is None else t.reshape(shape or t.shape).contiguous()
@@ -511,9 +554,10 @@ register(Provider("mhc_post", "triton", ("cuda", "rocm"), mhc_post, priority=10,
 
 # ---------------------------------------------------------------------------------------------------- AOT
 
-def _signature(kernel, dtype: torch.dtype) -> dict[str, str]:
+def _signature(kernel, dtype: torch.dtype, fn_presplit: bool = False) -> dict[str, str]:
     act = "*" + _TL_NAMES[dtype]
-    types = dict(x_ptr=act, res_ptr=act, post_ptr="*fp32", comb_ptr="*fp32", fn_ptr="*fp32", base_ptr="*fp32",
+    fn = "*bf16" if fn_presplit else "*fp32"
+    types = dict(x_ptr=act, res_ptr=act, post_ptr="*fp32", comb_ptr="*fp32", fn_ptr=fn, base_ptr="*fp32",
                  scale_ptr="*fp32", norm_w_ptr="*fp32", new_res_ptr=act, out_ptr=act, post_out_ptr="*fp32",
                  comb_out_ptr="*fp32", ws_ptr="*fp32", coef_ptr="*fp32", count_ptr="*i32", src_ptr=act,
                  T="i32", D="i32", split="i32", iters="i32", rms_eps="fp32", hc_eps="fp32", norm_eps="fp32")
@@ -526,7 +570,7 @@ def _buckets(op: str) -> tuple[str, ...]:
 
 def _spec(name: str, kernel, meta: dict, cfg: dict[str, int]) -> KernelSpec:
     """A bf16 spec assuming what the JIT specializes for these launches: 16-byte aligned tensors, D % 16 == 0."""
-    signature = _signature(kernel, torch.bfloat16)
+    signature = _signature(kernel, torch.bfloat16, bool(meta.get("FN_PRESPLIT")))
     meta = {k: v for k, v in meta.items() if k in kernel.arg_names}
     return KernelSpec(name, kernel, signature, meta, cfg["num_warps"], cfg["num_stages"],
                       divisible_by_16=pointer_args(signature) + ("D",))

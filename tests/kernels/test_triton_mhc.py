@@ -41,6 +41,7 @@ def row(bucket: str, **override) -> dict:
 APPLY = row("small", block_d=32)                    # D split over programs, phase 2 in a second launch
 SPLIT_INLINE = row("large", block_d=32)             # D split, the finishing program does phase 2 itself
 NO_SPLIT = row("large", split=1, apply_d=64)        # one program per token block, no ticket
+PRESPLIT = row("small", block_d=32, fn_presplit=1)  # fn's 3 bf16 parts made once by the launcher, cached
 
 
 def make_inputs(tokens, n, d, dtype, seed, lead=None):
@@ -98,11 +99,13 @@ POST_PRE_CASES = [  # (tokens, n, D, dtype, iters, config)
     (17, 8, 64, torch.float32, 3, NO_SPLIT),           # n = 8: (2+8)·8 = 80 mixes, 45 Gram pairs
     (17, 4, 256, torch.bfloat16, 20, NO_SPLIT),
     (3, 4, 256, torch.float16, 20, APPLY),
+    (17, 4, 96, torch.bfloat16, 20, dict(SPLIT_INLINE, fn_parts=2)),              # 2 bf16 parts, split in-kernel
+    (5, 4, 100, torch.bfloat16, 20, dict(APPLY, fn_parts=2, fn_presplit=1)),     # launcher's cached parts
 ]
 
 
 @pytest.mark.parametrize("tokens, n, d, dtype, iters, config", POST_PRE_CASES,
-                         ids=lambda v: f"s{v['split']}a{v['apply_launch']}" if isinstance(v, dict) else str(v))
+                         ids=lambda v: "s{split}a{apply_launch}f{fn_parts}p{fn_presplit}".format(**v) if isinstance(v, dict) else str(v))
 def test_post_pre_matches_reference(tokens, n, d, dtype, iters, config):
     got, want, _ = run_post_pre(tokens, n, d, dtype, iters, config)
     assert_outputs_close(got, want, dtype)
@@ -143,6 +146,23 @@ def test_post_matches_reference(tokens, n, d, dtype):
     assert_outputs_close([got], [mhc_post_reference(x, res, post, comb)], dtype)
 
 
+def test_presplit_fn_parts_cached_per_tensor_and_version():
+    """The launcher splits fn once per fn tensor: the same parts serve a second call, an in-place change of fn makes
+    new ones (and new outputs), and the cache entry dies with the tensor."""
+    got, want, args = run_post_pre(5, 4, 96, torch.bfloat16, 20, PRESPLIT, seed=4)
+    assert_outputs_close(got, want, torch.bfloat16)
+    fn = args[4]
+    parts = tm._fn_bf16_parts(fn, 3, 32)
+    assert parts.shape == (3, 32, 4 * 96) and not parts[:, 24:].any()
+    assert torch.equal(parts.float().sum(0)[:24], fn) and tm._fn_bf16_parts(fn, 3, 32) is parts
+    fn.mul_(-1.5)
+    assert not torch.equal(tm._fn_bf16_parts(fn, 3, 32), parts)
+    assert_outputs_close(tm.mhc_post_pre(*args, config=PRESPLIT), mhc_post_pre_reference(*args), torch.bfloat16)
+    keys = [k for k in tm._FN_PARTS if k[0] == id(fn)]
+    del fn, args
+    assert keys and not any(k in tm._FN_PARTS for k in keys)
+
+
 def test_leading_dims_and_repeated_split_launches():
     """res [B, S, n, D] keeps its leading dims; the split path leaves its arrival tickets at zero, so a second
     launch (same buffer) gives the same answer."""
@@ -171,7 +191,9 @@ def test_plan_splits_d_without_empty_slices():
     five_chunks = tm._Problem("mhc_post_pre", 4, 160, torch.bfloat16)
     assert tm._plan(five_chunks, row("medium", block_d=32))[1] == 5
     meta, _ = tm._plan(tm._Problem("mhc_pre", 8, 4096, torch.float32), NO_SPLIT)
-    assert (meta["NM"], meta["BLOCK_D"], meta["FN_BF16_PARTS"], meta["FINISH_INLINE"]) == (128, 16, False, True)
+    assert (meta["NM"], meta["BLOCK_D"], meta["FN_PARTS"], meta["FINISH_INLINE"]) == (128, 16, 0, True)
+    with pytest.raises(ValueError, match="fn_parts 1"):
+        tm._plan(five_chunks, row("small", fn_parts=1))
     with pytest.raises(ValueError, match="block_t 8 < 16"):
         tm._plan(five_chunks, row("small", block_t=8))
 
