@@ -9,14 +9,16 @@ and then timed as the lead timed the "before" numbers: triton.testing.do_bench_c
 (L2 flushed between runs) above, medians in µs. Beside each number: the bytes floor (floor bytes / the copy
 bandwidth measured in this run) and the ratio to it.
 
-1. grid at D 4096 (block_t 16, 4 warps, num_stages 2): block_d 32/64 × phase-2 mode (apply_launch 0 with
-   apply_d 128/256 = the finishing program does phase 2; 1 with apply_d 64/128 = a second launch), each with the
-   splits that suit its T (split is a runtime argument: no recompilation, ~8 compilations in all). Stops at 75 %
-   of --budget-s; the rest is listed under not_run.
+1. grid at D 4096 around the table row of each T (4 warps, num_stages 2): split (a runtime argument, no
+   recompilation) × how fn reaches the tensor cores (fn_parts/fn_presplit: 3/0 = fp32 fn split into 3 bf16 parts
+   in every program, as in round 1; 2/0 = 2 parts; 3/1 and 2/1 = the launcher's cached bf16 parts, no split ALU,
+   1.5× / 1× fn's bytes); at T 16 also block_d 32 with split 64/128; at T 4096 phase 2 inline (apply_launch 0,
+   apply_d 256) vs a second launch (1, 128), and block_t 16 vs 32 (half the fn traffic from L2 per token). Each T
+   gets its share of --budget-s (16: 20 %, 256: 20 %, 4096: 35 %, 16384: 10 %); configs past it go to not_run.
 2. D 7168: the table row and the best D-4096 config of each T.
-3. ablations at D 4096 (best config of each T): num_stages 1 (no cp.async prefetch of the next chunk), Sinkhorn
-   iters 1, main launch alone and apply launch alone (apply_launch configs), mhc_pre (no post, no norm, no Gram),
-   mhc_post (phase-1 streaming alone: no GEMV, no finish).
+3. ablations at D 4096 (best config of each T ≤ 4096): num_stages 1 (no cp.async prefetch), Sinkhorn iters 1, main
+   launch alone and apply launch alone (apply_launch configs), mhc_pre (no post, no norm, no Gram), mhc_post
+   (phase-1 streaming alone: no GEMV, no finish).
 Prints one table (and the suggested configs rows, ready to paste into compiler/triton/configs.py), writes
 sweep_mhc.json and sweep_mhc.md to --out (default $OUT or .).
 """
@@ -41,9 +43,12 @@ DEVICE = "cuda"
 N, ITERS, EPS = 4, 20, 1e-6
 HIDDEN = (4096, 7168)
 TOKENS = (16, 256, 4096, 16384)
-SPLITS = {16: (16, 32, 64), 256: (8, 16, 32), 4096: (4, 8, 16, 32), 16384: (4, 8, 16)}
-MODES = ((0, 128), (0, 256), (1, 64), (1, 128))       # (apply_launch, apply_d)
-KEYS = ("block_t", "block_d", "split", "apply_launch", "apply_d", "num_warps", "num_stages")
+SPLITS = {16: (16, 32, 64), 256: (8, 16, 32), 4096: (8, 16, 32), 16384: (8, 16)}   # block_d 32 at T 16: 64, 128
+FN_MODES = ((3, 0), (2, 0), (3, 1), (2, 1))           # (fn_parts, fn_presplit)
+LARGE_T_MODES = ((0, 256), (1, 128))                   # (apply_launch, apply_d)
+SHARE = {16: 0.2, 256: 0.2, 4096: 0.35, 16384: 0.1}    # of --budget-s, cumulative deadlines; D 7168 gets the rest
+KEYS = ("block_t", "block_d", "split", "apply_launch", "apply_d", "fn_parts", "fn_presplit", "num_warps",
+        "num_stages")
 
 
 class Problem:
@@ -100,10 +105,22 @@ def _run(problem: Problem, cfg: dict, op="mhc_post_pre", iters=ITERS, launches=(
         return {"error": f"{type(error).__name__}: {error}"[:200]}
 
 
-def _grid(tokens: int) -> list[dict]:
-    base = launch_config("mhc.large", "cuda")
-    return [dict(base, max_t=0, block_d=bd, split=sp, apply_launch=al, apply_d=ad)
-            for al, ad in MODES for bd in (32, 64) for sp in SPLITS[tokens]]
+def _grid(tokens: int, rows: list[dict]) -> list[dict]:
+    """T 16: the table row × fn modes × splits, and block_d 32 (splits up to 128) with fn 3/0 and 2/1. T 256: the
+    table row × fn modes × splits. T 4096: phase-2 mode × block_t × fn 3/0 and 2/1 × splits. T 16384: the best
+    T-4096 config × fn modes × splits. Splits beyond D 4096's chunk count are left out."""
+    base = dict(mhc.pick_config("mhc_post_pre", tokens, "cuda"), max_t=0)
+    grid = [(base, FN_MODES, SPLITS[tokens])]
+    if tokens == 16:
+        grid.append((dict(base, block_d=32), FN_MODES[::3], (64, 128)))
+    elif tokens == 4096:
+        grid = [(dict(base, block_t=bt, apply_launch=al, apply_d=ad), FN_MODES[::3], SPLITS[tokens])
+                for bt in (16, 32) for al, ad in LARGE_T_MODES]
+    elif tokens > 4096:
+        grid = [(_best(rows, HIDDEN[0], 4096) or base, FN_MODES, SPLITS[tokens])]
+    return [dict(shape, split=sp, fn_parts=fp, fn_presplit=pre)
+            for shape, fn_modes, splits in grid for fp, pre in fn_modes for sp in splits
+            if sp <= HIDDEN[0] // shape["block_d"]]
 
 
 def _best(rows: list[dict], hidden: int, tokens: int) -> dict | None:
@@ -115,9 +132,9 @@ def _best(rows: list[dict], hidden: int, tokens: int) -> dict | None:
 def _line(r: dict) -> str:
     cfg = "/".join(str(r["cfg"].get(k, "-")) for k in KEYS)
     if "error" in r:
-        return f"{r['D']:5} {r['T']:6} {r['what']:<14} {cfg:<24} {r['error']}"
+        return f"{r['D']:5} {r['T']:6} {r['what']:<14} {cfg:<30} {r['error']}"
     err = f"{r['err']:.2f}" if "err" in r else "-"
-    return (f"{r['D']:5} {r['T']:6} {r['what']:<14} {cfg:<24} {r['us']:9.1f} µs {r['us'] / r['floor_us']:6.2f}× floor"
+    return (f"{r['D']:5} {r['T']:6} {r['what']:<14} {cfg:<30} {r['us']:9.1f} µs {r['us'] / r['floor_us']:6.2f}× floor"
             f" (floor {r['floor_us']:.1f})  err/tol {err}")
 
 
@@ -141,13 +158,15 @@ def main():
         rows.append(row)
         print(_line(row), flush=True)
 
+    share = 0.0
     for hidden in HIDDEN:
         for tokens in TOKENS:
             problem = Problem(hidden, tokens)
             record(problem, "table", mhc.pick_config("mhc_post_pre", tokens, "cuda"))
             if hidden == HIDDEN[0]:
-                for cfg in _grid(tokens):
-                    if time.perf_counter() - start > 0.75 * opts.budget_s:
+                share += SHARE[tokens]
+                for cfg in _grid(tokens, rows):
+                    if time.perf_counter() - start > share * opts.budget_s:
                         result["not_run"].append({"T": tokens, **cfg})
                         continue
                     record(problem, "grid", cfg)
@@ -156,7 +175,7 @@ def main():
                 continue
             if hidden != HIDDEN[0]:
                 record(problem, "best of 4096", best)
-            elif time.perf_counter() - start <= opts.budget_s:
+            elif tokens <= 4096 and time.perf_counter() - start <= opts.budget_s:
                 record(problem, "num_stages 1", dict(best, num_stages=1))
                 record(problem, "iters 1", best, iters=1)
                 if best["apply_launch"]:
