@@ -1,4 +1,4 @@
-"""cleanup — tidy the graph after the fusions (the last pass of the pipeline).
+"""cleanup — tidy the graph after the fusions (only weight_linears follows it in the pipeline).
 
 before → after (each rewrite counted as "cleanup.<what>"):
   noop_cast: to.dtype(x, x.dtype) | _to_copy(x, dtype=x.dtype) | prims.convert_element_type(x, x.dtype) → x

@@ -43,8 +43,9 @@ def zlab_draft():
 
 def test_pass_order_and_disabling():
     assert [p.name for p in DEFAULT_PASSES] == ["canonicalize", "kv_materialize", "qkv_norm_rope", "mhc_post_pre",
-                                                "merge_sibling_projections", "attention_masks", "cleanup"]
-    assert [p.name for p in default_pass_manager(disabled=("cleanup",)).passes][-1] == "attention_masks"
+                                                "merge_sibling_projections", "attention_masks", "cleanup",
+                                                "weight_linears"]
+    assert [p.name for p in default_pass_manager(disabled=("weight_linears",)).passes][-1] == "cleanup"
     with pytest.raises(InputError, match="Unknown pass"):
         default_pass_manager(disabled=("qkv_norm_rop",))
 
@@ -56,7 +57,7 @@ class TestGoldenGraphs(expecttest.TestCase):
         return gm.code.strip()
 
     def test_qwen3_verify_block(self):
-        code = self.run_pipeline(qwen3_block, {"qkv_norm_rope": 1, "attention.causal": 1})
+        code = self.run_pipeline(qwen3_block, {"qkv_norm_rope": 1, "attention.causal": 1, "weight_linears": 4})
         self.assertExpectedInline(code, """\
 def forward(self, input_ids, use_cache):
     input_ids, use_cache, = fx_pytree.tree_flatten_spec(([], {'input_ids':input_ids, 'use_cache':use_cache}), self._in_spec)
@@ -100,8 +101,8 @@ def forward(self, input_ids, use_cache):
     attention_default = torch.ops.dflash.attention.default(transpose_int, transpose_int_1, transpose_int_2, 'causal', 0.25, 0, None, None);  transpose_int = transpose_int_1 = transpose_int_2 = None
     transpose_3 = torch.ops.aten.transpose.int(attention_default, 1, 2);  attention_default = None
     reshape_3 = torch.ops.aten.reshape.default(transpose_3, [2, sym_size_int_7, -1]);  transpose_3 = sym_size_int_7 = None
-    linear_3 = torch.ops.aten.linear.default(reshape_3, model_layers_0_self_attn_o_proj_weight);  reshape_3 = model_layers_0_self_attn_o_proj_weight = None
-    add_8 = torch.ops.aten.add.Tensor(embedding, linear_3);  embedding = linear_3 = None
+    linear_default_1 = torch.ops.dflash.linear.default(reshape_3, model_layers_0_self_attn_o_proj_weight, None);  reshape_3 = model_layers_0_self_attn_o_proj_weight = None
+    add_8 = torch.ops.aten.add.Tensor(embedding, linear_default_1);  embedding = linear_default_1 = None
     pow_4 = torch.ops.aten.pow.Tensor_Scalar(add_8, 2)
     mean_3 = torch.ops.aten.mean.dim(pow_4, [-1], True);  pow_4 = None
     add_9 = torch.ops.aten.add.Tensor(mean_3, 1e-06);  mean_3 = None
@@ -109,24 +110,25 @@ def forward(self, input_ids, use_cache):
     mul_21 = torch.ops.aten.mul.Tensor(add_8, rsqrt_3);  rsqrt_3 = None
     mul_22 = torch.ops.aten.mul.Tensor(model_layers_0_post_attention_layernorm_weight, mul_21);  model_layers_0_post_attention_layernorm_weight = mul_21 = None
     dflash_sibling_weight_0 = self.dflash_sibling_weight_0
-    linear_default = torch.ops.aten.linear.default(mul_22, dflash_sibling_weight_0);  mul_22 = dflash_sibling_weight_0 = None
-    slice_tensor = torch.ops.aten.slice.Tensor(linear_default, -1, 0, 128)
-    slice_tensor_1 = torch.ops.aten.slice.Tensor(linear_default, -1, 128, 256);  linear_default = None
+    linear_default_2 = torch.ops.dflash.linear.default(mul_22, dflash_sibling_weight_0, None);  mul_22 = dflash_sibling_weight_0 = None
+    slice_tensor = torch.ops.aten.slice.Tensor(linear_default_2, -1, 0, 128)
+    slice_tensor_1 = torch.ops.aten.slice.Tensor(linear_default_2, -1, 128, 256);  linear_default_2 = None
     silu = torch.ops.aten.silu.default(slice_tensor);  slice_tensor = None
     mul_23 = torch.ops.aten.mul.Tensor(silu, slice_tensor_1);  silu = slice_tensor_1 = None
-    linear_6 = torch.ops.aten.linear.default(mul_23, model_layers_0_mlp_down_proj_weight);  mul_23 = model_layers_0_mlp_down_proj_weight = None
-    add_10 = torch.ops.aten.add.Tensor(add_8, linear_6);  add_8 = linear_6 = None
+    linear_default_3 = torch.ops.dflash.linear.default(mul_23, model_layers_0_mlp_down_proj_weight, None);  mul_23 = model_layers_0_mlp_down_proj_weight = None
+    add_10 = torch.ops.aten.add.Tensor(add_8, linear_default_3);  add_8 = linear_default_3 = None
     pow_5 = torch.ops.aten.pow.Tensor_Scalar(add_10, 2)
     mean_4 = torch.ops.aten.mean.dim(pow_5, [-1], True);  pow_5 = None
     add_11 = torch.ops.aten.add.Tensor(mean_4, 1e-06);  mean_4 = None
     rsqrt_4 = torch.ops.aten.rsqrt.default(add_11);  add_11 = None
     mul_24 = torch.ops.aten.mul.Tensor(add_10, rsqrt_4);  add_10 = rsqrt_4 = None
     mul_25 = torch.ops.aten.mul.Tensor(model_norm_weight, mul_24);  model_norm_weight = mul_24 = None
-    linear_7 = torch.ops.aten.linear.default(mul_25, lm_head_weight);  mul_25 = lm_head_weight = None
-    return pytree.tree_unflatten((linear_7,), self._out_spec)""")
+    linear_default_4 = torch.ops.dflash.linear.default(mul_25, lm_head_weight, None);  mul_25 = lm_head_weight = None
+    return pytree.tree_unflatten((linear_default_4,), self._out_spec)""")
 
     def test_zlab_draft_step(self):
-        code = self.run_pipeline(zlab_draft, {"kv_materialize": 1, "qkv_norm_rope": 1, "attention.non_causal": 1})
+        code = self.run_pipeline(zlab_draft, {"kv_materialize": 1, "qkv_norm_rope": 1, "attention.non_causal": 1,
+                                              "weight_linears": 4})
         self.assertExpectedInline(code, """\
 def forward(self, position_ids, noise_embedding, target_hidden):
     position_ids, noise_embedding, target_hidden, = fx_pytree.tree_flatten_spec(([], {'position_ids':position_ids, 'noise_embedding':noise_embedding, 'target_hidden':target_hidden}), self._in_spec)
@@ -142,12 +144,12 @@ def forward(self, position_ids, noise_embedding, target_hidden):
     rotary_emb_inv_freq = self.rotary_emb.inv_freq
     _guards_fn = self._guards_fn(position_ids, noise_embedding, target_hidden);  _guards_fn = None
     sym_size_int_4 = torch.ops.aten.sym_size.int(noise_embedding, 1)
-    linear = torch.ops.aten.linear.default(target_hidden, fc_weight);  target_hidden = fc_weight = None
-    pow_1 = torch.ops.aten.pow.Tensor_Scalar(linear, 2)
+    linear_default_1 = torch.ops.dflash.linear.default(target_hidden, fc_weight, None);  target_hidden = fc_weight = None
+    pow_1 = torch.ops.aten.pow.Tensor_Scalar(linear_default_1, 2)
     mean = torch.ops.aten.mean.dim(pow_1, [-1], True);  pow_1 = None
     add = torch.ops.aten.add.Tensor(mean, 1e-06);  mean = None
     rsqrt = torch.ops.aten.rsqrt.default(add);  add = None
-    mul = torch.ops.aten.mul.Tensor(linear, rsqrt);  linear = rsqrt = None
+    mul = torch.ops.aten.mul.Tensor(linear_default_1, rsqrt);  linear_default_1 = rsqrt = None
     mul_1 = torch.ops.aten.mul.Tensor(hidden_norm_weight, mul);  hidden_norm_weight = mul = None
     submod_3 = self.submod_1
     wrap_with_set_grad_enabled = torch.ops.higher_order.wrap_with_set_grad_enabled(False, submod_3, position_ids, rotary_emb_inv_freq);  submod_3 = position_ids = rotary_emb_inv_freq = None
@@ -181,8 +183,8 @@ def forward(self, position_ids, noise_embedding, target_hidden):
     attention_default = torch.ops.dflash.attention.default(transpose_int, transpose_int_1, transpose_int_2, 'non_causal', 0.25, 0, None, None);  transpose_int = transpose_int_1 = transpose_int_2 = None
     transpose_3 = torch.ops.aten.transpose.int(attention_default, 1, 2);  attention_default = None
     reshape_1 = torch.ops.aten.reshape.default(transpose_3, [1, sym_size_int_4, -1]);  transpose_3 = sym_size_int_4 = None
-    linear_6 = torch.ops.aten.linear.default(reshape_1, layers_0_self_attn_o_proj_weight);  reshape_1 = layers_0_self_attn_o_proj_weight = None
-    add_8 = torch.ops.aten.add.Tensor(noise_embedding, linear_6);  noise_embedding = linear_6 = None
+    linear_default_2 = torch.ops.dflash.linear.default(reshape_1, layers_0_self_attn_o_proj_weight, None);  reshape_1 = layers_0_self_attn_o_proj_weight = None
+    add_8 = torch.ops.aten.add.Tensor(noise_embedding, linear_default_2);  noise_embedding = linear_default_2 = None
     pow_5 = torch.ops.aten.pow.Tensor_Scalar(add_8, 2)
     mean_4 = torch.ops.aten.mean.dim(pow_5, [-1], True);  pow_5 = None
     add_9 = torch.ops.aten.add.Tensor(mean_4, 1e-06);  mean_4 = None
@@ -190,13 +192,13 @@ def forward(self, position_ids, noise_embedding, target_hidden):
     mul_17 = torch.ops.aten.mul.Tensor(add_8, rsqrt_4);  rsqrt_4 = None
     mul_18 = torch.ops.aten.mul.Tensor(layers_0_post_attention_layernorm_weight, mul_17);  layers_0_post_attention_layernorm_weight = mul_17 = None
     dflash_sibling_weight_0 = self.dflash_sibling_weight_0
-    linear_default = torch.ops.aten.linear.default(mul_18, dflash_sibling_weight_0);  mul_18 = dflash_sibling_weight_0 = None
-    slice_tensor_4 = torch.ops.aten.slice.Tensor(linear_default, -1, 0, 128)
-    slice_tensor_5 = torch.ops.aten.slice.Tensor(linear_default, -1, 128, 256);  linear_default = None
+    linear_default_3 = torch.ops.dflash.linear.default(mul_18, dflash_sibling_weight_0, None);  mul_18 = dflash_sibling_weight_0 = None
+    slice_tensor_4 = torch.ops.aten.slice.Tensor(linear_default_3, -1, 0, 128)
+    slice_tensor_5 = torch.ops.aten.slice.Tensor(linear_default_3, -1, 128, 256);  linear_default_3 = None
     silu = torch.ops.aten.silu.default(slice_tensor_4);  slice_tensor_4 = None
     mul_19 = torch.ops.aten.mul.Tensor(silu, slice_tensor_5);  silu = slice_tensor_5 = None
-    linear_9 = torch.ops.aten.linear.default(mul_19, layers_0_mlp_down_proj_weight);  mul_19 = layers_0_mlp_down_proj_weight = None
-    add_10 = torch.ops.aten.add.Tensor(add_8, linear_9);  add_8 = linear_9 = None
+    linear_default_4 = torch.ops.dflash.linear.default(mul_19, layers_0_mlp_down_proj_weight, None);  mul_19 = layers_0_mlp_down_proj_weight = None
+    add_10 = torch.ops.aten.add.Tensor(add_8, linear_default_4);  add_8 = linear_default_4 = None
     pow_6 = torch.ops.aten.pow.Tensor_Scalar(add_10, 2)
     mean_5 = torch.ops.aten.mean.dim(pow_6, [-1], True);  pow_6 = None
     add_11 = torch.ops.aten.add.Tensor(mean_5, 1e-06);  mean_5 = None
