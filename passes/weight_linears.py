@@ -49,7 +49,7 @@ def refusal(gm: fx.GraphModule, lin: fx.Node) -> str | None:
     x = tensor_meta(lin.args[0])
     rows = None if x is None else min_rows(x)
     if rows is None:
-        return f"the row count of {describe(lin)} is unknown (no shape metadata on its input)"
+        return f"the row count of {describe(lin)} is unknown (its input has no shape metadata or no lower bound)"
     if rows > MAX_ROWS:
         return f"{describe(lin)} has at least {rows} rows (> {MAX_ROWS}): a prefill-sized GEMM stays on the vendor GEMM"
     return None

@@ -100,7 +100,7 @@ def serves(m: int, n: int, k: int, family: str) -> bool:
     """Whether the kernel beats the vendor GEMM at this shape (configs.TABLE["skinny_gemm"]): every shape up to
     max_m_any_weight rows, up to max_m rows only weights of at least min_weight_elems elements."""
     row = launch_config("skinny_gemm", family)
-    return 1 <= m <= row["max_m_any_weight"] or (m <= row["max_m"] and n * k >= row["min_weight_elems"])
+    return 1 <= m and (m <= row["max_m_any_weight"] or (m <= row["max_m"] and n * k >= row["min_weight_elems"]))
 
 
 def gemm_config(n: int, k: int, family: str) -> dict:

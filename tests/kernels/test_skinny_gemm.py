@@ -50,7 +50,8 @@ def test_matches_mm_with_tails_and_splits(m, n, k, split, bias):
     (torch.zeros(33, 8, dtype=torch.bfloat16), torch.zeros(4, 8, dtype=torch.bfloat16), None,
      "33 rows; the kernel takes 1 to 32"),
     (torch.zeros(2, 8), torch.zeros(4, 8), None, "must both be bf16 or fp16"),
-    (torch.zeros(2, 8, dtype=torch.bfloat16), torch.zeros(4, 6, dtype=torch.bfloat16), None, r"\[M, K\] and w \[N, K\]"),
+    (torch.zeros(2, 8, dtype=torch.bfloat16), torch.zeros(4, 6, dtype=torch.bfloat16), None,
+     r"\[M, K\] and w \[N, K\]"),
     (torch.zeros(2, 8, dtype=torch.bfloat16), torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(4),
      r"bias must be \[4\] in torch.bfloat16"),
 ])
@@ -74,9 +75,9 @@ def test_config_rule_reproduces_the_h100_sweep(shape):
 
 
 def test_kernel_serves_what_it_won_in_the_sweep():
-    """M ≤ 16 every shape; M 32 only the large weights (the sweep: cuBLAS wins o and qkv there); M 33 never."""
-    served = {m: {s for s, ((n, k), _) in RULE.items() if sg.serves(m, n, k, "cuda")} for m in (1, 16, 32, 33)}
-    assert served == {1: set(RULE), 16: set(RULE), 32: {"gate_up", "down", "lm_head"}, 33: set()}
+    """M ≤ 16 every shape; M 32 only the large weights (the sweep: cuBLAS wins o and qkv there); M 0 / 33 never."""
+    served = {m: {s for s, ((n, k), _) in RULE.items() if sg.serves(m, n, k, "cuda")} for m in (0, 1, 16, 32, 33)}
+    assert served == {0: set(), 1: set(RULE), 16: set(RULE), 32: {"gate_up", "down", "lm_head"}, 33: set()}
 
 
 @pytest.mark.parametrize("m,large_m_weights,kernel", [(1, False, True), (16, False, True), (32, False, False),

@@ -148,3 +148,26 @@ def test_mlir_export_decomposes_dflash_linear():
     assert sum(str(n.target) == LINEAR for n in program.graph.nodes) == 2
     text = to_mlir(program, "linalg")
     assert "linalg.matmul" in text and "dflash" not in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block", [1, 16])
+def test_gpu_bf16_steps_run_the_skinny_gemm(block):
+    """The demo target in bf16 on the GPU, AR (block 1) and verify (block 16) steps at batch 1 and 2: every
+    dflash.linear lowers to Triton, and the step's logits are as close to the fp32 model's as eager bf16's are."""
+    target, _ = build_demo_pair(seed=3, device="cuda", dtype=torch.bfloat16, max_batch=2, max_seq_len=64)
+    fp32, _ = build_demo_pair(seed=3, device="cuda", max_batch=2, max_seq_len=64)
+    compile_step = pipeline_compile_step("cuda")
+    program = compile_step(capture_verify(target, block_size=block, max_batch=2).module(), "step")
+    assert set(compile_step.reports["step"].providers["linear"]) == {"triton"}
+
+    def error(logits, reference):
+        return ((logits.float() - reference).norm() / reference.norm()).item()
+
+    for batch in (1, 2):
+        args = (torch.randint(0, 1000, (batch, block), device="cuda"),
+                (9 + torch.arange(block, device="cuda")).expand(batch, block).contiguous())
+        with torch.no_grad():
+            reference = VerifyStep(fp32)(*args)[0]
+            eager, got = VerifyStep(target)(*args)[0], program(*args)[0]
+        assert error(got, reference) <= error(eager, reference) + 0.01
