@@ -132,7 +132,12 @@ def infer_meta(node: fx.Node) -> None:
     if fake_mode is None:
         return
     with fake_mode, torch.no_grad():
-        node.meta["val"] = node.target(*args, **kwargs)
+        node.meta["val"] = _linear_meta(*args) if node.target is aten.linear.default else node.target(*args, **kwargs)
+
+
+def _linear_meta(x, weight, bias=None):
+    """aten.linear's output by shape: torch 2.11's composite linear calls matmul's numel() on symbolic sizes."""
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 VIEW_CHAIN = (aten.view, aten._unsafe_view, aten.reshape, aten.transpose, aten.permute, aten.t, aten.unsqueeze,
