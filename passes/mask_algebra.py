@@ -36,7 +36,12 @@ aten, prims = torch.ops.aten, torch.ops.prims
 
 IDX = tuple(sympy.Symbol(f"_i{k}", integer=True, nonnegative=True) for k in range(8))
 B, H, Q, KV = sympy.symbols("b h q kv", integer=True, nonnegative=True)
-MASKED_FLOAT = -3.0e38  # an additive mask entry at or below this hides the key (-inf, finfo(float32).min)
+# An additive mask entry at or below this hides the key: -inf, finfo(float32/bfloat16).min, and -65504 — the value
+# torch's CUDA SDPA writes for a hidden key when it turns a bool mask into cuDNN's additive bias (bf16/fp16 on
+# H100), which is what canonicalize.sdpa hands us back. Exact: after the row max is subtracted a hidden logit is
+# ≤ −65504 + (visible − hidden scores), and exp of anything below −104 is 0 in fp32, unless a visible score is
+# itself below about −65 000.
+MASKED_FLOAT = -65504.0
 RANDOM = (aten.rand, aten.rand_like, aten.randn, aten.randn_like, aten.randint, aten.randint_like, aten.bernoulli,
           aten.randperm, aten.normal, aten.uniform)
 

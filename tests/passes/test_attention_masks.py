@@ -213,6 +213,8 @@ class DataMask(torch.nn.Module):
             mask = mask[None, None] & padding[:, None, None, :]
         elif self.extra == "float_input":
             mask = torch.where(mask, 0.0, float("-inf")) + padding[:, None, None, :].float()
+        elif self.extra == "soft_bias":  # a finite penalty above -65504 changes the softmax: not a mask kind
+            mask = torch.where(mask, 0.0, -1000.0)
         else:  # a random mask (the diagonal kept visible so no row is empty)
             diagonal = torch.arange(sk)[None, :] == (sk - sq + torch.arange(sq))[:, None]
             mask = mask & ((torch.rand(sq, sk) > 0.5) | diagonal)
@@ -221,7 +223,8 @@ class DataMask(torch.nn.Module):
 
 @pytest.mark.parametrize("extra, reason", [("padding", "reads the tensor input 'padding'"),
                                            ("float_input", "reads the tensor input 'padding'"),
-                                           ("random", "is random")])
+                                           ("random", "is random"),
+                                           ("soft_bias", "takes the value -1000")])
 def test_masks_that_read_data_stay_custom(extra, reason):
     module = DataMask(extra).eval()
     args = (torch.randn(2, 2, 4, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8),
@@ -278,8 +281,8 @@ class SweptMask(torch.nn.Module):
             mask = mask & (kv[None, None, None, :] - qp < self.window)
         if self.layout == "expand":
             mask = mask.expand(q.shape[0], q.shape[1], sq, sk)
-        if self.additive:
-            mask = torch.where(mask, 0.0, float("-inf"))
+        if self.additive is not None:  # -inf, or the -65504 torch's CUDA SDPA writes for cuDNN's bias
+            mask = torch.where(mask, 0.0, self.additive)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -295,7 +298,8 @@ def swept_masks(draw):
     broken = draw(st.sampled_from([None, None] + (["offset"] if kind != "non_causal" else [])
                                   + (["window_both_sides"] if window and window > 1 else [])))
     return SweptMask(kind, draw(st.sampled_from(["input", "bottom_right"])), spelling, window,
-                     draw(st.sampled_from(["broadcast", "expand"])), draw(st.booleans()), broken)
+                     draw(st.sampled_from(["broadcast", "expand"])),
+                     draw(st.sampled_from([None, float("-inf"), -65504.0])), broken)
 
 
 def swept_args(batch, sq, sk):
