@@ -16,25 +16,25 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     # per block_d chunk) serves mhc_post alone. cuda: chosen from the traffic/latency analysis and the H100 sweep in
     # docs/kernels/mhc.md (re-tune with benchmarks/sweep_mhc.py); rocm: untuned (wavefront 64, narrower tiles).
     "mhc.small": {
-        "cuda": {"max_t": 64, "block_t": 16, "block_d": 64, "split": 32, "apply_launch": 1, "apply_d": 64,
-                 "fn_parts": 3, "fn_presplit": 0,
-                 "num_warps": 4, "num_stages": 2},
+        "cuda": {"max_t": 64, "block_t": 16, "block_d": 64, "split": 64, "apply_launch": 1, "apply_d": 64,
+                 "fn_parts": 2, "fn_presplit": 0,
+                 "num_warps": 4, "num_stages": 1},
         "rocm": {"max_t": 64, "block_t": 16, "block_d": 32, "split": 32, "apply_launch": 1, "apply_d": 64,
                  "fn_parts": 3, "fn_presplit": 0,
                  "num_warps": 4, "num_stages": 2},
     },
     "mhc.medium": {
-        "cuda": {"max_t": 1024, "block_t": 16, "block_d": 64, "split": 16, "apply_launch": 1, "apply_d": 128,
-                 "fn_parts": 3, "fn_presplit": 0,
-                 "num_warps": 4, "num_stages": 2},
+        "cuda": {"max_t": 1024, "block_t": 16, "block_d": 64, "split": 32, "apply_launch": 1, "apply_d": 128,
+                 "fn_parts": 2, "fn_presplit": 0,
+                 "num_warps": 4, "num_stages": 1},
         "rocm": {"max_t": 1024, "block_t": 16, "block_d": 32, "split": 16, "apply_launch": 1, "apply_d": 128,
                  "fn_parts": 3, "fn_presplit": 0,
                  "num_warps": 4, "num_stages": 2},
     },
     "mhc.large": {
-        "cuda": {"max_t": 0, "block_t": 16, "block_d": 64, "split": 16, "apply_launch": 0, "apply_d": 256,
+        "cuda": {"max_t": 0, "block_t": 32, "block_d": 64, "split": 8, "apply_launch": 0, "apply_d": 256,
                  "fn_parts": 3, "fn_presplit": 0,
-                 "num_warps": 4, "num_stages": 2},
+                 "num_warps": 4, "num_stages": 1},
         "rocm": {"max_t": 0, "block_t": 16, "block_d": 32, "split": 16, "apply_launch": 0, "apply_d": 128,
                  "fn_parts": 3, "fn_presplit": 0,
                  "num_warps": 4, "num_stages": 2},
