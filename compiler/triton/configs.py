@@ -12,36 +12,40 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     # its norm) is a second launch over [block_t, apply_d] tiles; 0: the finishing program does it, apply_d
     # columns per step, right after the block's phase 1 (its new_res still in L2). fn_parts: fn as 3 bf16 parts
     # (the fp32 product) or 2 (16 bits, ≤ 2^-17 relative), split in every program (fn_presplit 0) or once per fn
-    # tensor by the launcher (1, cached; 1.5× fn's bytes at 3 parts). mhc.post (split 0 = one program
+    # tensor by the launcher (1, cached; 1.5× fn's bytes at 3 parts). flat_loop 1: phase 1 as one pipelined loop
+    # over (chunk, stream) steps (round 2; wins at T 16); 0: round 1's chunk loop with an inner stream loop (2
+    # stages; round 2's flat loop lost 1.7-2.6× to it at T >= 256). mhc.post (split 0 = one program
     # per block_d chunk) serves mhc_post alone. cuda: chosen from the traffic/latency analysis and the H100 sweep in
     # docs/kernels/mhc.md (re-tune with benchmarks/sweep_mhc.py); rocm: untuned (wavefront 64, narrower tiles).
     "mhc.small": {
         "cuda": {"max_t": 64, "block_t": 16, "block_d": 64, "split": 64, "apply_launch": 1, "apply_d": 64,
-                 "fn_parts": 2, "fn_presplit": 0,
+                 "fn_parts": 2, "fn_presplit": 0, "flat_loop": 1,
                  "num_warps": 4, "num_stages": 1},
         "rocm": {"max_t": 64, "block_t": 16, "block_d": 32, "split": 32, "apply_launch": 1, "apply_d": 64,
-                 "fn_parts": 3, "fn_presplit": 0,
+                 "fn_parts": 3, "fn_presplit": 0, "flat_loop": 1,
                  "num_warps": 4, "num_stages": 2},
     },
     "mhc.medium": {
-        "cuda": {"max_t": 1024, "block_t": 16, "block_d": 64, "split": 32, "apply_launch": 1, "apply_d": 128,
-                 "fn_parts": 2, "fn_presplit": 0,
-                 "num_warps": 4, "num_stages": 1},
+        "cuda": {"max_t": 1024, "block_t": 16, "block_d": 64, "split": 16, "apply_launch": 1, "apply_d": 128,
+                 "fn_parts": 3, "fn_presplit": 0, "flat_loop": 0,
+                 "num_warps": 4, "num_stages": 2},
         "rocm": {"max_t": 1024, "block_t": 16, "block_d": 32, "split": 16, "apply_launch": 1, "apply_d": 128,
-                 "fn_parts": 3, "fn_presplit": 0,
+                 "fn_parts": 3, "fn_presplit": 0, "flat_loop": 0,
                  "num_warps": 4, "num_stages": 2},
     },
     "mhc.large": {
-        "cuda": {"max_t": 0, "block_t": 32, "block_d": 64, "split": 8, "apply_launch": 0, "apply_d": 256,
-                 "fn_parts": 3, "fn_presplit": 0,
-                 "num_warps": 4, "num_stages": 1},
+        "cuda": {"max_t": 0, "block_t": 16, "block_d": 64, "split": 16, "apply_launch": 0, "apply_d": 256,
+                 "fn_parts": 3, "fn_presplit": 0, "flat_loop": 0,
+                 "num_warps": 4, "num_stages": 2},
         "rocm": {"max_t": 0, "block_t": 16, "block_d": 32, "split": 16, "apply_launch": 0, "apply_d": 128,
-                 "fn_parts": 3, "fn_presplit": 0,
+                 "fn_parts": 3, "fn_presplit": 0, "flat_loop": 0,
                  "num_warps": 4, "num_stages": 2},
     },
     "mhc.post": {
-        "cuda": {"max_t": 0, "block_t": 4, "block_d": 256, "split": 0, "num_warps": 4, "num_stages": 2},
-        "rocm": {"max_t": 0, "block_t": 4, "block_d": 256, "split": 0, "num_warps": 4, "num_stages": 2},
+        "cuda": {"max_t": 0, "block_t": 4, "block_d": 256, "split": 0, "flat_loop": 0, "num_warps": 4,
+                 "num_stages": 2},
+        "rocm": {"max_t": 0, "block_t": 4, "block_d": 256, "split": 0, "flat_loop": 0, "num_warps": 4,
+                 "num_stages": 2},
     },
     # attention_*.py (16-bit rows; fp32 halves block_m/max_rows/block_n): decode packs a GQA group × all queries
     # into one tile, used while that tile has <= max_rows rows; the cache gets at most `max_splits` splits, each

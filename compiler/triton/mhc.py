@@ -213,12 +213,52 @@ def _finish_block(src_ptr, post_ptr, comb_ptr, base_ptr, scale_ptr, norm_w_ptr, 
 
 
 @triton.jit
+def _chunk_x(x_ptr, tt, d, td_ok, D, HAS_POST: tl.constexpr):
+    """x's [BLOCK_T, BLOCK_D] chunk in fp32 (HAS_POST); a placeholder 0.0 for mhc_pre, which has no x."""
+    x = 0.0
+    if HAS_POST:
+        x = tl.load(x_ptr + tt[:, None] * D + d[None, :], mask=td_ok, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _stream_step(x, j, d, d_ok, td_ok, rows, tt, t_ok, res_ptr, comb_ptr, post_ptr, new_res_ptr, fn_ptr, D,
+                 mixes, ssq, gram, pairs, N: tl.constexpr, NM: tl.constexpr, FN_PARTS: tl.constexpr,
+                 FN_PRESPLIT: tl.constexpr, INTERPRETED: tl.constexpr, HAS_POST: tl.constexpr,
+                 HAS_PRE: tl.constexpr, HAS_NORM: tl.constexpr):
+    """Phase 1 for destination stream j of one chunk (x: the chunk of x) → (mixes, ssq, gram) updated: new_res[j]
+    stored (HAS_POST), the Gram pairs of res_j (HAS_NORM), Σ f² and the mixes of the rounded row f (HAS_PRE)."""
+    if HAS_POST:  # new_res[j] = post_j·x + Σ_i comb[i, j]·res[i]; res[i] is re-read from L1 per j
+        if HAS_NORM:
+            res_j = tl.load(res_ptr + rows + j * D, mask=td_ok, other=0.0).to(tl.float32)
+            gram += tl.where(pairs == (j + 1) * (j + 2) // 2, tl.sum(res_j * x, axis=1)[:, None], 0.0)
+        mix = tl.zeros(td_ok.shape, tl.float32)
+        for i in tl.static_range(N):
+            comb_ij = tl.load(comb_ptr + tt * (N * N) + i * N + j, mask=t_ok, other=0.0).to(tl.float32)
+            res_i = tl.load(res_ptr + rows + i * D, mask=td_ok, other=0.0).to(tl.float32)
+            mix += comb_ij[:, None] * res_i
+            if HAS_NORM:
+                at = (pairs == (j + 1) * (j + 2) // 2 + 1 + i) & (i <= j)
+                gram += tl.where(at, tl.sum(res_j * res_i, axis=1)[:, None], 0.0)
+        post_j = tl.load(post_ptr + tt * N + j, mask=t_ok, other=0.0).to(tl.float32)
+        new_j = (post_j[:, None] * x + mix).to(new_res_ptr.dtype.element_ty)
+        tl.store(new_res_ptr + rows + j * D, new_j, mask=td_ok)
+        f = new_j.to(tl.float32)
+    else:
+        f = tl.load(res_ptr + rows + j * D, mask=td_ok, other=0.0).to(tl.float32)
+    if HAS_PRE:  # the rounded row, as the reference's mhc_pre sees it
+        ssq += tl.sum(f * f, axis=1)
+        mixes = _mix_partial(f, fn_ptr + j * D, d, d_ok, D, mixes, N, NM, FN_PARTS, FN_PRESPLIT, INTERPRETED)
+    return mixes, ssq, gram
+
+
+@triton.jit
 def _mhc_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, fn_ptr, base_ptr, scale_ptr, norm_w_ptr,
                 new_res_ptr, out_ptr, post_out_ptr, comb_out_ptr, ws_ptr, coef_ptr, count_ptr,
                 T, D, split, iters, rms_eps, hc_eps, norm_eps,
                 N: tl.constexpr, NM: tl.constexpr, NH: tl.constexpr, BLOCK_T: tl.constexpr,
                 BLOCK_D: tl.constexpr, APPLY_D: tl.constexpr, SPLIT_P2: tl.constexpr, FN_PARTS: tl.constexpr,
-                FN_PRESPLIT: tl.constexpr,
+                FN_PRESPLIT: tl.constexpr, FLAT_LOOP: tl.constexpr,
                 INTERPRETED: tl.constexpr, HAS_POST: tl.constexpr, HAS_PRE: tl.constexpr, HAS_NORM: tl.constexpr,
                 FINISH_INLINE: tl.constexpr):
     NMIX: tl.constexpr = (2 + N) * N
@@ -247,38 +287,35 @@ def _mhc_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, fn_ptr, base_ptr, scale_ptr,
     pairs = tl.arange(0, NH)[None, :]
     chunks = tl.cdiv(D, BLOCK_D)
     per_slice = tl.cdiv(chunks, split)
-    # One flat loop over (chunk, destination stream j) steps, so Triton's software pipeline prefetches across
-    # chunk boundaries too (a nested j loop restarted the pipeline, with a full load latency, every chunk).
     first = sl * per_slice
-    for step in range(first * N, tl.minimum(first + per_slice, chunks) * N):
-        j = step % N
-        d = (step // N) * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_ok = d < D
-        td_ok = t_ok[:, None] & d_ok[None, :]
-        rows = tt[:, None] * (N * D) + d[None, :]
-        if HAS_POST:  # new_res[j] = post_j·x + Σ_i comb[i, j]·res[i]; x and res[i] are re-read from L1 per j
-            x = tl.load(x_ptr + tt[:, None] * D + d[None, :], mask=td_ok, other=0.0).to(tl.float32)
+    last = tl.minimum(first + per_slice, chunks)
+    if FLAT_LOOP:  # one loop over (chunk, stream j) steps: the software pipeline also spans chunk boundaries
+        for step in range(first * N, last * N):
+            j = step % N
+            d = (step // N) * BLOCK_D + tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            td_ok = t_ok[:, None] & d_ok[None, :]
+            rows = tt[:, None] * (N * D) + d[None, :]
+            x = _chunk_x(x_ptr, tt, d, td_ok, D, HAS_POST)  # re-read (from L1) per j
             if HAS_NORM:  # inputs u = (x, res_0, …): Σ_d u_a·u_b for b <= a, at column a(a+1)/2 + b
                 gram += tl.where((pairs == 0) & (j == 0), tl.sum(x * x, axis=1)[:, None], 0.0)
-                res_j = tl.load(res_ptr + rows + j * D, mask=td_ok, other=0.0).to(tl.float32)
-                gram += tl.where(pairs == (j + 1) * (j + 2) // 2, tl.sum(res_j * x, axis=1)[:, None], 0.0)
-            mix = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
-            for i in tl.static_range(N):
-                comb_ij = tl.load(comb_ptr + tt * (N * N) + i * N + j, mask=t_ok, other=0.0).to(tl.float32)
-                res_i = tl.load(res_ptr + rows + i * D, mask=td_ok, other=0.0).to(tl.float32)
-                mix += comb_ij[:, None] * res_i
-                if HAS_NORM:
-                    at = (pairs == (j + 1) * (j + 2) // 2 + 1 + i) & (i <= j)
-                    gram += tl.where(at, tl.sum(res_j * res_i, axis=1)[:, None], 0.0)
-            post_j = tl.load(post_ptr + tt * N + j, mask=t_ok, other=0.0).to(tl.float32)
-            new_j = (post_j[:, None] * x + mix).to(new_res_ptr.dtype.element_ty)
-            tl.store(new_res_ptr + rows + j * D, new_j, mask=td_ok)
-            f = new_j.to(tl.float32)
-        else:
-            f = tl.load(res_ptr + rows + j * D, mask=td_ok, other=0.0).to(tl.float32)
-        if HAS_PRE:  # the rounded row, as the reference's mhc_pre sees it
-            ssq += tl.sum(f * f, axis=1)
-            mixes = _mix_partial(f, fn_ptr + j * D, d, d_ok, D, mixes, N, NM, FN_PARTS, FN_PRESPLIT, INTERPRETED)
+            mixes, ssq, gram = _stream_step(x, j, d, d_ok, td_ok, rows, tt, t_ok, res_ptr, comb_ptr, post_ptr,
+                                            new_res_ptr, fn_ptr, D, mixes, ssq, gram, pairs, N, NM, FN_PARTS,
+                                            FN_PRESPLIT, INTERPRETED, HAS_POST, HAS_PRE, HAS_NORM)
+    else:  # round 1's nested loops: chunks, then a runtime loop over j (x loaded once per chunk)
+        for c in range(first, last):
+            d = c * BLOCK_D + tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            td_ok = t_ok[:, None] & d_ok[None, :]
+            rows = tt[:, None] * (N * D) + d[None, :]
+            x = _chunk_x(x_ptr, tt, d, td_ok, D, HAS_POST)
+            if HAS_NORM:
+                gram += tl.where(pairs == 0, tl.sum(x * x, axis=1)[:, None], 0.0)
+            # Destination stream j (a runtime loop: unrolled, the streams' tiles would all be live at once).
+            for j in range(N):
+                mixes, ssq, gram = _stream_step(x, j, d, d_ok, td_ok, rows, tt, t_ok, res_ptr, comb_ptr, post_ptr,
+                                                new_res_ptr, fn_ptr, D, mixes, ssq, gram, pairs, N, NM, FN_PARTS,
+                                                FN_PRESPLIT, INTERPRETED, HAS_POST, HAS_PRE, HAS_NORM)
 
     if HAS_PRE:  # partials to the block's workspace [column, token, slice]
         cols = tl.arange(0, NM)[None, :]
@@ -362,7 +399,7 @@ def _plan(p: _Problem, cfg: dict[str, int]) -> tuple[dict[str, object], int]:
     meta = dict(N=p.n, NM=nm, NH=triton.next_power_of_2((p.n + 1) * (p.n + 2) // 2), BLOCK_T=cfg["block_t"],
                 BLOCK_D=block_d, APPLY_D=min(cfg["apply_d"] if has_pre else 16, triton.next_power_of_2(p.d)),
                 SPLIT_P2=triton.next_power_of_2(split) if has_pre else 1, FN_PARTS=fn_parts,
-                FN_PRESPLIT=bool(fn_parts and cfg["fn_presplit"]),
+                FN_PRESPLIT=bool(fn_parts and cfg["fn_presplit"]), FLAT_LOOP=bool(cfg["flat_loop"]),
                 INTERPRETED=p.interpreted, HAS_POST=has_post, HAS_PRE=has_pre, HAS_NORM=has_norm,
                 FINISH_INLINE=has_pre and not cfg["apply_launch"])
     return meta, split

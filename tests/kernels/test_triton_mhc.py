@@ -4,7 +4,8 @@ Without a GPU the kernels run on CPU tensors through TRITON_INTERPRET=1 (tests/c
 buffer the launcher allocates (outputs and the partials workspace) is poisoned with NaN first, so an element
 a kernel fails to write fails the comparison. Each launch path is forced with an explicit config: APPLY
 (D split over programs, phase 2 as a second launch), SPLIT_INLINE (D split, phase 2 by the finishing program),
-NO_SPLIT (one program per token block, no ticket).
+NO_SPLIT (one program per token block, no ticket). Both phase-1 loop forms run: flat_loop 1 (the small row:
+APPLY, PRESPLIT) and 0 (the medium and large rows: SPLIT_INLINE, NO_SPLIT), and each crossed over below.
 
 bf16 on the interpreter: Triton 3.9's interpreter truncates fp32 → bf16 where the GPU (and torch) round to
 nearest even, so new_res and layer_in may differ from the reference by one bf16 ulp; the 2e-2 bound covers it,
@@ -101,11 +102,13 @@ POST_PRE_CASES = [  # (tokens, n, D, dtype, iters, config)
     (3, 4, 256, torch.float16, 20, APPLY),
     (17, 4, 96, torch.bfloat16, 20, dict(SPLIT_INLINE, fn_parts=2)),              # 2 bf16 parts, split in-kernel
     (5, 4, 100, torch.bfloat16, 20, dict(APPLY, fn_parts=2, fn_presplit=1)),     # launcher's cached parts
+    (17, 4, 96, torch.float32, 20, dict(SPLIT_INLINE, flat_loop=1)),             # flat loop, inline phase 2
+    (17, 3, 100, torch.bfloat16, 20, dict(APPLY, flat_loop=0)),                  # nested loop, apply launch
 ]
 
 
 @pytest.mark.parametrize("tokens, n, d, dtype, iters, config", POST_PRE_CASES,
-                         ids=lambda v: "s{split}a{apply_launch}f{fn_parts}p{fn_presplit}".format(**v) if isinstance(v, dict) else str(v))
+                         ids=lambda v: "s{split}a{apply_launch}f{fn_parts}p{fn_presplit}l{flat_loop}".format(**v) if isinstance(v, dict) else str(v))
 def test_post_pre_matches_reference(tokens, n, d, dtype, iters, config):
     got, want, _ = run_post_pre(tokens, n, d, dtype, iters, config)
     assert_outputs_close(got, want, dtype)
@@ -129,7 +132,8 @@ def test_bf16_pre_matches_reference_on_the_kernels_own_new_res(tokens, config):
     (3, 4, 96, torch.float32, 20, APPLY),
     (17, 4, 100, torch.bfloat16, 3, SPLIT_INLINE),
     (17, 2, 64, torch.float32, 20, NO_SPLIT),
-], ids=["apply", "inline", "no_split"])
+    (17, 4, 96, torch.float32, 20, dict(NO_SPLIT, flat_loop=1)),
+], ids=["apply", "inline", "no_split", "no_split_flat"])
 def test_pre_matches_reference(tokens, n, d, dtype, iters, config):
     _, res, _, _, fn, base, scale, _ = make_inputs(tokens, n, d, dtype, seed=1)
     args = (res, fn, base, scale, EPS["rms_eps"], EPS["hc_eps"], iters)
@@ -139,10 +143,11 @@ def test_pre_matches_reference(tokens, n, d, dtype, iters, config):
 
 
 @pytest.mark.parametrize("tokens, n, d, dtype", [(17, 4, 96, torch.float32), (5, 8, 300, torch.bfloat16)])
-def test_post_matches_reference(tokens, n, d, dtype):
+@pytest.mark.parametrize("flat_loop", [0, 1])
+def test_post_matches_reference(tokens, n, d, dtype, flat_loop):
     x, res, post, comb, *_ = make_inputs(tokens, n, d, dtype, seed=2)
     with poisoned_allocations():
-        got = tm.mhc_post(x, res, post, comb)
+        got = tm.mhc_post(x, res, post, comb, config=row("post", flat_loop=flat_loop))
     assert_outputs_close([got], [mhc_post_reference(x, res, post, comb)], dtype)
 
 
