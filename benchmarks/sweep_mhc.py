@@ -16,7 +16,8 @@ bandwidth measured in this run) and the ratio to it.
    apply_d 256) vs a second launch (1, 128), and block_t 16 vs 32 (half the fn traffic from L2 per token). Each T
    gets its share of --budget-s (16: 20 %, 256: 20 %, 4096: 35 %, 16384: 10 %); configs past it go to not_run.
 2. D 7168: the table row and the best D-4096 config of each T.
-3. ablations at D 4096 (best config of each T ≤ 4096): num_stages 1 (no cp.async prefetch), Sinkhorn iters 1, main
+3. ablations at D 4096 (best config of each T ≤ 4096): num_stages 1 (no cp.async prefetch), the other phase-1
+   loop form (flat_loop 1 − best's: one flat (chunk, stream) loop vs round 1's nested loops), Sinkhorn iters 1, main
    launch alone and apply launch alone (apply_launch configs), mhc_pre (no post, no norm, no Gram), mhc_post
    (phase-1 streaming alone: no GEMV, no finish).
 Prints one table (and the suggested configs rows, ready to paste into compiler/triton/configs.py), writes
@@ -47,8 +48,8 @@ SPLITS = {16: (16, 32, 64), 256: (8, 16, 32), 4096: (8, 16, 32), 16384: (8, 16)}
 FN_MODES = ((3, 0), (2, 0), (3, 1), (2, 1))           # (fn_parts, fn_presplit)
 LARGE_T_MODES = ((0, 256), (1, 128))                   # (apply_launch, apply_d)
 SHARE = {16: 0.2, 256: 0.2, 4096: 0.35, 16384: 0.1}    # of --budget-s, cumulative deadlines; D 7168 gets the rest
-KEYS = ("block_t", "block_d", "split", "apply_launch", "apply_d", "fn_parts", "fn_presplit", "num_warps",
-        "num_stages")
+KEYS = ("block_t", "block_d", "split", "apply_launch", "apply_d", "fn_parts", "fn_presplit", "flat_loop",
+        "num_warps", "num_stages")
 
 
 class Problem:
@@ -125,7 +126,7 @@ def _grid(tokens: int, rows: list[dict]) -> list[dict]:
 
 def _best(rows: list[dict], hidden: int, tokens: int) -> dict | None:
     timed = [r for r in rows if r["D"] == hidden and r["T"] == tokens and r.get("ok")
-             and r["what"] in ("grid", "num_stages 1")]
+             and r["what"] in ("grid", "num_stages 1", "other loop")]
     return min(timed, key=lambda r: r["us"])["cfg"] if timed else None
 
 
@@ -177,6 +178,7 @@ def main():
                 record(problem, "best of 4096", best)
             elif tokens <= 4096 and time.perf_counter() - start <= opts.budget_s:
                 record(problem, "num_stages 1", dict(best, num_stages=1))
+                record(problem, "other loop", dict(best, flat_loop=1 - best["flat_loop"]))
                 record(problem, "iters 1", best, iters=1)
                 if best["apply_launch"]:
                     record(problem, "main only", best, launches=("main",))
