@@ -14,7 +14,7 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     # (the fp32 product) or 2 (16 bits, ≤ 2^-17 relative), split in every program (fn_presplit 0) or once per fn
     # tensor by the launcher (1, cached; 1.5× fn's bytes at 3 parts). flat_loop 1: phase 1 as one pipelined loop
     # over (chunk, stream) steps (round 2; wins at T 16); 0: round 1's chunk loop with an inner stream loop (2
-    # stages; round 2's flat loop lost 1.7-2.6× to it at T >= 256). mhc.post (split 0 = one program
+    # stages; round 2's flat loop lost 1.2-2.9× to it at T >= 256). mhc.post (split 0 = one program
     # per block_d chunk) serves mhc_post alone. cuda: chosen from the traffic/latency analysis and the H100 sweep in
     # docs/kernels/mhc.md (re-tune with benchmarks/sweep_mhc.py); rocm: untuned (wavefront 64, narrower tiles).
     "mhc.small": {
