@@ -15,8 +15,10 @@ hc_head, not a pre) → res' = dflash.mhc_post(x, res, post, comb). iters is cou
 every eps is the graph's constant.
 Guards (the site keeps its ATen spelling; the reason is recorded): Sinkhorn normalizes columns first, then (rows,
 columns) pairs; one hc_eps throughout; the stream statistic and the mixes in fp32; comb transposed in hc_post; the
-hc_post's output in the residual's dtype. A boundary whose layer input is read by more than its RMSNorm, or whose
-RMSNorm multiplies the weight after casting back (bf16), is fused as mhc_post + mhc_pre instead.
+hc_post's output in the residual's dtype. A boundary whose layer input is read by more than its RMSNorm is fused
+as mhc_post + mhc_pre instead. Its RMSNorm may multiply the weight in fp32 (DeepSeek) or after casting back
+(transformers' DeepseekV4RMSNorm, like Qwen3's in qkv_norm_rope): the op multiplies in fp32, so in bf16 the normed
+output can differ by one rounding.
 In bf16 the fused ops accumulate in fp32 where transformers rounds post and comb to bf16 first (design §5).
 AOT graphs (torch.compile) spell the matmul as expand + bmm; canonicalize turns that back into matmul first.
 """
@@ -291,9 +293,6 @@ def layer_norm(pre: Pre) -> tuple | str:
     out, norm = max(found, key=lambda f: len(f[1].nodes))
     if any(u not in norm.nodes for u in readers(pre.collapsed)):
         return "the layer input is read by more than its RMSNorm"
-    weighted = [m for m in norm.nodes if is_call(m, aten.mul) and norm.weight in [strip(a, set()) for a in m.args]]
-    if dtype(pre.res) != torch.float32 and any(dtype(m) != torch.float32 for m in weighted):
-        return "the RMSNorm multiplies its weight after casting back to the activation dtype"
     return out, norm.weight, norm.eps
 
 

@@ -231,9 +231,49 @@ def test_a_graph_break_leaves_each_subgraph_compiled_and_fused(monkeypatch):
         assert fusions(("qkv_norm_rope", "attention.causal"), rep) == (1, 1) and not rep.rejections
 
 
-# ---------------------------------------------------------------------------------------- GPU: bf16, Inductor on
+# ---------------------------------------------------------------------------------------- bf16
 def relative_error(got, want):
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def bf16_outputs(model, inputs, device, options=None) -> tuple:
+    """(the fp32 model's, eager bf16's, compiled bf16's) outputs (logits where the model returns them) on device."""
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    model = model.to(device)
+    with torch.no_grad():
+        reference = model(**inputs)
+        model = model.to(torch.bfloat16)
+        inputs = {k: v.bfloat16() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                  for k, v in inputs.items()}
+        eager = model(**inputs)
+        compiled = torch.compile(model, backend="dflash", options=options)(**inputs)
+    return tuple(getattr(o, "logits", o) for o in (reference, eager, compiled))
+
+
+@pytest.mark.parametrize("norm", ["installed", "cast_then_weight"])
+def test_bf16_deepseek_v4_fuses_every_mhc_boundary(norm, monkeypatch):
+    """bf16 on CPU: the same mHC fusions as fp32 whichever order the RMSNorm multiplies its weight in: fp32 then one
+    cast (transformers 5.23's DeepseekV4RMSNorm), or cast back then multiply (Qwen3RMSNorm's spelling, which other
+    transformers versions use for DeepseekV4RMSNorm; the op multiplies in fp32, one bf16 rounding apart). The norm
+    weights are made to matter so the order changes the output; the compiled model is no farther from the fp32
+    model than eager bf16 is (plus 1%)."""
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RMSNorm
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    if norm == "cast_then_weight":
+        monkeypatch.setattr(DeepseekV4RMSNorm, "forward", Qwen3RMSNorm.forward)
+    layers = 2
+    model = deepseek_v4(layers, iters=3, mlp="hash_moe")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p.add_(0.3 * torch.randn_like(p))
+    inputs = {"input_ids": torch.randint(0, 128, (1, 12)), "use_cache": False}
+    reference, eager, compiled = bf16_outputs(model, inputs, "cpu", EAGER)
+    report = td.last_report()
+    assert fusions(MHC, report) == (1, 2 * layers - 1, 1), report.rejections
+    assert not [r for r in report.rejections if r[0] == "mhc_post_pre"], report.rejections
+    assert relative_error(compiled, reference) <= relative_error(eager, reference) + 0.01
 
 
 @pytest.mark.gpu
@@ -247,16 +287,7 @@ def test_gpu_bf16_inductor_deepseek_v4_and_zlab_draft():
              (zlab_draft(layers), zlab_step(16, block=16, batch=1), DRAFT, (layers,) * 3)]
     for model, inputs, kinds, counts in cases:
         torch._dynamo.reset()
-        inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-        model = model.cuda()
-        with torch.no_grad():
-            reference = model(**inputs)
-            model = model.to(torch.bfloat16)
-            inputs = {k: v.bfloat16() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-                      for k, v in inputs.items()}
-            eager = model(**inputs)
-            compiled = torch.compile(model, backend="dflash")(**inputs)
-        reference, eager, compiled = (getattr(o, "logits", o) for o in (reference, eager, compiled))
+        reference, eager, compiled = bf16_outputs(model, inputs, "cuda")
         report = td.last_report()
         assert fusions(kinds) == counts and report.target == "cuda", (fusions(kinds), report.rejections)
         assert relative_error(compiled, reference) <= relative_error(eager, reference) + 0.01

@@ -10,7 +10,7 @@ on a second sequence length. The refusals use a small stack whose hyper-connecti
 import pytest
 import torch
 import torch.nn.functional as F
-from pass_testing import check_pass, op_diff
+from pass_testing import HFRMSNorm, check_pass, op_diff
 from tiny_models import deepseek_v4, mhc_decoder_lm, mhc_inputs
 from torch.export import Dim
 
@@ -66,6 +66,23 @@ def test_own_mhc_target_every_boundary(layers, iters, n):
     _, gm, _ = check_pass(mhc_decoder_lm(layers, iters, n), mhc_inputs(2, 8), mhc_inputs(2, 11), PASSES, counts(layers),
                           dims)
     check_boundaries(gm, layers, iters, eps=1e-6, prefix="model.")
+
+
+# ---------------------------------------------------------------------------------------- bf16
+@pytest.mark.parametrize("norm", [HCRMSNorm, HFRMSNorm])
+def test_bf16_either_norm_weight_order_fuses(norm):
+    """The next sublayer's RMSNorm multiplies its weight in fp32 then casts (HCRMSNorm, DeepSeek) or casts back then
+    multiplies in bf16 (HFRMSNorm, Qwen3's spelling): both fuse; the op multiplies in fp32, one rounding apart.
+    The outputs reach ~10, where one bf16 ulp is 0.0625: atol 0.07."""
+    model = Variant()
+    model.norms = torch.nn.ModuleList(norm(32, 1e-6) for _ in range(2))
+    with torch.no_grad():
+        for n in model.norms:
+            n.weight.copy_(1 + 0.3 * torch.randn(32))
+    seq = Dim("seq", min=2, max=16)
+    args, second = ((torch.randn(2, length, 32, dtype=torch.bfloat16),) for length in (6, 9))
+    check_pass(model.to(torch.bfloat16), args, second, PASSES, {"mhc_pre": 1, "mhc_post_pre": 1, "mhc_post": 1},
+               ({1: seq},), atol=0.07, rtol=2e-2)
 
 
 # ---------------------------------------------------------------------------------------- refusals
