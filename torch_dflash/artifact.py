@@ -63,8 +63,8 @@ def dynamic_shapes_of(program: ExportedProgram) -> tuple[dict, ...]:
     for name in program.graph_signature.user_inputs:
         spec = {}
         for i, size in enumerate(placeholders[name].meta["val"].shape):
-            if isinstance(size, torch.SymInt):
-                symbol = size.node.expr
+            if isinstance(size, torch.SymInt) and size.node.expr in program.range_constraints:
+                symbol = size.node.expr  # (a SymInt the program specialized, e.g. to 3, has no range: static)
                 if symbol not in dims:
                     bounds = program.range_constraints[symbol]
                     dims[symbol] = Dim(f"d{len(dims)}", min=int(bounds.lower), max=int(bounds.upper))

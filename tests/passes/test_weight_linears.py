@@ -153,18 +153,20 @@ def test_mlir_export_decomposes_dflash_linear():
 @pytest.mark.gpu
 @pytest.mark.parametrize("block", [1, 16])
 def test_gpu_bf16_steps_run_the_skinny_gemm(block):
-    """The demo target in bf16 on the GPU, AR (block 1) and verify (block 16) steps at batch 1 and 2: every
-    dflash.linear lowers to Triton, and the step's logits are as close to the fp32 model's as eager bf16's are."""
-    target, _ = build_demo_pair(seed=3, device="cuda", dtype=torch.bfloat16, max_batch=2, max_seq_len=64)
-    fp32, _ = build_demo_pair(seed=3, device="cuda", max_batch=2, max_seq_len=64)
+    """The demo target in bf16 on the GPU, AR (block 1, batch 1 and 2) and verify (block 16, batch 1: at batch 2 the
+    32 rows are left to cuBLAS for the demo's small weights, by the serve rule) steps: every dflash.linear lowers to
+    Triton, and the step's logits are as close to the fp32 model's as eager bf16's are."""
+    max_batch = 2 if block == 1 else 1
+    target, _ = build_demo_pair(seed=3, device="cuda", dtype=torch.bfloat16, max_batch=max_batch, max_seq_len=64)
+    fp32, _ = build_demo_pair(seed=3, device="cuda", max_batch=max_batch, max_seq_len=64)
     compile_step = pipeline_compile_step("cuda")
-    program = compile_step(capture_verify(target, block_size=block, max_batch=2).module(), "step")
+    program = compile_step(capture_verify(target, block_size=block, max_batch=max_batch).module(), "step")
     assert set(compile_step.reports["step"].providers["linear"]) == {"triton"}
 
     def error(logits, reference):
         return ((logits.float() - reference).norm() / reference.norm()).item()
 
-    for batch in (1, 2):
+    for batch in range(1, max_batch + 1):
         args = (torch.randint(0, 1000, (batch, block), device="cuda"),
                 (9 + torch.arange(block, device="cuda")).expand(batch, block).contiguous())
         with torch.no_grad():
