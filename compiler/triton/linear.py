@@ -5,6 +5,8 @@ x[..., K] ─ rows M = Π lead ─┬─ skinny_gemm.serves(M, N, K): skinny_gem
                              └─ otherwise (prefill, fp32 …):  F.linear(x, w, b) (cuBLAS / hipBLASLt)
 """
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -18,7 +20,7 @@ AOT_SHAPES = ((4096, 4096), (24576, 4096), (4096, 12288), (151936, 4096), (4096,
 
 
 def linear_supports(x: Tensor, w: Tensor, b: Tensor | None) -> str | None:
-    rows = x.shape[:-1].numel()
+    rows = math.prod(x.shape[:-1])  # stays symbolic (torch.Size.numel() would specialize a dynamic token dim)
     return first_reason(
         device_reason(x),
         None if x.dtype in (torch.bfloat16, torch.float16) else f"the skinny GEMM takes bf16/fp16, not {x.dtype}",

@@ -131,6 +131,22 @@ def test_lowering_cuda_picks_triton_for_bf16_and_computes_the_same():
     torch.testing.assert_close(gm(x).float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
+def test_cuda_lowering_keeps_the_draft_steps_dynamic_token_dims():
+    """Asking the Triton providers whether they serve a symbolic row count must not specialize it (torch.Size.numel()
+    on the draft's dynamic context length did: the re-exported program then refused every other length)."""
+    from torch_dflash.compiler.capture import capture_draft
+    from torch_dflash.passes.pipeline import default_pass_manager
+
+    target, draft = build_demo_pair(seed=3, dtype=torch.bfloat16, max_batch=2, max_seq_len=64)
+    gm = capture_draft(target, draft, max_batch=2).module()
+    context = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "context_features")
+    default_pass_manager().run(gm)
+    lowering.lower(gm, "cuda")
+    batch, length, _ = context.meta["val"].shape
+    assert isinstance(batch, torch.SymInt) and isinstance(length, torch.SymInt), context.meta["val"].shape
+    assert not isinstance(length.node.expr, int) and not length.node.expr.is_number, length
+
+
 def test_ascend_codegen_emits_f_linear_and_runs_like_the_graph():
     gm = _taken(torch.bfloat16)
     x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
