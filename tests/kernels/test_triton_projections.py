@@ -386,7 +386,9 @@ def test_aot_specs_compile_for_every_arch(aot_results, module):
     sizes = aot_results[module]
     per_arch = {arch: sorted(n.rsplit(",", 1)[0] for n in sizes if n.endswith("@" + arch)) for arch in
                 ("sm_80", "sm_90", "gfx942", "gfx950")}
-    assert per_arch["sm_80"] and all(names == per_arch["sm_80"] for names in per_arch.values()), per_arch
+    # the archs of one family share its table rows; rocm's rows pick no fused qkv GEMM, so it builds a subset
+    assert per_arch["sm_80"] == per_arch["sm_90"] and per_arch["gfx942"] == per_arch["gfx950"], per_arch
+    assert per_arch["gfx942"] and set(per_arch["gfx942"]) <= set(per_arch["sm_80"]), per_arch
     failed = {name: size for name, size in sizes.items() if not isinstance(size, int) or size == 0}
     assert not failed, failed
 
