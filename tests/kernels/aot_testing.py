@@ -7,6 +7,21 @@ import subprocess
 import sys
 
 
+# Appended to a script that defines `fam`, `aot`, `json` and `specs`: builds every spec for the family's archs and
+# prints {"name@arch": [binary bytes, shared memory bytes] or the error}.
+COMPILE_SPECS = """
+result = {}
+for arch in (a for a in aot.ARCHS if aot.family(a) == fam):
+    for spec in specs:
+        try:
+            compiled = aot.compile_spec(spec, arch)
+            result[f"{spec.name}@{arch}"] = [len(aot.binary(compiled, arch)), compiled.metadata.shared]
+        except Exception as error:
+            result[f"{spec.name}@{arch}"] = f"{type(error).__name__}: {error}"[:400]
+print(json.dumps(result))
+"""
+
+
 def run_aot_script(script: str, families=("cuda", "rocm")) -> dict:
     """Run `script` (which prints one JSON object on its last line; argv[1] is the family) per family side by
     side; returns the merged objects."""

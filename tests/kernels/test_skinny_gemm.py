@@ -6,7 +6,7 @@ outputs, and ahead-of-time builds for sm_80, sm_90, gfx942, gfx950 within shared
 
 import pytest
 import torch
-from aot_testing import run_aot_script
+from aot_testing import COMPILE_SPECS, run_aot_script
 from test_triton_qkv_gemm import SHARED_LIMIT
 
 from torch_dflash.compiler.triton import configs
@@ -111,22 +111,13 @@ import json, sys, torch
 from torch_dflash.compiler.triton import aot, linear, skinny_gemm
 fam = sys.argv[1]
 specs = linear.aot_specs(fam) + [skinny_gemm.gemm_spec(torch.bfloat16, 32, 24576, 4096, bias=True, family=fam)]
-result = {}
-for arch in (a for a in aot.ARCHS if aot.family(a) == fam):
-    for spec in specs:
-        try:
-            compiled = aot.compile_spec(spec, arch)
-            result[f"{spec.name}@{arch}"] = [len(aot.binary(compiled, arch)), compiled.metadata.shared]
-        except Exception as error:
-            result[f"{spec.name}@{arch}"] = f"{type(error).__name__}: {error}"[:400]
-print(json.dumps(result))
 """
 
 
 def test_compiles_for_every_arch():
     """The provider's specs (Qwen3-8B shapes, 16 rows: split and unsplit, block_n 32 to 128) and a 32-row build
     with bias, for sm_80, sm_90, gfx942 and gfx950, within each target's shared memory."""
-    results = run_aot_script(AOT_SCRIPT)
+    results = run_aot_script(AOT_SCRIPT + COMPILE_SPECS)
     assert len(results) == 4 * (3 + 1)   # 4 archs × (3 provider specs + 1)
     failed = {name: r for name, r in results.items() if not isinstance(r, list) or r[0] == 0}
     assert not failed, failed
