@@ -1,6 +1,7 @@
 """The `torch-dflash` command line. Exit codes: 0 done, 1 user error (one line), 2 internal error."""
 
 import argparse
+import os
 import sys
 import traceback
 
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             print(bench.main(args.suite, args.out, args.smoke, args.reps, log=log,
                              only=tuple(filter(None, args.only.split(","))), budget_s=args.budget))
         return 0
+    except BrokenPipeError:  # the reader went away (`… | head`): exit 1 silently, as rich does for its own output
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 1
     except DFlashError as error:
         if args.debug:
             traceback.print_exc()

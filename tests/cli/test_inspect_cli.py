@@ -105,3 +105,17 @@ def test_a_bare_pt2_is_run_through_the_pipeline(export_dir, tmp_path):
     assert list(report["report"]["passes"]) == list(PASS_NAMES)
     assert [s["kind"] for s in report["attention"]] == [s["kind"] for s in _report(export_dir)["draft"]["attention"]]
     assert report["report"]["providers"] == _report(export_dir)["draft"]["report"]["providers"]
+
+
+def test_a_reader_that_goes_away_is_not_an_error(export_dir):
+    """`torch-dflash inspect OUT | head -1`: the pipe closes before the output is written; the command exits 1 (as
+    rich and Python's own advice do on EPIPE) and prints nothing about it — no 'internal error', no exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-m", "torch_dflash.cli", "inspect", str(export_dir)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": "240"})
+    child.stdout.close()  # before the child, still importing torch, writes a byte
+    stderr = child.stderr.read().decode()
+    assert child.wait(timeout=600) == 1 and not stderr.strip(), stderr[-2000:]
