@@ -1,8 +1,9 @@
-"""The runtime's `compile_step` hook that makes captured steps pass-optimized, lowered programs (the engine's
-default):
+"""The runtime's `compile_step` hooks that make captured steps pass-optimized, lowered programs (the engine's
+default) and, opt-in, Inductor-compiled ones:
 
 exported step (ep.module()) ─ pass pipeline ─ lowering for the target ─▶ the same GraphModule, rewritten in
-place (it keeps its KV-cache buffers, which the runtime writes and compacts), with a CompileReport per step.
+place (it keeps its KV-cache buffers, which the runtime writes and compacts), with a CompileReport per step
+─ torch.compile(backend="inductor") ─▶ (inductor hook only) that module compiled, writing the same buffers.
 """
 
 import torch
@@ -34,4 +35,20 @@ def pipeline_compile_step(target: str = "auto", disabled=(), keep_snapshots: boo
         return graph_module
 
     compile_step.reports = reports
+    return compile_step
+
+
+def inductor_compile_step(target: str = "auto", disabled=(), keep_snapshots: bool = False):
+    """`pipeline_compile_step`, then the rewritten graph module under `torch.compile(backend="inductor",
+    fullgraph=True)`: Inductor fuses the ATen ops between our kernels (norms, SwiGLU, residual adds, cache
+    writes). Compiles lazily on the first call of each batch size — the engine's warm-up runs, before any CUDA
+    graph capture. dynamic=None (automatic): the first batch size compiles static, a second one recompiles with
+    only the changed dims (the batch) dynamic, and batch 1 is specialised — at most 3 compiles per step, under
+    dynamo's recompile limit (8)."""
+    pipeline = pipeline_compile_step(target, disabled, keep_snapshots)
+
+    def compile_step(graph_module, kind):
+        return torch.compile(pipeline(graph_module, kind), backend="inductor", fullgraph=True, dynamic=None)
+
+    compile_step.reports = pipeline.reports
     return compile_step

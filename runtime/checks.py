@@ -9,6 +9,7 @@ from torch_dflash.errors import ConfigError, InputError
 
 EXECUTORS = ("auto", "eager", "exported")
 PIPELINE = "pipeline"  # the default compile_step: pass pipeline + lowering for the models' device
+INDUCTOR = "inductor"  # opt-in: the pipeline, then the rewritten step under torch.compile(backend="inductor")
 
 
 def _device(module):
@@ -62,10 +63,10 @@ def check_engine(device, block_size, max_batch, max_seq_len, draft_window_size, 
                          f"got {draft_window_size!r}.")
     if executor not in EXECUTORS:
         raise InputError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}.")
-    if compile_step not in (PIPELINE, None) and not callable(compile_step):
-        raise InputError(f"compile_step must be '{PIPELINE}', None or a callable (graph_module, kind) -> step, "
-                         f"got {compile_step!r}.")
-    if executor == "eager" and callable(compile_step):
+    if compile_step not in (PIPELINE, INDUCTOR, None) and not callable(compile_step):
+        raise InputError(f"compile_step must be '{PIPELINE}', '{INDUCTOR}', None or a callable (graph_module, "
+                         f"kind) -> step, got {compile_step!r}.")
+    if executor == "eager" and (callable(compile_step) or compile_step == INDUCTOR):
         raise InputError("compile_step applies to exported programs; use executor='exported' or 'auto'.")
     if steps is not None and (executor != "auto" or compile_step != PIPELINE):
         raise InputError("steps= are run as given; leave executor and compile_step at their defaults.")

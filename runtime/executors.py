@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from torch_dflash.compiler.capture import DraftStep, VerifyStep, capture_draft, capture_verify
-from torch_dflash.compiler.step_compiler import device_target, pipeline_compile_step
+from torch_dflash.compiler.step_compiler import device_target, inductor_compile_step, pipeline_compile_step
 
-from .checks import PIPELINE
+from .checks import INDUCTOR, PIPELINE
 from .device import CUDAGraphStep, graph_pool
 
 
@@ -35,12 +35,14 @@ def build_steps(target, draft, *, executor, block_size, max_batch, compile_step=
     """executor "eager": DraftStep / VerifyStep; "exported": capture_draft / capture_verify programs (`.module()`)
     passed through `compile_step(graph_module, "draft" | "verify") -> callable` (which must keep writing the
     graph module's cache buffers in place). compile_step "pipeline": `pipeline_compile_step` for the models'
-    device (its CompileReports go to Steps.reports); None: the programs run as captured."""
+    device (its CompileReports go to Steps.reports); "inductor": `inductor_compile_step` for that device (the
+    same, then torch.compile with Inductor); None: the programs run as captured."""
     if executor == "eager":
         draft_module, verify_module = DraftStep(target, draft), VerifyStep(target)
         return Steps(draft_module, verify_module, cache_buffers(draft_module, verify_module))
-    if compile_step == PIPELINE:
-        compile_step = pipeline_compile_step(device_target(next(target.parameters()).device))
+    if compile_step in (PIPELINE, INDUCTOR):
+        hook = pipeline_compile_step if compile_step == PIPELINE else inductor_compile_step
+        compile_step = hook(device_target(next(target.parameters()).device))
     compile_step = compile_step or _as_captured
     draft_module = capture_draft(target, draft, max_batch=max_batch, block_size=block_size).module()
     verify_module = capture_verify(target, block_size=block_size, max_batch=max_batch).module()

@@ -122,7 +122,8 @@ ENGINE_SETTING_CASES = {
     "no rows": (dict(max_batch=0), "max_batch must be a positive integer"),
     "cache shorter than two blocks": (dict(max_seq_len=8), "at least 2 \\* block_size \\+ 1 = 9"),
     "hook on eager modules": (dict(executor="eager", compile_step=lambda gm, kind: gm), "compile_step applies"),
-    "unknown compile_step": (dict(compile_step="fast"), "compile_step must be 'pipeline', None or a callable"),
+    "inductor on eager modules": (dict(executor="eager", compile_step="inductor"), "compile_step applies"),
+    "unknown compile_step": (dict(compile_step="fast"), "compile_step must be 'pipeline', 'inductor', None or a"),
     "steps and an executor": (dict(steps=Steps(print, print, []), executor="eager"), "steps= are run as given"),
 }
 
