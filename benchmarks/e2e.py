@@ -3,7 +3,8 @@
 Models: a Qwen3-8B-shape target (36 layers) and a Qwen3-8B-DFlash-b16-shape draft (5 layers), random bf16
 weights built by benchmarks/steps.py; a 1024-token random prompt; block 16. Every dflash number runs through
 `DFlashEngine` with its default steps (captured, pass pipeline, lowered for the models' device, CUDA-graphed
-per batch bucket on CUDA).
+per batch bucket on CUDA); variant "dflash+inductor" runs the same through `compile_step="inductor"` (the
+pipeline's rewritten steps under torch.compile(backend="inductor"), compiled in the warm-up before capture).
 
 turn     one `DFlashEngine.iterate` — draft step, verify step, acceptance, commit (cache rollback by position),
          next context: exactly one loop turn of `generate`. Each timed call iterates a `fork()` of the state
@@ -29,7 +30,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from torch_dflash.compiler.capture import DraftStep, VerifyStep, capture_verify
-from torch_dflash.compiler.step_compiler import device_target, pipeline_compile_step
+from torch_dflash.compiler.step_compiler import device_target, inductor_compile_step, pipeline_compile_step
 from torch_dflash.models import DecoderConfig, DecoderLM, DFlashDraft, DFlashDraftConfig
 from torch_dflash.runtime import DFlashEngine, GenerateStats
 from torch_dflash.runtime.device import Clock, CUDAGraphStep, graph_pool, is_cuda
@@ -42,6 +43,7 @@ from .steps_backend import _on_meta_with_weights
 TAU = 6.5          # published mean acceptance of Qwen3-8B-DFlash-b16 (GSM8K / HumanEval, design.md §6)
 STATS_TURNS = 10   # turns the check runs to read the engine's own per-phase times (2 when small)
 PROJECTION_REPS = 20  # timed calls of the AR step and the turn for the projection (2 when small)
+INDUCTOR = "dflash+inductor"  # the variant through DFlashEngine(compile_step="inductor")
 
 
 def _pair(device, dtype, small):
@@ -162,9 +164,11 @@ def _zlab_variant(zlab, hf, prompt, max_new_tokens):
 
 # ---- the runtime ----------------------------------------------------------------------------------------------
 
-def _engine_after_one_turn(target, draft, prompt, b):
-    """The engine with its default steps, the prompt prefilled and one turn run: (engine, state, tokens committed)."""
-    engine = DFlashEngine(target, draft, max_batch=1, max_seq_len=prompt.shape[1] + 3 * b + 1)
+def _engine_after_one_turn(target, draft, prompt, b, compile_step="pipeline"):
+    """The engine (default steps, or `compile_step`'s), the prompt prefilled and one turn run: (engine, state,
+    tokens committed). Its steps hold their own copies of the caches, so engines on one pair do not interfere."""
+    engine = DFlashEngine(target, draft, max_batch=1, max_seq_len=prompt.shape[1] + 3 * b + 1,
+                          compile_step=compile_step)
     decode = engine.begin(prompt[0], max_new_tokens=3 * b)
     first = engine.iterate(decode)[0]
     return engine, decode, first
@@ -183,11 +187,17 @@ def _turn_inputs(engine, snapshot):
     return draft_args, (drafted, positions)
 
 
-def _ar_step(target, device):
-    """The target's one-token step through the runtime's compile path (capture, pipeline, lowering, graph)."""
+def _ar_step(target, device, hook=pipeline_compile_step):
+    """The target's one-token step through the runtime's compile path (capture, pipeline, lowering, graph);
+    `hook` = inductor_compile_step for the Inductor variant."""
     program = capture_verify(target, block_size=1, max_batch=1).module()
-    step = pipeline_compile_step(device_target(device))(program, "ar")
+    step = hook(device_target(device))(program, "ar")
     return CUDAGraphStep(step, graph_pool()) if is_cuda(device) else step
+
+
+def _calls(steps, args):
+    """{variant: step} -> {variant: a no-grad call of it on args} (the case's timed variants)."""
+    return {variant: no_grad(lambda step=step: step(*args)) for variant, step in steps.items()}
 
 
 def _tensors(x):
@@ -195,13 +205,17 @@ def _tensors(x):
 
 
 def _step_check(compiled, eager, args, tol):
-    """The compiled step agrees with the eager step module on the same inputs (relative norm per output)."""
+    """Each compiled step ({variant: step}) agrees with the eager step module on the same inputs (relative norm
+    per output)."""
     @torch.no_grad()
     def check():
-        got = [t.clone() for t in _tensors(compiled(*args))]  # a CUDA graph's outputs are overwritten next call
-        distances = [_relative(a, e) for a, e in zip(got, _tensors(eager(*args)))]
-        assert max(distances) <= tol, f"compiled step differs from eager by {max(distances):.1e} > {tol:.0e}"
-        return "relative distance to eager: " + ", ".join(f"{d:.1e}" for d in distances)
+        notes = []
+        for variant, step in compiled.items():
+            got = [t.clone() for t in _tensors(step(*args))]  # a CUDA graph's outputs are overwritten next call
+            distances = [_relative(a, e) for a, e in zip(got, _tensors(eager(*args)))]
+            assert max(distances) <= tol, f"{variant} step differs from eager by {max(distances):.1e} > {tol:.0e}"
+            notes.append(f"{variant}: " + ", ".join(f"{d:.1e}" for d in distances))
+        return "relative distance to eager: " + "; ".join(notes)
     return check
 
 
@@ -230,19 +244,25 @@ def cases(device="cuda", small=False) -> list[Case]:
     g = torch.Generator(device).manual_seed(0)
     prompt = torch.randint(0, target.config.vocab_size - 1, (1, n), generator=g, device=device)
 
+    fused, fused_snapshot, fused_first = _engine_after_one_turn(target, draft, prompt, b, "inductor")
     engine, snapshot, first = _engine_after_one_turn(target, draft, prompt, b)
-    steps, (draft_args, verify_args) = engine.steps, _turn_inputs(engine, snapshot)
+    steps, fused_steps, (draft_args, verify_args) = engine.steps, fused.steps, _turn_inputs(engine, snapshot)
     ar, ar_args = _ar_step(target, device), (verify_args[0][:, :1], verify_args[1][:, :1])
+    fused_ar = _ar_step(target, device, inductor_compile_step)
     hf, zlab = zlab_models(target, draft, target_cfg, cfg, device)
     zlab_turn_fn, zlab_check = _zlab_variant(zlab, hf, prompt, 3 * b)
 
     def turn():
         return engine.iterate(snapshot.fork())[0]
 
+    def fused_turn():
+        return fused.iterate(fused_snapshot.fork())[0]
+
     ar_call = no_grad(lambda: ar(*ar_args))
 
     def turn_check():
         notes = [f"timed turn committed {turn()} token(s) (the first turn {first}; random weights)",
+                 f"dflash+inductor: {fused_turn()} (the first turn {fused_first})",
                  _stats_note(engine, snapshot, 2 if small else STATS_TURNS), zlab_check()]
         reps = 2 if small else PROJECTION_REPS
         t_ar, _ = harness.time_variant(ar_call, device, reps, False)
@@ -255,18 +275,21 @@ def cases(device="cuda", small=False) -> list[Case]:
     floor_ar = weight_bytes(target) + kv_bytes(target_cfg, ctx + 1, dtype)
     where = f"DFlashEngine default steps, {device_target(device)}{' + CUDA graph' if engine.cuda_graphs else ''}"
     eager_draft, eager_verify = DraftStep(target, draft), VerifyStep(target)
+    drafts, verifies = {"dflash": steps.draft, INDUCTOR: fused_steps.draft}, {"dflash": steps.verify,
+                                                                              INDUCTOR: fused_steps.verify}
+    ars = {"dflash": ar, INDUCTOR: fused_ar}
     return [
-        Case("e2e", f"runtime draft step (ctx {ctx}, {b}+{b} tokens)", {"dflash": no_grad(lambda: steps.draft(
-            *draft_args))}, _step_check(steps.draft, eager_draft, draft_args, tol_draft), floor_bytes=floor_draft,
+        Case("e2e", f"runtime draft step (ctx {ctx}, {b}+{b} tokens)", _calls(drafts, draft_args),
+             _step_check(drafts, eager_draft, draft_args, tol_draft), floor_bytes=floor_draft,
              notes=f"{where}; floor: draft weights {weight_bytes(draft) / 1e9:.2f} GB + the target's lm_head "
                    f"{weight_bytes(target.lm_head) / 1e9:.2f} GB (the draft's logits) + KV"),
-        Case("e2e", f"runtime verify step ({b} tokens, ctx {ctx})", {"dflash": no_grad(lambda: steps.verify(
-            *verify_args))}, _step_check(steps.verify, eager_verify, verify_args, tol_target),
-             floor_bytes=floor_verify, notes=where),
-        Case("e2e", f"runtime AR step (1 token, ctx {ctx})", {"dflash": ar_call},
-             _step_check(ar, eager_verify, ar_args, tol_target), floor_bytes=floor_ar,
+        Case("e2e", f"runtime verify step ({b} tokens, ctx {ctx})", _calls(verifies, verify_args),
+             _step_check(verifies, eager_verify, verify_args, tol_target), floor_bytes=floor_verify, notes=where),
+        Case("e2e", f"runtime AR step (1 token, ctx {ctx})", _calls(ars, ar_args),
+             _step_check(ars, eager_verify, ar_args, tol_target), floor_bytes=floor_ar,
              notes=f"capture_verify(block 1) + pipeline, {device_target(device)}"
                    + (" + CUDA graph" if is_cuda(device) else "")),
-        Case("e2e", f"spec-decode turn (ctx {ctx}, block {b})", {"dflash": turn, "zlab": zlab_turn_fn}, turn_check,
+        Case("e2e", f"spec-decode turn (ctx {ctx}, block {b})", {"dflash": turn, INDUCTOR: fused_turn,
+                                                                 "zlab": zlab_turn_fn}, turn_check,
              floor_bytes=floor_draft + floor_verify, notes=f"{where}; floor = draft + verify floors"),
     ]

@@ -21,13 +21,15 @@ def run_each_case_once(device):
     turn = notes[cases[-1].name]
     assert "timed turn committed" in turn and "engine stats per turn: draft" in turn
     assert "projection, not a measurement: τ 6.5" in turn
-    assert set(cases[-1].variants) == {"dflash", "zlab"}
+    assert set(cases[-1].variants) == {"dflash", "dflash+inductor", "zlab"}
+    assert all(set(c.variants) == {"dflash", "dflash+inductor"} for c in cases[:-1])
     return notes
 
 
 def test_e2e_cases_run_on_cpu():
     notes = run_each_case_once("cpu")
-    assert all("relative distance to eager" in n for name, n in notes.items() if name.startswith("runtime"))
+    assert all("relative distance to eager: dflash: " in n and "; dflash+inductor: " in n
+               for name, n in notes.items() if name.startswith("runtime"))
 
 
 @pytest.mark.gpu
