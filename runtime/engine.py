@@ -99,8 +99,8 @@ class DFlashEngine:
     def __init__(self, target, draft, max_batch=1, max_seq_len=2048, block_size=None, *, draft_window_size=None,
                  executor="auto", cuda_graphs=None, compile_step=PIPELINE, steps: Steps | None = None):
         """executor: "auto" = "exported" (captured programs) or "eager" (the model code as written).
-        compile_step: "pipeline" (passes + lowering), None (programs as captured) or a hook (graph_module, kind)
-        -> step. steps: step functions to run instead of capturing (e.g. an export's programs, not CUDA-graphed
+        compile_step: "pipeline" (passes + lowering), "inductor" (that, then torch.compile with Inductor), None
+        (programs as captured) or a hook (graph_module, kind) -> step. steps: step functions to run instead of capturing (e.g. an export's programs, not CUDA-graphed
         yet: the engine adds its graphs). cuda_graphs: None = on for CUDA models."""
         self.device = check_pair(target, draft)
         self.block_size = check_block_size(draft, block_size)
