@@ -119,3 +119,25 @@ def test_a_reader_that_goes_away_is_not_an_error(export_dir):
     child.stdout.close()  # before the child, still importing torch, writes a byte
     stderr = child.stderr.read().decode()
     assert child.wait(timeout=600) == 1 and not stderr.strip(), stderr[-2000:]
+
+
+def test_rejections_render_in_the_why_tables_and_the_html_page(export_dir):
+    """The shared export fuses everything (no pass rejections left), so a rejection row is added to its report:
+    `--why`'s table and the HTML page both show the pass, the node and the reason."""
+    import copy
+
+    from rich.console import Console
+
+    from torch_dflash import html_report, inspect_cmd
+
+    reports = copy.deepcopy(inspect_cmd.load_reports(export_dir))
+    row = ["qkv_norm_rope", "linear_7", "the q projection weight is a graph value, not a constant"]
+    reports["verify"]["report"]["rejections"].append(row)
+    console = Console(record=True, width=240)
+    for table in inspect_cmd.why_tables(reports):
+        console.print(table)
+    text = console.export_text()
+    assert "verify graph — not rewritten: 1 candidates" in text
+    assert re.search(r"│ qkv_norm_rope\s+│ linear_7\s+│ the q projection weight is a graph value", text), text
+    page = html_report.render(reports)
+    assert all(part in page for part in row)
