@@ -9,8 +9,6 @@ of scope: they go to Inductor unchanged, with one warning.
 """
 
 import dataclasses
-import hashlib
-import json
 import logging
 from pathlib import Path
 
@@ -48,14 +46,11 @@ class BackendOptions:
 
 
 class DFlashGraphPass:
-    """Our pipeline + lowering over one ATen graph, recording a CompileReport. Also an Inductor custom pass."""
+    """Our pipeline + lowering over one ATen graph (`run`), and where its CompileReport goes (`publish`)."""
 
     def __init__(self, options: BackendOptions, graph_name: str):
         self.options, self.graph_name = options, graph_name
         self.target = lowering.resolve_target(options.target)
-
-    def __call__(self, graph: fx.Graph) -> None:
-        self.publish(self.run(graph.owning_module))
 
     def run(self, gm: fx.GraphModule) -> report.CompileReport:
         from torch_dflash.passes.pipeline import default_pass_manager
@@ -69,14 +64,6 @@ class DFlashGraphPass:
         report.record(compile_report)
         if self.options.report:
             Path(self.options.report).write_text(compile_report.to_json(snapshots=self.options.snapshots))
-
-    def uuid(self) -> str:
-        """Inductor's FX-graph cache key part: pass sources, options, target, torch/triton versions."""
-        import triton
-
-        key = {"passes": compile_cache.source_hash(), "options": dataclasses.asdict(self.options),
-               "target": self.target, "torch": torch.__version__, "triton": triton.__version__}
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 def _needs_grad(gm: fx.GraphModule, example_inputs) -> bool:
