@@ -15,7 +15,7 @@ and `test_bf16_pre_matches_reference_on_the_kernels_own_new_res` checks the rest
 import contextlib
 
 import pytest
-from aot_testing import run_aot_script
+from aot_testing import COMPILE_SPECS, run_aot_script
 import torch
 
 from torch_dflash.compiler import providers
@@ -237,21 +237,11 @@ def test_supports_reasons(monkeypatch):
 
 AOT_SCRIPT = """
 import json, sys
-import triton
-from triton.compiler import ASTSource
-from torch_dflash.compiler.triton.aot import ARCHS, binary, compile_spec, family
+from torch_dflash.compiler.triton import aot
 from torch_dflash.compiler.triton.mhc import aot_specs
-
-results = {}
-for spec in aot_specs(sys.argv[1]):
-    for arch in (a for a in ARCHS if family(a) == sys.argv[1]):
-        try:
-            compiled = compile_spec(spec, arch)
-            results[f"{spec.name}@{arch}"] = [len(binary(compiled, arch)), compiled.metadata.shared]
-        except Exception as e:
-            results[f"{spec.name}@{arch}"] = f"{type(e).__name__}: {e}"[:500]
-print(json.dumps(results))
-"""
+fam = sys.argv[1]
+specs = aot_specs(fam)
+""" + COMPILE_SPECS
 
 
 @pytest.fixture(scope="module")
