@@ -5,15 +5,20 @@ before:  %q, %k, %v = dflash.qkv_norm_rope(%x, ...)
 after:   %q, %k, %v = dflash_triton.qkv_norm_rope(%x, ...)     (target cuda/rocm, Triton supports the shapes)
          %q, %k, %v = dflash.qkv_norm_rope(%x, ...)            (cpu, or no provider supports them: the reference)
 
-Each provider runs behind a custom op `dflash_<provider>::<op>` with the dflash op's schema and fake, so the
-lowered graph still exports and Inductor treats the provider as an opaque kernel. Providers are asked
+Each provider runs behind a custom op `dflash_<provider>::<op>` with the dflash op's schema, so the lowered graph
+still exports. A traceable provider (the Triton ones) is a `torch.library.triton_op`: Inductor's AOT pass
+decomposes it into its `wrap_triton` launches and calls our kernels from its own generated code, fusing and
+planning memory around them; other providers (Ascend, test stubs) are opaque kernels to Inductor. Providers are asked
 `supports(*example_args)` on the node's fake values, best priority first; the reasons of those that declined
 are kept for the report, and the choice is logged once per (op, target, provider).
 """
 
+import functools
 import importlib
 import importlib.util
+import inspect
 import logging
+import os
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -71,18 +76,41 @@ def load_providers(target: str) -> tuple[str, ...]:
 def provider_op(op: str, provider_name: str):
     """The custom op `dflash_<provider>::<op>` that calls the provider's implementation."""
     reference = getattr(torch.ops.dflash, op).default
-    schema = str(reference._schema).split("(", 1)[1]
+    provider = next(p for p in providers.all_providers(op) if p.name == provider_name)
     namespace = f"dflash_{provider_name}"
+    if provider.traceable and os.environ.get("TRITON_INTERPRET") != "1":  # interpreted kernels cannot be traced
+        impl = _with_signature(provider.impl, reference._schema)
+        op_def = torch.library.triton_op(f"{namespace}::{op}", impl, mutates_args=())
+        op_def.register_fake(lambda *args, **kwargs: reference(*args, **kwargs))  # shapes without device queries
+        return getattr(getattr(torch.ops, namespace), op).default
+    schema = str(reference._schema).split("(", 1)[1]
     library = torch.library.Library(namespace, "FRAGMENT")
     library.define(f"{op}({schema}")
     _LIBRARIES.append(library)
-    provider = next(p for p in providers.all_providers(op) if p.name == provider_name)
     library.impl(op, provider.impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"{namespace}::{op}", lambda *args, **kwargs: reference(*args, **kwargs))
     return getattr(getattr(torch.ops, namespace), op).default
 
 
 _LIBRARIES: list = []  # keep the fragments alive for the life of the process
+
+_ANNOTATIONS = {"Tensor": torch.Tensor, "Optional[Tensor]": torch.Tensor | None, "float": float, "int": int,
+                "SymInt": int, "str": str, "bool": bool}
+
+
+def _with_signature(impl, schema):
+    """impl behind a wrapper whose annotated signature spells `schema` (triton_op infers the op's schema from
+    annotations; provider functions are not annotated). `__wrapped__` stays impl, so torch's scan for the
+    wrap_triton kernels (they key AOTAutograd's cache) reads the provider's source."""
+    params = [inspect.Parameter(arg.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                annotation=_ANNOTATIONS[str(arg.type)],
+                                default=arg.default_value if arg.has_default_value() else inspect.Parameter.empty)
+              for arg in schema.arguments]
+    returns = [torch.Tensor for _ in schema.returns]
+    wrapper = functools.wraps(impl)(lambda *args, **kwargs: impl(*args, **kwargs))
+    wrapper.__signature__ = inspect.Signature(
+        params, return_annotation=returns[0] if len(returns) == 1 else tuple[tuple(returns)])
+    return wrapper
 
 
 @dataclass

@@ -26,6 +26,9 @@ class Provider:
     impl: Callable
     priority: int = 0
     supports: Callable[..., str | None] = field(default=_always)
+    # impl is torch ops + `torch.library.wrap_triton(kernel)[grid](...)` launches only (no host sync, no state
+    # kept across calls): lowering registers it with torch.library.triton_op, so AOT/Inductor see its kernels
+    traceable: bool = False
 
     def runs_on(self, target: str) -> bool:
         return ANY_TARGET in self.targets or target in self.targets

@@ -59,7 +59,8 @@ def _broadcasts(shape, target) -> bool:
     return len(shape) <= len(target) and all(s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
 
 
-register(Provider("attention", "triton", ("cuda", "rocm"), attention_triton, priority=10, supports=supports))
+register(Provider("attention", "triton", ("cuda", "rocm"), attention_triton, priority=10, supports=supports,
+                  traceable=True))
 
 
 def _signature(kernel, pointers: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:

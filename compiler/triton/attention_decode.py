@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .attention_common import (LOG2E, attend, family, key_range, launch_params, mask_args, qpos_args, query_positions,
                                widen_dot)
@@ -183,7 +184,7 @@ def attention_decode(q, k, v, kind, scale, window=0, mask=None, q_pos=None, num_
         ws_lse = torch.empty(batch * n_kv_heads, plan.num_splits, n_rows, device=q.device, dtype=torch.float32)
     mask, mask_strides, mask_bool = mask_args(mask, (batch, n_q_heads, sq, sk))
     q_pos, stride_pb, stride_ps = qpos_args(q_pos)
-    attention_decode_kernel[plan.grid](
+    wrap_triton(attention_decode_kernel)[plan.grid](
         q, k, v, out, q_pos, mask, ws_o, ws_lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         stride_pb, stride_ps, *mask_strides, n_kv_heads, group, sq, sk, window, plan.num_splits,
         plan.min_blocks_per_split, scale * LOG2E,
@@ -191,7 +192,7 @@ def attention_decode(q, k, v, kind, scale, window=0, mask=None, q_pos=None, num_
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, HEAD_DIM=head_dim, WIDEN_DOT=widen_dot(q),
         num_warps=plan.num_warps, num_stages=plan.num_stages)
     if split_kv:
-        reduce_splits_kernel[plan.reduce_grid](
+        wrap_triton(reduce_splits_kernel)[plan.reduce_grid](
             ws_o, ws_lse, out, *out.stride(), n_kv_heads, group, sq, plan.num_splits,
             SPLITS_P2=triton.next_power_of_2(plan.num_splits), HEAD_DIM=head_dim, num_warps=plan.reduce_num_warps)
     return out

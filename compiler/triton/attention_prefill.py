@@ -7,6 +7,7 @@ positions, so fully masked KV blocks (the future, and keys older than the window
 
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .attention_common import (LOG2E, attend, family, key_range, launch_params, mask_args, qpos_args, query_positions,
                                widen_dot)
@@ -63,7 +64,7 @@ def attention_prefill(q, k, v, kind, scale, window=0, mask=None, q_pos=None, out
     mask, mask_strides, mask_bool = mask_args(mask, (batch, n_q_heads, sq, sk))
     q_pos, stride_pb, stride_ps = qpos_args(q_pos)
     grid = (triton.cdiv(sq, cfg["block_m"]), n_q_heads, batch)
-    attention_prefill_kernel[grid](
+    wrap_triton(attention_prefill_kernel)[grid](
         q, k, v, out, q_pos, mask, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         stride_pb, stride_ps, *mask_strides, n_q_heads // n_kv_heads, sq, sk, window, scale * LOG2E,
         KIND=kind, MASK_BOOL=mask_bool, HAS_QPOS=q_pos is not None,

@@ -107,4 +107,4 @@ def aot_specs(family: str = "cuda") -> list[KernelSpec]:
 
 
 register(Provider("kv_materialize", "triton", ("cuda", "rocm"), kv_materialize, priority=10,
-                  supports=kv_materialize_supports))
+                  supports=kv_materialize_supports, traceable=True))

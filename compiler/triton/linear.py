@@ -45,4 +45,4 @@ def aot_specs(family: str = "cuda") -> list[KernelSpec]:
     return list(specs.values())
 
 
-register(Provider("linear", "triton", ("cuda", "rocm"), linear, priority=10, supports=linear_supports))
+register(Provider("linear", "triton", ("cuda", "rocm"), linear, priority=10, supports=linear_supports, traceable=True))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ...errors import InputError
 from ..providers import Provider, register
@@ -417,7 +418,8 @@ def _fn_bf16_parts(fn: torch.Tensor, parts: int, nm: int) -> torch.Tensor:
     """fn as bf16 [parts, nm, n·D]: hi, mid (, lo) with hi + mid + lo = fn (each part the bf16 rounding of what the
     earlier ones leave), rows zero-padded to nm. fn is a weight: cached per fn tensor (identity and version
     counter; the entry dies with the tensor), so an in-place change of fn is seen by the next eager call but not
-    by a CUDA graph captured before it. Not cached while a graph is being captured (the split is captured)."""
+    by a CUDA graph captured before it. Not cached while a graph is being captured (the split is captured) nor
+    traced (Inductor's AOT pass: the split becomes graph ops on the frozen weight)."""
     key = (id(fn), parts, nm)
     try:
         version = fn._version
@@ -431,7 +433,7 @@ def _fn_bf16_parts(fn: torch.Tensor, parts: int, nm: int) -> torch.Tensor:
     for k in range(parts):
         out[k, :fn.shape[0]] = rest.to(torch.bfloat16)
         rest = rest - out[k, :fn.shape[0]].float()
-    if not (fn.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if _real(fn) and not (fn.is_cuda and torch.cuda.is_current_stream_capturing()):
         _FN_PARTS[key] = (weakref.ref(fn, lambda _, key=key: _FN_PARTS.pop(key, None)), version, out)
     return out
 
@@ -439,9 +441,18 @@ def _fn_bf16_parts(fn: torch.Tensor, parts: int, nm: int) -> torch.Tensor:
 _COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
-def _arrival_counters(device: torch.device, count: int) -> torch.Tensor:
+def _real(t: torch.Tensor) -> bool:
+    """A tensor with storage, not a fake or functional one that the triton_op is being traced with."""
+    return type(t) in (torch.Tensor, torch.nn.Parameter)
+
+
+def _arrival_counters(like: torch.Tensor, count: int) -> torch.Tensor:
     """Zeroed int32 tickets, one per token block; the kernel resets each after use, so one buffer per
-    (device, stream) serves every launch — no memset launch per call."""
+    (device, stream) serves every eager launch — no memset launch per call. A traced call (Inductor) gets fresh
+    zeros: graph state must not outlive the graph."""
+    device = like.device
+    if not _real(like):
+        return torch.zeros(count, dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
     buf = _COUNTERS.get(key)
@@ -478,7 +489,7 @@ def _launch(op, res, x=None, post=None, comb=None, fn=None, base=None, scale=Non
             columns = (2 + n) * n + 1 + (n + 1) * (n + 2) // 2  # mixes, Σ new_res², the inputs' Gram pairs
             ws = torch.empty(padded * split * columns, dtype=torch.float32, device=dev)
             coef = None if meta["FINISH_INLINE"] else torch.empty(padded, n + 1, dtype=torch.float32, device=dev)
-            counters = _arrival_counters(dev, padded // meta["BLOCK_T"] if split > 1 else 1)
+            counters = _arrival_counters(res2, padded // meta["BLOCK_T"] if split > 1 else 1)
 
         if meta["FN_PRESPLIT"]:
             fn = _fn_bf16_parts(fn, meta["FN_PARTS"], meta["NM"])
@@ -488,14 +499,14 @@ def _launch(op, res, x=None, post=None, comb=None, fn=None, base=None, scale=Non
 
         blocks = padded // meta["BLOCK_T"]
         if "main" in launches:
-            _mhc_kernel[(split, blocks)](
+            wrap_triton(_mhc_kernel)[(split, blocks)](
                 pointer(x, tokens, d), res2, pointer(post, tokens, n), pointer(comb, tokens, n, n),
                 pointer(fn), pointer(base), pointer(scale), pointer(norm_w),
                 pointer(new_res), pointer(out), pointer(post_out), pointer(comb_out), pointer(ws), pointer(coef),
                 pointer(counters), tokens, d, split, iters, rms_eps, hc_eps, norm_eps,
                 **_main_meta(meta), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         if coef is not None and "apply" in launches:
-            _mhc_apply_kernel[(triton.cdiv(d, meta["APPLY_D"]), blocks)](
+            wrap_triton(_mhc_apply_kernel)[(triton.cdiv(d, meta["APPLY_D"]), blocks)](
                 new_res if has_post else res2, out, coef, pointer(norm_w), tokens, d, N=n,
                 BLOCK_T=meta["BLOCK_T"], APPLY_D=meta["APPLY_D"], HAS_NORM=has_norm, num_warps=cfg["num_warps"])
     shaped = lambda t, *tail: None if t is None else t.reshape(*lead, *tail)  # noqa: E731
@@ -584,9 +595,11 @@ def mhc_post(x, res, post, comb, config=None):
 
 
 register(Provider("mhc_post_pre", "triton", ("cuda", "rocm"), mhc_post_pre, priority=10,
-                  supports=supports_mhc_post_pre))
-register(Provider("mhc_pre", "triton", ("cuda", "rocm"), mhc_pre, priority=10, supports=supports_mhc_pre))
-register(Provider("mhc_post", "triton", ("cuda", "rocm"), mhc_post, priority=10, supports=supports_mhc_post))
+                  supports=supports_mhc_post_pre, traceable=True))
+register(Provider("mhc_pre", "triton", ("cuda", "rocm"), mhc_pre, priority=10, supports=supports_mhc_pre,
+                  traceable=True))
+register(Provider("mhc_post", "triton", ("cuda", "rocm"), mhc_post, priority=10, supports=supports_mhc_post,
+                  traceable=True))
 
 
 # ---------------------------------------------------------------------------------------------------- AOT

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 from triton.runtime.interpreter import InterpretedFunction
 
 from ...errors import DFlashError
@@ -209,7 +210,7 @@ def launch_norm_rope_heads(proj: Tensor, cos: Tensor, sin: Tensor, q_norm_w: Ten
     cfg = launch_config("norm_rope_heads", family_of(proj))
     block_t = _heads_block(cfg, head_dim, B * S, heads, layers)
     grid = (triton.cdiv(B * S, block_t), heads, layers)
-    norm_rope_heads_kernel[grid](
+    wrap_triton(norm_rope_heads_kernel)[grid](
         proj, cos, sin, proj if q_norm_w is None else q_norm_w, proj if k_norm_w is None else k_norm_w,
         k_dst if q_out is None else q_out, k_dst, v_dst, proj if positions is None else positions.contiguous(),
         B * S, S, n_q, n_kv, k_dst.shape[2] if kv_dst is not None else 0, eps,
@@ -231,7 +232,7 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float, *, out: Tensor | None
     cfg = launch_config("rms_norm_rows", family_of(x))
     block_n = triton.next_power_of_2(n)
     block_m = max(1, min(cfg["elems"] // block_n, triton.next_power_of_2(rows)))
-    rms_norm_rows_kernel[(triton.cdiv(rows, block_m),)](
+    wrap_triton(rms_norm_rows_kernel)[(triton.cdiv(rows, block_m),)](
         x, x if weight is None else weight, y, rows, n, eps, HAS_WEIGHT=weight is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(cfg, block_m * block_n))
     return y
@@ -323,5 +324,6 @@ def aot_specs(family: str = "cuda") -> list[KernelSpec]:
             heads_spec(torch.bfloat16, 128, 128, q_norm=False, k_norm=False, cache=False, family=family)]
 
 
-register(Provider("rms_norm", "triton", ("cuda", "rocm"), rms_norm, priority=10, supports=rms_norm_supports))
-register(Provider("rope", "triton", ("cuda", "rocm"), rope, priority=10, supports=rope_supports))
+register(Provider("rms_norm", "triton", ("cuda", "rocm"), rms_norm, priority=10, supports=rms_norm_supports,
+                  traceable=True))
+register(Provider("rope", "triton", ("cuda", "rocm"), rope, priority=10, supports=rope_supports, traceable=True))

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
 from .aot import KernelSpec, pointer_args
 from .attention_common import widen_dot
@@ -185,7 +186,7 @@ def launch_qkv_gemm(x2: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, cos: Tensor
     assert k_dst.stride() == v_dst.stride() and k_dst.stride(-1) == 1 and q_out.is_contiguous()
     heads = n_q + 2 * n_kv
     grid = (triton.cdiv(tokens, cfg["block_m"]) * heads,)
-    qkv_gemm_norm_rope_kernel[grid](
+    wrap_triton(qkv_gemm_norm_rope_kernel)[grid](
         x2, w_qkv, x2 if b_qkv is None else b_qkv, cos, sin, x2 if q_norm_w is None else q_norm_w,
         x2 if k_norm_w is None else k_norm_w, q_out, k_dst, v_dst, x2 if positions is None else positions,
         tokens, hidden, S, n_q, n_kv, k_dst.shape[1], eps,

@@ -108,4 +108,4 @@ def aot_specs(family: str = "cuda") -> list[KernelSpec]:
 
 
 register(Provider("qkv_norm_rope", "triton", ("cuda", "rocm"), qkv_norm_rope, priority=10,
-                  supports=qkv_norm_rope_supports))
+                  supports=qkv_norm_rope_supports, traceable=True))

@@ -18,6 +18,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ...errors import InputError
 from .aot import KernelSpec, pointer_args
@@ -142,8 +143,8 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, config: dict | None = None,
     y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     tiles, split = triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]
     ws = torch.empty(split * meta["BLOCK_M"] * n if split > 1 else 1, dtype=torch.float32, device=x.device)
-    counters = _arrival_counters(x.device, tiles if split > 1 else 1)
-    skinny_gemm_kernel[(tiles, split)](
+    counters = _arrival_counters(x, tiles if split > 1 else 1)
+    wrap_triton(skinny_gemm_kernel)[(tiles, split)](
         x, w, x if bias is None else bias.contiguous(), y, ws, counters, m, n, k, x.stride(0), w.stride(0),
         y.stride(0), **meta, HAS_BIAS=bias is not None, WIDEN_DOT=x.device.type != "cuda",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

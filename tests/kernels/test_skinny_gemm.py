@@ -43,7 +43,7 @@ def test_matches_mm_with_tails_and_splits(m, n, k, split, bias):
         assert got is out
         torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
     if split > 1:
-        assert not sg._arrival_counters(x.device, n // 32 + 1).any()
+        assert not sg._arrival_counters(x, n // 32 + 1).any()
 
 
 @pytest.mark.parametrize("x,w,b,match", [

@@ -1,0 +1,93 @@
+"""Our Triton kernels are visible to Inductor: each Triton provider op is a torch.library.triton_op, so AOTAutograd
+(the pass that hands Inductor its graph) decomposes it into `triton_kernel_wrapper_functional` launches of our
+kernels, which Inductor then calls from its own generated code — no opaque Python op per call.
+
+Traced on CPU with fake CUDA tensors in a child process without TRITON_INTERPRET (an interpreted kernel cannot be
+traced); Triton's driver is told the target is sm_90 so torch can read each kernel's TTIR to find which pointers
+it stores through. On the H100, tests/test_backend_models.py::test_gpu_inductor_calls_our_kernels checks the
+compiled code and the numbers.
+"""
+
+from aot_testing import run_aot_script
+
+SCRIPT = r"""
+import json, sys, types
+import torch, triton
+from triton.backends.compiler import GPUTarget
+triton.runtime.driver.set_active(types.SimpleNamespace(get_current_target=lambda: GPUTarget("cuda", 90, 32)))
+
+from functorch.compile import aot_function, make_boxed_func
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import torch_dflash
+from torch_dflash.compiler import lowering
+from torch_dflash.compiler.triton import attention_decode
+
+attention_decode._gpu_multiprocessors = lambda index: 132   # an H100's SMs: no device to ask here
+dflash = torch.ops.dflash
+H, NQ, NKV, HD, T, CTX, N = 1024, 8, 2, 128, 16, 256, 4
+
+
+def step(x, w_qkv, qn, kn, cos, sin, k_cache, v_cache, w_o, res, post, comb, fn, base, scale, norm_w, ctx, w_kv):
+    q, k, v = dflash.qkv_norm_rope(x, w_qkv, None, qn, kn, 1e-6, cos, sin, NQ, NKV, HD)
+    keys = torch.cat([k_cache, k.transpose(1, 2)], dim=2)
+    values = torch.cat([v_cache, v.transpose(1, 2)], dim=2)
+    o = dflash.attention(q.transpose(1, 2), keys, values, "non_causal", HD ** -0.5)
+    o = dflash.linear(o.transpose(1, 2).reshape(1, T, NQ * HD), w_o, None)
+    new_res, layer_in, post_next, comb_next = dflash.mhc_post_pre(
+        o, res, post, comb, fn, base, scale, norm_w, 1e-6, 1e-6, 3, 1e-6)
+    ck, cv = dflash.kv_materialize(ctx, w_kv, None, kn, 1e-6, cos, sin, NKV, HD)
+    return new_res, dflash.rms_norm(layer_in, norm_w, 1e-6), post_next, comb_next, ck, cv
+
+
+mode = FakeTensorMode()
+with mode:
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    f32 = dict(device="cuda", dtype=torch.float32)
+    inputs = (torch.empty(1, T, H, **bf), torch.empty((NQ + 2 * NKV) * HD, H, **bf), torch.empty(HD, **bf),
+              torch.empty(HD, **bf), torch.empty(1, T, HD, **bf), torch.empty(1, T, HD, **bf),
+              torch.empty(1, NKV, CTX, HD, **bf), torch.empty(1, NKV, CTX, HD, **bf), torch.empty(H, NQ * HD, **bf),
+              torch.empty(1, T, N, H, **bf), torch.empty(1, T, N, **f32), torch.empty(1, T, N, N, **f32),
+              torch.empty((2 + N) * N, N * H, **f32), torch.empty((2 + N) * N, **f32), torch.empty(3, **f32),
+              torch.empty(H, **bf), torch.empty(1, T, H, **bf), torch.empty(2 * NKV * HD, H, **bf))
+gm = make_fx(step, tracing_mode="fake")(*inputs)
+choices = lowering.lower(gm, "cuda")
+providers = {op: sorted({c.provider for c in cs}) for op, cs in choices.items()}
+declined = {op: [d for c in cs for d in c.declined] for op, cs in choices.items()}
+
+graphs = []
+def capture(aot_gm, aot_inputs):
+    graphs.append(aot_gm)
+    return make_boxed_func(aot_gm.forward)
+with mode:
+    aot_function(gm, fw_compiler=capture)(*inputs)
+
+aot = graphs[0]
+placeholders = {n.name for n in aot.graph.nodes if n.op == "placeholder"}
+launches, cloned_inputs = [], []
+for node in aot.graph.nodes:
+    if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional:
+        kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+        launches.append(getattr(kernel, "fn", kernel).__name__)
+        kwargs = node.kwargs["kwargs"]
+        cloned_inputs += [name for name in node.kwargs["tensors_to_clone"]
+                          if getattr(kwargs[name], "name", None) in placeholders]
+opaque = sorted({str(n.target) for n in aot.graph.nodes if "dflash" in str(n.target)})
+outputs = len(next(n for n in aot.graph.nodes if n.op == "output").args[0])
+print(json.dumps(dict(providers=providers, declined=declined, launches=launches, cloned_inputs=cloned_inputs,
+                      opaque=opaque, outputs=outputs)))
+"""
+
+
+def test_inductor_sees_every_triton_launch_and_copies_no_input():
+    result = run_aot_script(SCRIPT, families=("cuda",))
+    assert result["providers"] == {op: ["triton"] for op in (
+        "qkv_norm_rope", "attention", "linear", "mhc_post_pre", "kv_materialize", "rms_norm")}, result["declined"]
+    assert result["opaque"] == [], "a provider op stayed opaque to Inductor"
+    launched = set(result["launches"])
+    assert {"attention_decode_kernel", "skinny_gemm_kernel", "_mhc_kernel", "norm_rope_heads_kernel",
+            "rms_norm_rows_kernel"} <= launched, launched
+    assert result["cloned_inputs"] == [], "a kernel was assumed to write an input: Inductor would copy it per call"
+    assert result["outputs"] == 6, "mutated inputs came back as extra outputs"
