@@ -55,22 +55,23 @@ def mhc_inputs(batch, seq):
     return {"input_ids": torch.randint(0, 128, (batch, seq)), "positions": torch.arange(seq).expand(batch, seq)}
 
 
-def zlab_draft(layers: int):
-    """z-lab dflash.model.DFlashDraftModel: hidden 64, 4/2 heads of 16, reads 2 target layers (features 128),
-    block 4, SDPA attention."""
+def zlab_draft(layers: int, head_dim: int = 16):
+    """z-lab dflash.model.DFlashDraftModel: hidden 4·head_dim (64), 4/2 heads of head_dim, reads 2 target layers
+    (features 2·hidden), block 4, SDPA attention."""
     from dflash.model import DFlashDraftModel
     from transformers import Qwen3Config
 
     torch.manual_seed(0)
-    config = Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=256)
+    config = Qwen3Config(hidden_size=4 * head_dim, intermediate_size=8 * head_dim, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, vocab_size=128,
+                         max_position_embeddings=256)
     config.num_target_layers = 4
     config.dflash_config = {"block_size": 4, "mask_token_id": 0, "target_layer_ids": [1, 2]}
     config._attn_implementation = "sdpa"
     return DFlashDraftModel(config).eval()
 
 
-def zlab_step(ctx: int, block: int = 4, batch: int = 2, start: int = 0) -> dict:
+def zlab_step(ctx: int, block: int = 4, batch: int = 2, start: int = 0, hidden: int = 64) -> dict:
     """DFlashDraftModel.forward kwargs: `ctx` new context features, then the block, at positions start…"""
     return dict(position_ids=(start + torch.arange(ctx + block)).expand(batch, -1),
-                noise_embedding=torch.randn(batch, block, 64), target_hidden=torch.randn(batch, ctx, 128))
+                noise_embedding=torch.randn(batch, block, hidden), target_hidden=torch.randn(batch, ctx, 2 * hidden))
