@@ -29,6 +29,7 @@ def attention_decode_kernel(
         KIND: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_QPOS: tl.constexpr, SPLIT_KV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         WIDEN_DOT: tl.constexpr):
+    qk_scale = tl.cast(qk_scale, tl.float32)  # fp32 as eager Triton types Python floats (Inductor passes fp64)
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // n_kv_heads

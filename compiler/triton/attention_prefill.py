@@ -23,6 +23,7 @@ def attention_prefill_kernel(
         KIND: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_QPOS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         WIDEN_DOT: tl.constexpr):
+    qk_scale = tl.cast(qk_scale, tl.float32)  # fp32 as eager Triton types Python floats (Inductor passes fp64)
     i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     head = tl.program_id(1)
     b = tl.program_id(2)

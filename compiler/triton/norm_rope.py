@@ -34,6 +34,7 @@ def norm_rope_heads_kernel(
         stride_kv_l, stride_kv_b, stride_kv_s, stride_kv_h,
         HD: tl.constexpr, ROT: tl.constexpr, HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr,
         CACHE: tl.constexpr, BLOCK_T: tl.constexpr):
+    eps = tl.cast(eps, tl.float32)  # fp32 as eager Triton types Python floats (Inductor passes fp64)
     head = tl.program_id(1)
     layer = tl.program_id(2)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -81,6 +82,7 @@ def norm_rope_heads_kernel(
 @triton.jit
 def rms_norm_rows_kernel(x_ptr, w_ptr, y_ptr, M, N, eps,
                          HAS_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    eps = tl.cast(eps, tl.float32)  # fp32 as eager Triton types Python floats (Inductor passes fp64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]

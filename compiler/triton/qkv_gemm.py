@@ -46,6 +46,7 @@ def qkv_gemm_norm_rope_kernel(
         HD: tl.constexpr, ROT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Q_NORM: tl.constexpr,
         HAS_K_NORM: tl.constexpr, CACHE: tl.constexpr, EVEN_K: tl.constexpr, WIDEN_DOT: tl.constexpr,
         ONE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    eps = tl.cast(eps, tl.float32)  # fp32 as eager Triton types Python floats (Inductor passes fp64)
     HALF: tl.constexpr = HD // 2
     R2: tl.constexpr = ROT // 2
     heads = N_Q + 2 * N_KV

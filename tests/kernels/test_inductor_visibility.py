@@ -91,3 +91,35 @@ def test_inductor_sees_every_triton_launch_and_copies_no_input():
             "rms_norm_rows_kernel"} <= launched, launched
     assert result["cloned_inputs"] == [], "a kernel was assumed to write an input: Inductor would copy it per call"
     assert result["outputs"] == 6, "mutated inputs came back as extra outputs"
+
+
+FP64_SCRIPT = r"""
+import dataclasses, json
+from torch_dflash.compiler.ops import OP_NAMES
+from torch_dflash.compiler.triton import aot
+from torch_dflash.kernel_export import _provider_modules, _specs
+
+seen, result = set(), {}
+for module in _provider_modules(OP_NAMES):
+    for spec in _specs(module, "cuda"):
+        floats = {name: "fp64" for name, ty in spec.signature.items() if ty == "fp32"}
+        if spec.fn.__name__ in seen or not floats:
+            continue
+        seen.add(spec.fn.__name__)
+        try:
+            aot.compile_spec(dataclasses.replace(spec, signature=spec.signature | floats), "sm_90")
+            result[spec.fn.__name__] = sorted(floats)
+        except Exception as error:
+            result[spec.fn.__name__] = f"{type(error).__name__}: {error}"[-600:]
+print(json.dumps(result))
+"""
+
+
+def test_every_kernel_compiles_with_its_float_scalars_typed_fp64():
+    """Inductor types the Python floats it passes to a user kernel (eps, the softmax scale) as fp64, where eager
+    Triton says fp32; each kernel casts them to fp32 first, or an fp64 value would widen its fp32 loop carries (a
+    compile error) or its math (half speed). Every kernel with a float scalar compiles for sm_90 that way."""
+    result = run_aot_script(FP64_SCRIPT, families=("cuda",))
+    failed = {name: why for name, why in result.items() if isinstance(why, str)}
+    assert not failed, failed
+    assert {"attention_decode_kernel", "norm_rope_heads_kernel", "_mhc_kernel"} <= set(result), result
