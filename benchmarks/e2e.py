@@ -1,10 +1,14 @@
 """End-to-end cases: the spec-decode loop of THIS runtime at Qwen3-8B shapes, beside z-lab's loop and the floors.
 
 Models: a Qwen3-8B-shape target (36 layers) and a Qwen3-8B-DFlash-b16-shape draft (5 layers), random bf16
-weights built by benchmarks/steps.py; a 1024-token random prompt; block 16. Every dflash number runs through
-`DFlashEngine` with its default steps (captured, pass pipeline, lowered for the models' device, CUDA-graphed
-per batch bucket on CUDA); variant "dflash+inductor" runs the same through `compile_step="inductor"` (the
-pipeline's rewritten steps under torch.compile(backend="inductor"), compiled in the warm-up before capture).
+weights built by benchmarks/steps.py; a 1024-token random prompt; block 16. Every runtime number runs through
+`DFlashEngine` (CUDA-graphed per batch bucket on CUDA), in three variants of its `compile_step`:
+  dflash           the default steps: captured, pass pipeline, lowered for the models' device;
+  dflash+inductor  compile_step="inductor": those rewritten steps under torch.compile(backend="inductor");
+  inductor         the peer: the same captured steps without our passes and lowering, under
+                   torch.compile(backend="inductor") alone (`plain_compile_step`) — what Inductor makes of them.
+Both torch.compile variants compile lazily, in the CUDA graph's warm-up before capture. The peers' engines
+resume the dflash engine's state after its first turn (their caches are copies of its caches).
 
 turn     one `DFlashEngine.iterate` — draft step, verify step, acceptance, commit (cache rollback by position),
          next context: exactly one loop turn of `generate`. Each timed call iterates a `fork()` of the state
@@ -13,8 +17,8 @@ turn     one `DFlashEngine.iterate` — draft step, verify step, acceptance, com
          the same weights (transformers' Qwen3ForCausalLM and z-lab's DFlashDraftModel holding our tensors),
          resumed the same way with z-lab's `_crop_to`.
 draft, verify   the engine's two step functions on that turn's inputs (graph replays, input copies included).
-ar       the target's one-token step through the same path (capture_verify at block 1, pipeline, lowering,
-         CUDA graph).
+ar       the target's one-token step through the same path (capture_verify at block 1, the variant's
+         compile_step, CUDA graph).
 Floors: weight bytes + KV bytes over the copy bandwidth, as steps.py; the draft step also reads the target's
 lm_head (its logits), so a turn reads it twice.
 
@@ -25,12 +29,14 @@ engine's own per-phase times (GenerateStats) and the projected speedup τ·T_ar 
 context (here 1, at τ 6.5 about 6.5), so its turn is slightly cheaper at low acceptance.
 """
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
 
 from torch_dflash.compiler.capture import DraftStep, VerifyStep, capture_verify
-from torch_dflash.compiler.step_compiler import device_target, inductor_compile_step, pipeline_compile_step
+from torch_dflash.compiler.step_compiler import (device_target, inductor_compile_step, pipeline_compile_step,
+                                                 plain_compile_step)
 from torch_dflash.models import DecoderConfig, DecoderLM, DFlashDraft, DFlashDraftConfig
 from torch_dflash.runtime import DFlashEngine, GenerateStats
 from torch_dflash.runtime.device import Clock, CUDAGraphStep, graph_pool, is_cuda
@@ -43,7 +49,9 @@ from .steps_backend import _on_meta_with_weights
 TAU = 6.5          # published mean acceptance of Qwen3-8B-DFlash-b16 (GSM8K / HumanEval, design.md §6)
 STATS_TURNS = 10   # turns the check runs to read the engine's own per-phase times (2 when small)
 PROJECTION_REPS = 20  # timed calls of the AR step and the turn for the projection (2 when small)
-INDUCTOR = "dflash+inductor"  # the variant through DFlashEngine(compile_step="inductor")
+FUSED = "dflash+inductor"  # our steps, then Inductor: DFlashEngine(compile_step="inductor")
+PEER = "inductor"          # the captured steps under Inductor alone: the peer the harness's ratio is taken to
+VARIANTS = ("dflash", FUSED, PEER)
 
 
 def _pair(device, dtype, small):
@@ -164,14 +172,33 @@ def _zlab_variant(zlab, hf, prompt, max_new_tokens):
 
 # ---- the runtime ----------------------------------------------------------------------------------------------
 
-def _engine_after_one_turn(target, draft, prompt, b, compile_step="pipeline"):
-    """The engine (default steps, or `compile_step`'s), the prompt prefilled and one turn run: (engine, state,
-    tokens committed). Its steps hold their own copies of the caches, so engines on one pair do not interfere."""
-    engine = DFlashEngine(target, draft, max_batch=1, max_seq_len=prompt.shape[1] + 3 * b + 1,
-                          compile_step=compile_step)
+def _compile_steps(device) -> dict:
+    """variant -> a maker of its compile_step hook. On CPU (smoke) both torch.compile variants run as aot_eager:
+    Inductor's C++ code generation is the slow part there, and no CPU time means anything."""
+    target, backend = device_target(device), ("inductor" if is_cuda(device) else "aot_eager")
+    return {"dflash": lambda: pipeline_compile_step(target),
+            FUSED: lambda: inductor_compile_step(target, backend=backend),
+            PEER: lambda: plain_compile_step(backend)}
+
+
+def _engine_after_one_turn(target, draft, prompt, b):
+    """The engine with its default steps, the prompt prefilled and one turn run: (engine, state, tokens committed)."""
+    engine = DFlashEngine(target, draft, max_batch=1, max_seq_len=prompt.shape[1] + 3 * b + 1)
     decode = engine.begin(prompt[0], max_new_tokens=3 * b)
     first = engine.iterate(decode)[0]
     return engine, decode, first
+
+
+@torch.no_grad()
+def _resuming_engine(engine, compile_step):
+    """An engine on `engine`'s pair through `compile_step`, its caches a copy of `engine`'s, so it resumes any
+    state of `engine` (a `Decode` holds no cache). Its steps hold their own caches (the pair's are set up again),
+    so the engines do not interfere; a lazy compile_step compiles each step on its first call."""
+    peer = DFlashEngine(engine.target, engine.draft, max_batch=engine.max_batch, max_seq_len=engine.max_seq_len,
+                        compile_step=compile_step)
+    for mine, theirs in zip(peer.steps.caches, engine.steps.caches, strict=True):
+        mine.copy_(theirs)
+    return peer
 
 
 @torch.no_grad()
@@ -187,35 +214,49 @@ def _turn_inputs(engine, snapshot):
     return draft_args, (drafted, positions)
 
 
-def _ar_step(target, device, hook=pipeline_compile_step):
-    """The target's one-token step through the runtime's compile path (capture, pipeline, lowering, graph);
-    `hook` = inductor_compile_step for the Inductor variant."""
-    program = capture_verify(target, block_size=1, max_batch=1).module()
-    step = hook(device_target(device))(program, "ar")
+def _ar_step(target, device, compile_step):
+    """The target's one-token step through the runtime's compile path: capture_verify at block 1, `compile_step`,
+    a CUDA graph on CUDA."""
+    step = compile_step(capture_verify(target, block_size=1, max_batch=1).module(), "ar")
     return CUDAGraphStep(step, graph_pool()) if is_cuda(device) else step
-
-
-def _calls(steps, args):
-    """{variant: step} -> {variant: a no-grad call of it on args} (the case's timed variants)."""
-    return {variant: no_grad(lambda step=step: step(*args)) for variant, step in steps.items()}
 
 
 def _tensors(x):
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
-def _step_check(compiled, eager, args, tol):
-    """Each compiled step ({variant: step}) agrees with the eager step module on the same inputs (relative norm
-    per output)."""
+def _first_calls(calls, device):
+    """Each variant called once, in turn, timed (synchronised). A variant's first call builds what it still
+    lacks — a peer's engine (capture, pipeline), Inductor's compile, the CUDA graph — so these seconds are the
+    case's compile time. A variant whose first call raises is named in the note and dropped from `calls` (the
+    case's variants: it is not timed), so that it costs the case none of its other rows.
+    -> ({variant: its result}, the note)."""
+    results, seconds = {}, []
+    for variant, call in list(calls.items()):
+        clock = Clock(device)
+        try:
+            results[variant] = call()
+        except Exception as error:  # noqa: BLE001 — reported in the notes and the table has no row of it
+            del calls[variant]
+            seconds.append(f"{variant} FAILED ({type(error).__name__}: {error})")
+            continue
+        seconds.append(f"{variant} {clock.lap():.1f} s")
+    return results, "first calls (capture, compile, CUDA graph where still to do): " + ", ".join(seconds)
+
+
+def _step_check(calls, eager, args, tol, device):
+    """Each variant's step ({variant: a call of it on args}) agrees with the eager step module on the same inputs
+    (relative norm per output); the notes give the distances and the first calls' seconds."""
     @torch.no_grad()
     def check():
+        results, first = _first_calls(calls, device)
+        want = _tensors(eager(*args))
         notes = []
-        for variant, step in compiled.items():
-            got = [t.clone() for t in _tensors(step(*args))]  # a CUDA graph's outputs are overwritten next call
-            distances = [_relative(a, e) for a, e in zip(got, _tensors(eager(*args)))]
+        for variant, got in results.items():
+            distances = [_relative(a, e) for a, e in zip(_tensors(got), want)]
             assert max(distances) <= tol, f"{variant} step differs from eager by {max(distances):.1e} > {tol:.0e}"
             notes.append(f"{variant}: " + ", ".join(f"{d:.1e}" for d in distances))
-        return "relative distance to eager: " + "; ".join(notes)
+        return f"relative distance to eager: {'; '.join(notes)}; {first}"
     return check
 
 
@@ -236,60 +277,70 @@ def _projection(t_ar_us, t_turn_us, reps):
             f"= {TAU * t_ar_us / t_turn_us:.2f}× over AR decoding (medians of {reps} in this check)")
 
 
-def cases(device="cuda", small=False) -> list[Case]:
+def cases(device="cuda", small=False):
+    """The four cases in turn (a generator), cheap and most wanted first, the AR step last. Before the first:
+    the shared part (models, prompt, the dflash engine after its first turn). Everything else — the peers'
+    engines and steps, the AR programs, z-lab's loop — is built on its first call, inside the check of the first
+    case that runs it: each case's compile lands in its own check (its notes give the first calls' seconds),
+    and a case the budget skips compiles nothing."""
+    clock = Clock(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tol_draft, tol_target = (1e-4, 1e-4) if dtype == torch.float32 else (2e-2, 1e-1)
     target, draft, target_cfg, cfg = _pair(device, dtype, small)
     b, n = cfg["block_size"], 12 if small else 1024
     g = torch.Generator(device).manual_seed(0)
     prompt = torch.randint(0, target.config.vocab_size - 1, (1, n), generator=g, device=device)
-
-    fused, fused_snapshot, fused_first = _engine_after_one_turn(target, draft, prompt, b, "inductor")
     engine, snapshot, first = _engine_after_one_turn(target, draft, prompt, b)
-    steps, fused_steps, (draft_args, verify_args) = engine.steps, fused.steps, _turn_inputs(engine, snapshot)
-    ar, ar_args = _ar_step(target, device), (verify_args[0][:, :1], verify_args[1][:, :1])
-    fused_ar = _ar_step(target, device, inductor_compile_step)
+    draft_args, verify_args = _turn_inputs(engine, snapshot)
+    ar_args = (verify_args[0][:, :1], verify_args[1][:, :1])
+    # z-lab's models before any torch.compile: transformers registers pytree nodes as they run, and their count is
+    # a dynamo guard (the compiled steps would recompile on their next call, outside a CUDA graph)
     hf, zlab = zlab_models(target, draft, target_cfg, cfg, device)
     zlab_turn_fn, zlab_check = _zlab_variant(zlab, hf, prompt, 3 * b)
+    setup = (f"shared set-up {clock.lap():.1f} s (models; the dflash engine: capture, pipeline, lowering, prefill, "
+             "first turn; z-lab's prefill and first turn)")
 
-    def turn():
-        return engine.iterate(snapshot.fork())[0]
+    hooks = _compile_steps(device)
+    engine_of = functools.cache(lambda v: engine if v == "dflash" else _resuming_engine(engine, hooks[v]()))
+    ar_of = functools.cache(lambda v: _ar_step(target, device, hooks[v]()))
 
-    def fused_turn():
-        return fused.iterate(fused_snapshot.fork())[0]
+    def step_calls(kind, args):
+        return {v: no_grad(lambda v=v: getattr(engine_of(v).steps, kind)(*args)) for v in VARIANTS}
 
-    ar_call = no_grad(lambda: ar(*ar_args))
+    turns = {v: (lambda v=v: engine_of(v).iterate(snapshot.fork())[0]) for v in VARIANTS}
+    turns["zlab"] = zlab_turn_fn
+    ar_calls = {v: no_grad(lambda v=v: ar_of(v)(*ar_args)) for v in VARIANTS}
 
     def turn_check():
-        notes = [f"timed turn committed {turn()} token(s) (the first turn {first}; random weights)",
-                 f"dflash+inductor: {fused_turn()} (the first turn {fused_first})",
+        committed, first_calls = _first_calls(turns, device)
+        notes = [f"timed turn committed {committed['dflash']} token(s) (the first turn {first}; random weights; "
+                 + ", ".join(f"{v} {c}" for v, c in committed.items() if v != "dflash") + ")", first_calls,
                  _stats_note(engine, snapshot, 2 if small else STATS_TURNS), zlab_check()]
         reps = 2 if small else PROJECTION_REPS
-        t_ar, _ = harness.time_variant(ar_call, device, reps, False)
-        t_turn, _ = harness.time_variant(turn, device, reps, False)
+        t_ar, _ = harness.time_variant(ar_calls["dflash"], device, reps, False)
+        t_turn, _ = harness.time_variant(turns["dflash"], device, reps, False)
         return "; ".join([*notes, _projection(t_ar, t_turn, reps)])
 
     ctx = int(snapshot.rows.start[0])
     floor_draft = weight_bytes(draft) + weight_bytes(target.lm_head) + kv_bytes(cfg, ctx + b, dtype)
     floor_verify = weight_bytes(target) + kv_bytes(target_cfg, ctx + b, dtype)
     floor_ar = weight_bytes(target) + kv_bytes(target_cfg, ctx + 1, dtype)
-    where = f"DFlashEngine default steps, {device_target(device)}{' + CUDA graph' if engine.cuda_graphs else ''}"
+    graphs = " + CUDA graph" if is_cuda(device) else ""
+    where = (f"DFlashEngine, {device_target(device)}{graphs}; dflash: default steps, {FUSED}: compile_step "
+             f"'inductor', {PEER}: captured steps under torch.compile alone"
+             + ("" if is_cuda(device) else f" ({FUSED} and {PEER} as aot_eager on CPU)"))
     eager_draft, eager_verify = DraftStep(target, draft), VerifyStep(target)
-    drafts, verifies = {"dflash": steps.draft, INDUCTOR: fused_steps.draft}, {"dflash": steps.verify,
-                                                                              INDUCTOR: fused_steps.verify}
-    ars = {"dflash": ar, INDUCTOR: fused_ar}
-    return [
-        Case("e2e", f"runtime draft step (ctx {ctx}, {b}+{b} tokens)", _calls(drafts, draft_args),
-             _step_check(drafts, eager_draft, draft_args, tol_draft), floor_bytes=floor_draft,
-             notes=f"{where}; floor: draft weights {weight_bytes(draft) / 1e9:.2f} GB + the target's lm_head "
-                   f"{weight_bytes(target.lm_head) / 1e9:.2f} GB (the draft's logits) + KV"),
-        Case("e2e", f"runtime verify step ({b} tokens, ctx {ctx})", _calls(verifies, verify_args),
-             _step_check(verifies, eager_verify, verify_args, tol_target), floor_bytes=floor_verify, notes=where),
-        Case("e2e", f"runtime AR step (1 token, ctx {ctx})", _calls(ars, ar_args),
-             _step_check(ars, eager_verify, ar_args, tol_target), floor_bytes=floor_ar,
-             notes=f"capture_verify(block 1) + pipeline, {device_target(device)}"
-                   + (" + CUDA graph" if is_cuda(device) else "")),
-        Case("e2e", f"spec-decode turn (ctx {ctx}, block {b})", {"dflash": turn, INDUCTOR: fused_turn,
-                                                                 "zlab": zlab_turn_fn}, turn_check,
-             floor_bytes=floor_draft + floor_verify, notes=f"{where}; floor = draft + verify floors"),
-    ]
+    calls = step_calls("draft", draft_args)
+    yield Case("e2e", f"runtime draft step (ctx {ctx}, {b}+{b} tokens)", calls,
+               _step_check(calls, eager_draft, draft_args, tol_draft, device), floor_bytes=floor_draft,
+               notes=f"{setup}; {where}; floor: draft weights {weight_bytes(draft) / 1e9:.2f} GB + the target's "
+                     f"lm_head {weight_bytes(target.lm_head) / 1e9:.2f} GB (the draft's logits) + KV")
+    calls = step_calls("verify", verify_args)
+    yield Case("e2e", f"runtime verify step ({b} tokens, ctx {ctx})", calls,
+               _step_check(calls, eager_verify, verify_args, tol_target, device), floor_bytes=floor_verify,
+               notes=where)
+    yield Case("e2e", f"spec-decode turn (ctx {ctx}, block {b})", turns, turn_check,
+               floor_bytes=floor_draft + floor_verify, notes=f"{where}; floor = draft + verify floors")
+    yield Case("e2e", f"runtime AR step (1 token, ctx {ctx})", ar_calls,
+               _step_check(ar_calls, eager_verify, ar_args, tol_target, device), floor_bytes=floor_ar,
+               notes=f"capture_verify(block 1), then each variant's compile_step, {device_target(device)}{graphs}")
