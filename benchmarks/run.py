@@ -18,9 +18,13 @@ from torch_dflash.errors import InputError
 
 from . import harness
 
-# `all` runs them in this order, most wanted first, so that a spent --budget falls on the last: e2e (our runtime)
-# before steps (the backends on other people's models, issue #5; then our own draft under the same backends).
-# The steps cases share two big models, built once (steps.shared_*) and dropped after the suite.
+# `all` runs them in this order, cheap and most wanted first, so that a spent --budget falls on the last (no case
+# starts once it is spent, and every case compiles inside its own build + check): kernels (small programs, seconds
+# per case); e2e (our runtime: draft, verify, turn, then the AR step — its cases compile the 36-layer target with
+# Inductor for variants dflash+inductor and inductor, e2e.py builds each program on its first call so a skipped
+# case compiles nothing); steps (the backends on other people's models, issue #5, two 36-layer compiles per
+# target case; then our own draft under the same backends). The steps cases share two big models, built once
+# (steps.shared_*) and dropped after the suite; the e2e cases share theirs through the e2e.cases generator.
 SUITES = {
     "kernels": ("kernels_projections", "kernels_mhc", "kernels_attention"),
     "e2e": ("e2e",),

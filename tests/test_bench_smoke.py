@@ -25,10 +25,14 @@ def _bench(tmp_path, suite, **kwargs):
 
 
 def _variants_by_case(data):
+    """{case: its variants}; every row timed and checked, and every row of a case with an inductor variant has
+    its ratio to it."""
     found = {}
     for row in data["rows"]:
         found.setdefault(row["case"], set()).add(row["variant"])
-        assert row["median_us"] is not None and "CHECK FAILED" not in row["notes"], row
+        assert row["median_us"] is not None and "FAILED" not in row["notes"], row  # a check, a first call
+    with_inductor = {case for case, variants in found.items() if "inductor" in variants}
+    assert all(row["vs_inductor"] for row in data["rows"] if row["case"] in with_inductor)
     return found
 
 
@@ -91,4 +95,5 @@ def test_the_one_call_smoke_runs_every_module(tmp_path):
     _, data = _bench(tmp_path, "all")
     assert data["run"]["not_run"] == []
     assert {row["suite"] for row in data["rows"]} == set(run.SUITES)
-    _variants_by_case(data)
+    cases = _variants_by_case(data)
+    assert all("inductor" in variants for variants in cases.values() if "dflash+inductor" in variants)  # e2e peer
