@@ -7,10 +7,10 @@ positions, so fully masked KV blocks (the future, and keys older than the window
 
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .attention_common import (LOG2E, attend, family, key_range, launch_params, mask_args, qpos_args, query_positions,
                                widen_dot)
+from .launch import wrap_triton
 
 
 @triton.jit

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ...errors import InputError
 from ..providers import Provider, register
 from .aot import KernelSpec, pointer_args
 from .configs import launch_config
+from .launch import wrap_triton
 
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _TL_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}

@@ -14,13 +14,13 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 from triton.runtime.interpreter import InterpretedFunction
 
 from ...errors import DFlashError
 from ..providers import Provider, register
 from .aot import KernelSpec, pointer_args
 from .configs import launch_config
+from .launch import wrap_triton
 
 DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 MAX_ROW = 32768     # widest rms_norm row: one tile of next_pow2(N) fp32 values per row

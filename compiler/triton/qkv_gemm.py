@@ -17,11 +17,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from .aot import KernelSpec, pointer_args
 from .attention_common import widen_dot
 from .configs import TABLE
+from .launch import wrap_triton
 from .norm_rope import DTYPES, _compilable, _signature
 
 

@@ -18,11 +18,11 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ...errors import InputError
 from .aot import KernelSpec, pointer_args
 from .configs import launch_config
+from .launch import wrap_triton
 from .mhc import _arrival_counters
 from .norm_rope import DTYPES, _compilable, _signature, family_of
 

@@ -76,8 +76,13 @@ for node in aot.graph.nodes:
                           if getattr(kwargs[name], "name", None) in placeholders]
 opaque = sorted({str(n.target) for n in aot.graph.nodes if "dflash" in str(n.target)})
 outputs = len(next(n for n in aot.graph.nodes if n.op == "output").args[0])
+from torch_dflash.compiler.triton.launch import wrap_triton
+kernel = attention_decode.attention_decode_kernel
+eager_launch = "kernel" if wrap_triton(kernel) is kernel else type(wrap_triton(kernel)).__name__
+with mode:
+    traced_launch = type(wrap_triton(kernel)).__name__
 print(json.dumps(dict(providers=providers, declined=declined, launches=launches, cloned_inputs=cloned_inputs,
-                      opaque=opaque, outputs=outputs)))
+                      opaque=opaque, outputs=outputs, eager_launch=eager_launch, traced_launch=traced_launch)))
 """
 
 
@@ -91,6 +96,8 @@ def test_inductor_sees_every_triton_launch_and_copies_no_input():
             "rms_norm_rows_kernel"} <= launched, launched
     assert result["cloned_inputs"] == [], "a kernel was assumed to write an input: Inductor would copy it per call"
     assert result["outputs"] == 6, "mutated inputs came back as extra outputs"
+    # eager calls launch the kernel itself: no higher-order-op dispatch per launch on the host
+    assert (result["eager_launch"], result["traced_launch"]) == ("kernel", "TraceableTritonKernelWrapper")
 
 
 FP64_SCRIPT = r"""
