@@ -277,7 +277,14 @@ def _projection(t_ar_us, t_turn_us, reps):
             f"= {TAU * t_ar_us / t_turn_us:.2f}× over AR decoding (medians of {reps} in this check)")
 
 
-def cases(device="cuda", small=False):
+def core_cases(device="cuda", small=False):
+    """`cases` without the dflash+inductor variant — dflash, the inductor peer and z-lab, every variant issue #8
+    names — what `--suite all` runs to fit one device call: the variant's Inductor compiles of the 36-layer target
+    and the draft take ≈ 210 s on the H100. `--suite e2e` runs `cases`."""
+    return cases(device, small, variants=("dflash", PEER))
+
+
+def cases(device="cuda", small=False, variants=VARIANTS):
     """The four cases in turn (a generator), cheap and most wanted first, the AR step last. Before the first:
     the shared part (models, prompt, the dflash engine after its first turn). Everything else — the peers'
     engines and steps, the AR programs, z-lab's loop — is built on its first call, inside the check of the first
@@ -305,11 +312,11 @@ def cases(device="cuda", small=False):
     ar_of = functools.cache(lambda v: _ar_step(target, device, hooks[v]()))
 
     def step_calls(kind, args):
-        return {v: no_grad(lambda v=v: getattr(engine_of(v).steps, kind)(*args)) for v in VARIANTS}
+        return {v: no_grad(lambda v=v: getattr(engine_of(v).steps, kind)(*args)) for v in variants}
 
-    turns = {v: (lambda v=v: engine_of(v).iterate(snapshot.fork())[0]) for v in VARIANTS}
+    turns = {v: (lambda v=v: engine_of(v).iterate(snapshot.fork())[0]) for v in variants}
     turns["zlab"] = zlab_turn_fn
-    ar_calls = {v: no_grad(lambda v=v: ar_of(v)(*ar_args)) for v in VARIANTS}
+    ar_calls = {v: no_grad(lambda v=v: ar_of(v)(*ar_args)) for v in variants}
 
     def turn_check():
         committed, first_calls = _first_calls(turns, device)
@@ -326,9 +333,10 @@ def cases(device="cuda", small=False):
     floor_verify = weight_bytes(target) + kv_bytes(target_cfg, ctx + b, dtype)
     floor_ar = weight_bytes(target) + kv_bytes(target_cfg, ctx + 1, dtype)
     graphs = " + CUDA graph" if is_cuda(device) else ""
-    where = (f"DFlashEngine, {device_target(device)}{graphs}; dflash: default steps, {FUSED}: compile_step "
-             f"'inductor', {PEER}: captured steps under torch.compile alone"
-             + ("" if is_cuda(device) else f" ({FUSED} and {PEER} as aot_eager on CPU)"))
+    where = (f"DFlashEngine, {device_target(device)}{graphs}; dflash: default steps, "
+             + (f"{FUSED}: compile_step 'inductor', " if FUSED in variants else "")
+             + f"{PEER}: captured steps under torch.compile alone"
+             + ("" if is_cuda(device) else " (torch.compile variants as aot_eager on CPU)"))
     eager_draft, eager_verify = DraftStep(target, draft), VerifyStep(target)
     calls = step_calls("draft", draft_args)
     yield Case("e2e", f"runtime draft step (ctx {ctx}, {b}+{b} tokens)", calls,
