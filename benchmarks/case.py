@@ -57,3 +57,5 @@ class Case:
     notes: str = ""
     extra: dict = field(default_factory=dict)
     rotation: Rotation | None = None            # memory-bound cases: the inputs the variants read, rotated
+    follow_up: bool = False                     # replays what the case before it built (seconds): runs even once
+                                                # --budget is spent, so a compiled case never loses its graph row

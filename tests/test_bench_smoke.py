@@ -79,6 +79,26 @@ def test_a_spent_budget_starts_nothing_and_says_so(tmp_path):
     assert data["rows"] == [] and data["run"]["not_run"] == ["kernels_attention (the 0 s budget was spent)"]
 
 
+def test_a_follow_up_case_runs_after_the_budget_and_a_new_case_does_not(tmp_path, monkeypatch):
+    """The CUDA-graph row of a compiled step replays what its plain row compiled: a spent budget keeps it (the
+    21:35 UTC H100 run lost the transformers verify graph row that way), and stops the next new case."""
+    import sys
+    import types
+
+    def cases(device, small=False):
+        def case(name, follow_up):
+            return Case("kernels", name, {"dflash": lambda: torch.ones(2).sum()}, lambda: None, floor_bytes=8,
+                        follow_up=follow_up)
+        return [case("graph row", True), case("next step", False)]
+
+    monkeypatch.setitem(sys.modules, "torch_dflash.benchmarks.fake_steps", types.SimpleNamespace(cases=cases))
+    monkeypatch.setattr(run, "SUITES", {"kernels": ("fake_steps",)})
+    monkeypatch.setattr(run, "_why_not_run", lambda entry, budget_s, elapsed: None)  # the entry itself starts
+    _, data = _bench(tmp_path, "kernels", budget_s=1e-9)
+    assert [row["case"] for row in data["rows"]] == ["graph row"]
+    assert data["run"]["not_run"] == ["fake_steps (from next step on: the 0 s budget was spent)"]
+
+
 def test_backend_step_cases_on_zlab_and_transformers_models(tmp_path):
     """z-lab's draft (DynamicCache) and transformers' Qwen3 verify step (StaticCache) under eager / inductor /
     dflash, without and with graphs, each equal to its eager model and to ours on the same weights."""
