@@ -7,8 +7,8 @@ after:   %q, %k, %v = dflash_triton.qkv_norm_rope(%x, ...)     (target cuda/rocm
 
 Each provider runs behind a custom op `dflash_<provider>::<op>` with the dflash op's schema, so the lowered graph
 still exports. A traceable provider (the Triton ones) is a `torch.library.triton_op`: Inductor's AOT pass
-decomposes it into its `wrap_triton` launches and calls our kernels from its own generated code, fusing and
-planning memory around them; other providers (Ascend, test stubs) are opaque kernels to Inductor. Providers are asked
+decomposes it into its `wrap_triton` launches and calls our kernels from its own generated code, planning memory
+around them; other providers (Ascend, test stubs) are opaque kernels to Inductor. Providers are asked
 `supports(*example_args)` on the node's fake values, best priority first; the reasons of those that declined
 are kept for the report, and the choice is logged once per (op, target, provider).
 """

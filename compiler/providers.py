@@ -26,8 +26,9 @@ class Provider:
     impl: Callable
     priority: int = 0
     supports: Callable[..., str | None] = field(default=_always)
-    # impl is torch ops + `torch.library.wrap_triton(kernel)[grid](...)` launches only (no host sync, no state
-    # kept across calls): lowering registers it with torch.library.triton_op, so AOT/Inductor see its kernels
+    # impl is torch ops + `wrap_triton(kernel)[grid](...)` launches only (compiler/triton/launch.py; no host sync,
+    # no state kept across traced calls): lowering registers it as a torch.library.triton_op, so Inductor sees
+    # its kernels
     traceable: bool = False
 
     def runs_on(self, target: str) -> bool:

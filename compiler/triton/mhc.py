@@ -263,7 +263,9 @@ def _mhc_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, fn_ptr, base_ptr, scale_ptr,
                 INTERPRETED: tl.constexpr, HAS_POST: tl.constexpr, HAS_PRE: tl.constexpr, HAS_NORM: tl.constexpr,
                 FINISH_INLINE: tl.constexpr):
     # fp32 as eager Triton types Python floats (Inductor passes them as fp64)
-    rms_eps, hc_eps, norm_eps = tl.cast(rms_eps, tl.float32), tl.cast(hc_eps, tl.float32), tl.cast(norm_eps, tl.float32)
+    rms_eps = tl.cast(rms_eps, tl.float32)
+    hc_eps = tl.cast(hc_eps, tl.float32)
+    norm_eps = tl.cast(norm_eps, tl.float32)
     NMIX: tl.constexpr = (2 + N) * N
     NPAIR: tl.constexpr = (N + 1) * (N + 2) // 2
     WSC: tl.constexpr = NMIX + 1 + NPAIR
