@@ -9,7 +9,11 @@ source for calls of that name.
 import torch
 
 
+def traced() -> bool:
+    """Whether torch is tracing this call (a dispatch mode is active: functionalization, fake tensors, make_fx)
+    rather than running it on real tensors."""
+    return torch._C._len_torch_dispatch_stack() > 0
+
+
 def wrap_triton(kernel):
-    if torch._C._len_torch_dispatch_stack() > 0:
-        return torch.library.wrap_triton(kernel)
-    return kernel
+    return torch.library.wrap_triton(kernel) if traced() else kernel

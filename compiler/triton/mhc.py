@@ -27,7 +27,7 @@ from ...errors import InputError
 from ..providers import Provider, register
 from .aot import KernelSpec, pointer_args
 from .configs import launch_config
-from .launch import wrap_triton
+from .launch import traced, wrap_triton
 
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _TL_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -437,7 +437,7 @@ def _fn_bf16_parts(fn: torch.Tensor, parts: int, nm: int) -> torch.Tensor:
     for k in range(parts):
         out[k, :fn.shape[0]] = rest.to(torch.bfloat16)
         rest = rest - out[k, :fn.shape[0]].float()
-    if _real(fn) and not (fn.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if not traced() and not (fn.is_cuda and torch.cuda.is_current_stream_capturing()):
         _FN_PARTS[key] = (weakref.ref(fn, lambda _, key=key: _FN_PARTS.pop(key, None)), version, out)
     return out
 
@@ -445,17 +445,12 @@ def _fn_bf16_parts(fn: torch.Tensor, parts: int, nm: int) -> torch.Tensor:
 _COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
-def _real(t: torch.Tensor) -> bool:
-    """A tensor with storage, not a fake or functional one that the triton_op is being traced with."""
-    return type(t) in (torch.Tensor, torch.nn.Parameter)
-
-
 def _arrival_counters(like: torch.Tensor, count: int) -> torch.Tensor:
     """Zeroed int32 tickets, one per token block; the kernel resets each after use, so one buffer per
     (device, stream) serves every eager launch — no memset launch per call. A traced call (Inductor) gets fresh
     zeros: graph state must not outlive the graph."""
     device = like.device
-    if not _real(like):
+    if traced():
         return torch.zeros(count, dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
