@@ -45,6 +45,9 @@ class Rotation:
         self.current = self.sets[0]
 
 
+KERNEL_GRAPH_CALLS = 20     # calls per CUDA graph of the kernel cases (Case.graph_calls)
+
+
 @dataclass
 class Case:
     suite: str                                  # "kernels" | "steps" | "e2e"
@@ -54,6 +57,9 @@ class Case:
     floor_bytes: int = 0
     floor_flops: int = 0
     use_cuda_graph: bool = False                # small, launch-bound cases are timed as graph replays
+    graph_calls: int = 1                        # > 1: each graph holds max(graph_calls, input sets) calls back to
+                                                # back and the time is per call — the GPU's time for the call as
+                                                # it runs inside a step, without the host's launch of the graph
     notes: str = ""
     extra: dict = field(default_factory=dict)
     rotation: Rotation | None = None            # memory-bound cases: the inputs the variants read, rotated

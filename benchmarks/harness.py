@@ -2,8 +2,9 @@
 its floor, with ratios to the floor and to inductor from the same run.
 
 Method: correctness check before timing (on input set 0); warm-up; CUDA events around each call, or around a
-CUDA-graph replay for launch-bound cases; the median of `reps` (>= 50) calls; fresh random inputs made by the case
-(never zeros). A case with a `Rotation` gets as many input sets as make every timed call read data that is not in
+CUDA-graph replay for launch-bound cases — for kernel cases (`Case.graph_calls`) a graph of many calls back to
+back, timed per call, as a kernel runs inside a step's graph; the median of `reps` (>= 50) calls or replays; fresh
+random inputs made by the case (never zeros). A case with a `Rotation` gets as many input sets as make every timed call read data that is not in
 L2 (the bytes a call reads × sets >= 2 × L2, <= 1 GiB in all), and the calls (or the CUDA graphs, one per set)
 cycle through them. A `smoke` run (CPU, tiny shapes) executes every variant once and times nothing meaningful: it
 keeps the harness from rotting in CI.
@@ -98,10 +99,12 @@ def _cycle(calls):
     return lambda: next(order)()
 
 
-def _graphed(fn, rotation: Rotation | None = None):
-    """CUDA graphs replaying fn, one per input set of the rotation (each captures its set's tensors), replayed in
-    turn. Warmed up on a side stream first, as torch requires, on every set (nothing compiles or allocates lazily
-    inside a capture); the graphs share one memory pool and replay in capture order, as sharing requires."""
+def _graphed(fn, rotation: Rotation | None = None, calls: int = 1):
+    """CUDA graphs replaying fn, replayed in turn. calls == 1: one graph per input set of the rotation (each
+    captures its set's tensors); calls > 1: ONE graph of max(calls, sets) calls back to back, each on the next set,
+    so a replay's launch latency is spread over its calls (`calls_per_replay`). Warmed up
+    on a side stream first, as torch requires, on every set (nothing compiles or allocates lazily inside a
+    capture); the graphs share one memory pool and replay in capture order, as sharing requires."""
     count = len(rotation.sets) if rotation else 1
     select = rotation.use if rotation else (lambda index: None)
     stream = torch.cuda.Stream()
@@ -111,14 +114,22 @@ def _graphed(fn, rotation: Rotation | None = None):
             select(index)
             fn()
     torch.cuda.current_stream().wait_stream(stream)
+    per_graph = [[index] for index in range(count)] if calls == 1 else [
+        [index % count for index in range(calls_per_replay(calls, rotation))]]
     graphs = []
-    for index in range(count):
-        select(index)
+    for indices in per_graph:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=graphs[0].pool() if graphs else None):
-            fn()
+            for index in indices:
+                select(index)
+                fn()
         graphs.append(graph)
     return _cycle([graph.replay for graph in graphs])
+
+
+def calls_per_replay(graph_calls: int, rotation: Rotation | None) -> int:
+    """Calls in each CUDA graph `_graphed` captures: 1, or max(graph_calls, input sets)."""
+    return 1 if graph_calls == 1 else max(graph_calls, len(rotation.sets) if rotation else 1)
 
 
 def _rotating(fn, rotation: Rotation | None):
@@ -134,9 +145,11 @@ def _rotating(fn, rotation: Rotation | None):
     return _cycle([on_set(index) for index in range(len(rotation.sets))])
 
 
-def time_variant(fn, device: str, reps: int, use_graph: bool, rotation: Rotation | None = None) -> tuple[float, bool]:
-    """Median µs of fn over `reps` calls, cycling through the rotation's input sets; (value, whether CUDA graphs
-    were used). On CPU (smoke) nothing is warmed up and the time means nothing."""
+def time_variant(fn, device: str, reps: int, use_graph: bool, rotation: Rotation | None = None,
+                 graph_calls: int = 1) -> tuple[float, bool]:
+    """Median µs of fn over `reps` calls (or graph replays of `graph_calls` calls, per call), cycling through the
+    rotation's input sets; (value, whether CUDA graphs were used). On CPU (smoke) nothing is warmed up and the
+    time means nothing."""
     plain = _rotating(fn, rotation)
     try:
         if device != "cuda":
@@ -148,14 +161,15 @@ def time_variant(fn, device: str, reps: int, use_graph: bool, rotation: Rotation
             return statistics.median(times) * 1e6, False
         for _ in range(max(5, len(rotation.sets) if rotation else 0)):
             plain()
-        run, graphed = plain, False
+        run, graphed, per_replay = plain, False, 1
         if use_graph:
             try:
-                run, graphed = _graphed(fn, rotation), True
+                run, graphed = _graphed(fn, rotation, graph_calls), True
+                per_replay = calls_per_replay(graph_calls, rotation)
             except Exception:  # noqa: BLE001 — a variant that cannot be captured is timed as plain launches
                 torch.cuda.synchronize()
         torch.cuda.synchronize()
-        return statistics.median(_cuda_time_ms(run, reps)) * 1e3, graphed
+        return statistics.median(_cuda_time_ms(run, reps)) * 1e3 / per_replay, graphed
     finally:
         if rotation is not None:
             rotation.use(0)
@@ -209,7 +223,7 @@ def run_case(case: Case, ceilings: Ceilings, device: str, reps: int, l2: int, cl
     timings = {}
     for variant, fn in case.variants.items():
         try:
-            timings[variant] = time_variant(fn, device, reps, case.use_cuda_graph, case.rotation)
+            timings[variant] = time_variant(fn, device, reps, case.use_cuda_graph, case.rotation, case.graph_calls)
         except Exception as error:  # noqa: BLE001 — report the failure in the table, keep going
             timings[variant] = (None, False)
             log(f"  {case.name} / {variant}: failed: {type(error).__name__}: {error}")

@@ -12,7 +12,7 @@ with the index mask), 'dflash' (the Triton provider). Anchors on H100 (docs §9)
 
 import torch
 
-from .case import Case, Rotation
+from .case import KERNEL_GRAPH_CALLS, Case, Rotation
 from torch_dflash.compiler.ops.attention import attention_reference, visibility
 from torch_dflash.compiler.triton.attention import attention_triton
 
@@ -70,6 +70,7 @@ def _case(kind: str, prefix: int, cache: int, n_q: int, n_kv: int, head_dim: int
         floor_bytes=(2 * visible * n_kv + 2 * queries * n_q) * head_dim * dtype.itemsize,
         floor_flops=4 * n_q * queries * visible * head_dim,
         use_cuda_graph=True,
+        graph_calls=KERNEL_GRAPH_CALLS,
         notes=f"{n_q}/{n_kv} heads, hd {head_dim}, {queries} queries, bf16, {visible} visible keys in a static "
               f"cache of {cache}",
         extra={"kind": kind, "visible_keys": visible, "cache": cache},

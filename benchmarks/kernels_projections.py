@@ -12,7 +12,7 @@ x and the weights rotate (harness.py) where one call's bytes would otherwise sta
 import torch
 import torch.nn.functional as F
 
-from .case import Case, Rotation
+from .case import KERNEL_GRAPH_CALLS, Case, Rotation
 from torch_dflash.compiler.ops import qkv_norm_rope_reference, rotate_half
 from torch_dflash.compiler.triton.norm_rope import family_of
 from torch_dflash.compiler.triton.qkv_gemm import fused_gemm_chosen
@@ -97,6 +97,7 @@ def _case(tokens: int, hidden: int, n_q: int, n_kv: int, head_dim: int, device, 
         floor_bytes=(width * hidden + tokens * hidden + tokens * width) * x.element_size(),
         floor_flops=2 * tokens * hidden * width,
         use_cuda_graph=True,
+        graph_calls=KERNEL_GRAPH_CALLS,
         notes=f"H {hidden}, {n_q}/{n_kv} heads, hd {head_dim}, bf16, q/k norm, full rotary; dflash = {chosen}",
         extra={"tokens": tokens},
         rotation=inputs)

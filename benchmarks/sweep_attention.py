@@ -13,8 +13,8 @@ Cases (Qwen3-8B: 32/8 heads, hd 128, bf16; q strided [1, Sq, Hq, D] as the steps
   draft8192  16 queries, non_causal, 8192 visible of 8272 slots (kernels_attention's case, 17.8 µs in
              docs/benchmarks.md): a guard, outside the objective.
 Configs: rows of configs.TABLE["attention_decode_hd128"]["cuda"], applied by profile_steps.decode_config (the row is
-restored afterwards, also on error). 1. the shipped row, then the full product min_keys_per_split × block_n ×
-num_warps of SPACE with the shipped rest; 2. coordinate descent from the best row over every key of SPACE until a
+restored afterwards, also on error). 1. the shipped row, then the full product programs_per_sm × min_keys_per_split ×
+block_n of SPACE with the shipped rest; 2. coordinate descent from the best row over every key of SPACE until a
 pass changes nothing or --budget-s (counted from the start) is spent — rows past it are listed as not run; 3. the
 shipped and the winning row re-timed side by side (CONFIRM_ROUNDS interleaved rounds, medians): the table's numbers;
 the winner's row is suggested for configs.py only if it still beats the shipped row there.
@@ -61,9 +61,10 @@ from . import harness  # noqa: E402
 from .profile_steps import decode_config  # noqa: E402
 
 DTYPE, TOLERANCE = torch.bfloat16, 2e-2
-KEYS = ("min_keys_per_split", "block_n", "num_warps", "num_stages", "max_splits", "reduce_num_warps")
-SPACE = {"min_keys_per_split": (32, 64, 128, 256), "block_n": (16, 32, 64), "num_warps": (2, 4, 8),
-         "num_stages": (1, 2, 3), "max_splits": (32, 64, 128), "reduce_num_warps": (1, 2, 4)}
+KEYS = ("programs_per_sm", "min_keys_per_split", "block_n", "num_warps", "num_stages", "max_splits",
+        "reduce_num_warps")
+SPACE = {"programs_per_sm": (1, 2, 4), "min_keys_per_split": (32, 64, 128, 256), "block_n": (16, 32, 64),
+         "num_warps": (2, 4, 8), "num_stages": (1, 2, 3), "max_splits": (32, 64, 128), "reduce_num_warps": (1, 2, 4)}
 PRODUCT_KEYS = KEYS[:3]
 TILE_KEYS = ("block_n", "num_warps", "num_stages")      # constexprs / launch options: each tile is its own kernel
 GUARD_SLACK = 1.05
@@ -170,7 +171,7 @@ def _row_key(cfg: dict) -> tuple:
 
 
 def _label(cfg: dict) -> str:
-    return "mk{}/bn{}/w{}/s{}/ms{}/rw{}".format(*_row_key(cfg))
+    return "pp{}/mk{}/bn{}/w{}/s{}/ms{}/rw{}".format(*_row_key(cfg))
 
 
 class Sweep:
@@ -364,7 +365,7 @@ def markdown(result: dict, sweep: Sweep) -> str:
     lines = [f"sweep_attention — {env.get('gpu', env['device'])}, torch {env['torch']}, triton {env['triton']}; "
              f"{len(sweep.rows)} rows, {len(sweep.launches)} distinct launches ({ungraphed} timed without a CUDA "
              f"graph), {len(sweep.not_run)} rows not run (budget); {result['wall_s']} s", "",
-             "config = mk min_keys_per_split / bn block_n / w num_warps / s num_stages / ms max_splits / rw "
+             "config = pp programs_per_sm / mk min_keys_per_split / bn block_n / w num_warps / s num_stages / ms max_splits / rw "
              f"reduce_num_warps. shipped {_label(shipped_row['cfg'])}, winner {_label(winner) if winner else '—'}. "
              "µs per call (decode + reduce): CUDA graphs of back-to-back calls on rotating inputs; the shipped and "
              f"winner columns re-timed side by side (median of {sweep.setup.rounds} round(s)), the case's best from "

@@ -13,8 +13,12 @@ bandwidth measured in this run) and the ratio to it.
    recompilation) × how fn reaches the tensor cores (fn_parts/fn_presplit: 3/0 = fp32 fn split into 3 bf16 parts
    in every program, as in round 1; 2/0 = 2 parts; 3/1 and 2/1 = the launcher's cached bf16 parts, no split ALU,
    1.5× / 1× fn's bytes); at T 16 also block_d 32 with split 64/128; at T 4096 phase 2 inline (apply_launch 0,
-   apply_d 256) vs a second launch (1, 128), and block_t 16 vs 32 (half the fn traffic from L2 per token). Each T
-   gets its share of --budget-s (16: 20 %, 256: 20 %, 4096: 35 %, 16384: 10 %); configs past it go to not_run.
+   apply_d 256) vs a second launch (1, 128) vs the finish and the apply as launches of their own (2, 128: the
+   main kernel without a finisher's registers), over all tokens or per chunk of 1024 tokens (chunk_t: the
+   chunk's new_res re-read from L2), × (block_t, num_warps) 16/4, 32/4, 64/8 (the fn traffic from L2 per token
+   halves with each doubling of block_t) × splits 4/8/16. Each T
+   gets its share of --budget-s (16: 20 %, 256: 20 %, 4096: 35 %, 16384: 10 %, rescaled to the --tokens run);
+   configs past it go to not_run.
 2. D 7168: the table row and the best D-4096 config of each T.
 3. ablations at D 4096 (best config of each T ≤ 4096): num_stages 1 (no cp.async prefetch), the other phase-1
    loop form (flat_loop 1 − best's: one flat (chunk, stream) loop vs round 1's nested loops), Sinkhorn iters 1, main
@@ -44,12 +48,13 @@ DEVICE = "cuda"
 N, ITERS, EPS = 4, 20, 1e-6
 HIDDEN = (4096, 7168)
 TOKENS = (16, 256, 4096, 16384)
-SPLITS = {16: (16, 32, 64), 256: (8, 16, 32), 4096: (8, 16, 32), 16384: (8, 16)}   # block_d 32 at T 16: 64, 128
+SPLITS = {16: (16, 32, 64), 256: (8, 16, 32), 4096: (4, 8, 16), 16384: (8, 16)}   # block_d 32 at T 16: 64, 128
 FN_MODES = ((3, 0), (2, 0), (3, 1), (2, 1))           # (fn_parts, fn_presplit)
-LARGE_T_MODES = ((0, 256), (1, 128))                   # (apply_launch, apply_d)
+LARGE_T_MODES = ((0, 256, 0), (1, 128, 0), (1, 128, 1024), (2, 128, 0), (2, 128, 1024))  # apply_launch, apply_d, chunk_t
+LARGE_T_TILES = ((16, 4), (32, 4), (64, 8))            # (block_t, num_warps)
 SHARE = {16: 0.2, 256: 0.2, 4096: 0.35, 16384: 0.1}    # of --budget-s, cumulative deadlines; D 7168 gets the rest
-KEYS = ("block_t", "block_d", "split", "apply_launch", "apply_d", "fn_parts", "fn_presplit", "flat_loop",
-        "num_warps", "num_stages")
+KEYS = ("block_t", "block_d", "split", "apply_launch", "apply_d", "chunk_t", "fn_parts", "fn_presplit",
+        "flat_loop", "num_warps", "num_stages")
 
 
 class Problem:
@@ -115,8 +120,9 @@ def _grid(tokens: int, rows: list[dict]) -> list[dict]:
     if tokens == 16:
         grid.append((dict(base, block_d=32), FN_MODES[::3], (64, 128)))
     elif tokens == 4096:
-        grid = [(dict(base, block_t=bt, apply_launch=al, apply_d=ad), FN_MODES[::3], SPLITS[tokens])
-                for bt in (16, 32) for al, ad in LARGE_T_MODES]
+        grid = [(dict(base, block_t=bt, apply_launch=al, apply_d=ad, chunk_t=ct, num_warps=w), FN_MODES[::3],
+                 SPLITS[tokens])
+                for bt, w in LARGE_T_TILES for al, ad, ct in LARGE_T_MODES]
     elif tokens > 4096:
         grid = [(_best(rows, HIDDEN[0], 4096) or base, FN_MODES, SPLITS[tokens])]
     return [dict(shape, split=sp, fn_parts=fp, fn_presplit=pre)
@@ -143,7 +149,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--budget-s", type=float, default=170.0)
+    parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS, choices=TOKENS,
+                        help="token counts to run (their budget shares are scaled to fill --budget-s)")
     opts = parser.parse_args()
+    tokens_run = [t for t in TOKENS if t in opts.tokens]
+    shares = {t: SHARE[t] / sum(SHARE[u] for u in tokens_run) * 0.9 for t in tokens_run}
     start = time.perf_counter()
     src = torch.randn(2 ** 28, device=DEVICE)
     dst = torch.empty_like(src)
@@ -161,11 +171,11 @@ def main():
 
     share = 0.0
     for hidden in HIDDEN:
-        for tokens in TOKENS:
+        for tokens in tokens_run:
             problem = Problem(hidden, tokens)
             record(problem, "table", mhc.pick_config("mhc_post_pre", tokens, "cuda"))
             if hidden == HIDDEN[0]:
-                share += SHARE[tokens]
+                share += shares[tokens]
                 for cfg in _grid(tokens, rows):
                     if time.perf_counter() - start > share * opts.budget_s:
                         result["not_run"].append({"T": tokens, **cfg})

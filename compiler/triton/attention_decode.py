@@ -83,7 +83,7 @@ def reduce_splits_kernel(
         WS_O, WS_LSE, OUT, stride_ob, stride_oh, stride_os, stride_od,
         n_kv_heads, group, sq, num_splits,
         SPLITS_P2: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """One program per (batch × kv head, packed row): out = Σ_s 2^(lse_s − M)·o_s / Σ_s 2^(lse_s − M), reading
+    """One program per (batch × kv head, packed row): out = Σ_s 2^(lse_s − M)·o_s / Σ_s 2^(lse_s − M), using
     o_s only where lse_s > -inf (a split that saw no key of the row wrote no o)."""
     pid_bh = tl.program_id(0)
     row = tl.program_id(1)
@@ -93,9 +93,12 @@ def reduce_splits_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     ws_row = (pid_bh * num_splits + splits) * n_rows + row
     lse = tl.load(WS_LSE + ws_row, mask=split_ok, other=float("-inf"))
+    # o of every split in the same round trip as lse (not masked by it: that would wait for lse), then dropped
+    # where the split wrote none — its slot holds whatever the workspace held, NaN included
+    o = tl.load(WS_O + ws_row[:, None] * HEAD_DIM + offs_d[None, :], mask=split_ok[:, None], other=0.0)
+    o = tl.where((lse > float("-inf"))[:, None], o, 0.0)
     m = tl.max(lse, 0)
     w = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
-    o = tl.load(WS_O + ws_row[:, None] * HEAD_DIM + offs_d[None, :], mask=(lse > float("-inf"))[:, None], other=0.0)
     w_sum = tl.sum(w, 0)
     out = tl.sum(w[:, None] * o, 0) / tl.where(w_sum == 0.0, 1.0, w_sum)
     b = (pid_bh // n_kv_heads).to(tl.int64)
@@ -114,17 +117,19 @@ def _gpu_multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def num_kv_splits(programs: int, cache_len: int, num_sms: int, min_keys_per_split: int, max_splits: int) -> int:
-    """How many kv splits a decode launch has: enough that `programs` (batch × kv heads) × splits fills every
-    SM once, at most one per `min_keys_per_split` keys of the cache (a split writes a D-wide fp32 partial per
-    row: at hd 128 that costs as much as reading 64 keys' K and V) and at most `max_splits`.
+def num_kv_splits(programs: int, cache_len: int, num_sms: int, min_keys_per_split: int, max_splits: int,
+                  programs_per_sm: int = 1) -> int:
+    """How many kv splits a decode launch has: enough that `programs` (batch × kv heads) × splits puts
+    `programs_per_sm` programs on every SM, at most one per `min_keys_per_split` keys of the cache (a split writes
+    a D-wide fp32 partial per row: at hd 128 that costs as much as reading 64 keys' K and V) and at most
+    `max_splits`.
 
     It is chosen on the host from the static cache length, because q_pos lives on the device and a CUDA graph
     must not depend on its values. The kernel then deals the *visible* blocks to as many of these splits as
     get >= min_keys_per_split keys each; the rest write only lse = -inf, so a short prefix in a long cache costs
     few partials and no stale reads. Draft on H100 (132 SMs, 8 kv heads, cache 8192): 16 splits of 512 keys.
     """
-    fill = max(num_sms // max(programs, 1), 1)
+    fill = max(num_sms * programs_per_sm // max(programs, 1), 1)
     longest = max(cache_len // min_keys_per_split, 1)
     return max(1, min(fill, longest, max_splits))
 
@@ -158,7 +163,8 @@ def decode_plan(batch: int, n_q_heads: int, n_kv_heads: int, sq: int, sk: int, h
     cfg = launch_params("decode", head_dim, dtype, fam)
     min_blocks_per_split = 1
     if num_splits is None:
-        num_splits = num_kv_splits(batch * n_kv_heads, sk, num_sms, cfg["min_keys_per_split"], cfg["max_splits"])
+        num_splits = num_kv_splits(batch * n_kv_heads, sk, num_sms, cfg["min_keys_per_split"], cfg["max_splits"],
+                                   cfg["programs_per_sm"])
         min_blocks_per_split = triton.cdiv(cfg["min_keys_per_split"], cfg["block_n"])
     rows = (n_q_heads // n_kv_heads) * sq
     return DecodePlan((batch * n_kv_heads, num_splits), num_splits, min_blocks_per_split,

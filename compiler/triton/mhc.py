@@ -261,7 +261,7 @@ def _mhc_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, fn_ptr, base_ptr, scale_ptr,
                 BLOCK_D: tl.constexpr, APPLY_D: tl.constexpr, SPLIT_P2: tl.constexpr, FN_PARTS: tl.constexpr,
                 FN_PRESPLIT: tl.constexpr, FLAT_LOOP: tl.constexpr,
                 INTERPRETED: tl.constexpr, HAS_POST: tl.constexpr, HAS_PRE: tl.constexpr, HAS_NORM: tl.constexpr,
-                FINISH_INLINE: tl.constexpr):
+                FINISH_INLINE: tl.constexpr, FINISH_HERE: tl.constexpr):
     # fp32 as eager Triton types Python floats (Inductor passes them as fp64)
     rms_eps = tl.cast(rms_eps, tl.float32)
     hc_eps = tl.cast(hc_eps, tl.float32)
@@ -330,16 +330,35 @@ def _mhc_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, fn_ptr, base_ptr, scale_ptr,
         # With split > 1 the last slice of this token block to arrive finishes it: the ticket's acq_rel orders the
         # partials and new_res stores of the other slices (each made before a CTA barrier) before our loads.
         ticket = split - 1
-        if split > 1:
+        if FINISH_HERE and split > 1:
             tl.debug_barrier()
             ticket = tl.atomic_add(count_ptr + tb, 1, sem="acq_rel", scope="gpu")
-        if ticket == split - 1:
+        if FINISH_HERE and ticket == split - 1:
             src_ptr = new_res_ptr if HAS_POST else res_ptr
             _finish_block(src_ptr, post_ptr, comb_ptr, base_ptr, scale_ptr, norm_w_ptr, out_ptr, post_out_ptr,
                           comb_out_ptr, ws_ptr, coef_ptr, tt, t_ok, D, split, iters, rms_eps, hc_eps, norm_eps,
                           N, SPLIT_P2, APPLY_D, HAS_NORM, FINISH_INLINE)
             if split > 1:
                 tl.store(count_ptr + tb, 0)  # leave the ticket ready for the next launch
+
+
+@triton.jit
+def _mhc_finish_kernel(src_ptr, post_ptr, comb_ptr, base_ptr, scale_ptr, norm_w_ptr, post_out_ptr, comb_out_ptr,
+                       ws_ptr, coef_ptr, T, D, split, iters, rms_eps, hc_eps, norm_eps,
+                       N: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_P2: tl.constexpr, HAS_NORM: tl.constexpr):
+    """The finish as its own launch (apply_launch 2), one program per token block: _mhc_kernel then carries no
+    finisher (its registers, its ticket) and the apply launch reads `coef`."""
+    rms_eps = tl.cast(rms_eps, tl.float32)
+    hc_eps = tl.cast(hc_eps, tl.float32)
+    norm_eps = tl.cast(norm_eps, tl.float32)
+    NMIX: tl.constexpr = (2 + N) * N
+    WSC: tl.constexpr = NMIX + 1 + (N + 1) * (N + 2) // 2
+    t0 = tl.program_id(0).to(tl.int64) * BLOCK_T
+    tt = tl.arange(0, BLOCK_T)
+    _finish_block(src_ptr, post_ptr + t0 * N, comb_ptr + t0 * (N * N), base_ptr, scale_ptr, norm_w_ptr, src_ptr,
+                  post_out_ptr + t0 * N, comb_out_ptr + t0 * (N * N), ws_ptr + t0 * (split * WSC),
+                  coef_ptr + t0 * (N + 1), tt, tt < T - t0, D, split, iters, rms_eps, hc_eps, norm_eps,
+                  N, SPLIT_P2, 16, HAS_NORM, False)
 
 
 @triton.jit
@@ -406,7 +425,8 @@ def _plan(p: _Problem, cfg: dict[str, int]) -> tuple[dict[str, object], int]:
                 SPLIT_P2=triton.next_power_of_2(split) if has_pre else 1, FN_PARTS=fn_parts,
                 FN_PRESPLIT=bool(fn_parts and cfg["fn_presplit"]), FLAT_LOOP=bool(cfg["flat_loop"]),
                 INTERPRETED=p.interpreted, HAS_POST=has_post, HAS_PRE=has_pre, HAS_NORM=has_norm,
-                FINISH_INLINE=has_pre and not cfg["apply_launch"])
+                FINISH_INLINE=has_pre and not cfg["apply_launch"],
+                FINISH_HERE=not (has_pre and cfg["apply_launch"] == 2))
     return meta, split
 
 
@@ -482,7 +502,12 @@ def _launch(op, res, x=None, post=None, comb=None, fn=None, base=None, scale=Non
     if tokens:
         cfg = config or pick_config(op, tokens, _device_family(dev))
         meta, split = _plan(_Problem(op, n, d, dtype, dev.type == "cpu"), cfg)
-        padded = triton.cdiv(tokens, meta["BLOCK_T"]) * meta["BLOCK_T"]
+        # apply-launch rows may run in token chunks — (main, apply) per chunk — so that the apply launch re-reads
+        # a chunk's new_res from L2 rather than HBM (chunk_t 0: one pair over all tokens)
+        chunk = tokens
+        if has_pre and not meta["FINISH_INLINE"] and cfg["chunk_t"]:
+            chunk = min(tokens, triton.cdiv(cfg["chunk_t"], meta["BLOCK_T"]) * meta["BLOCK_T"])
+        padded = triton.cdiv(chunk, meta["BLOCK_T"]) * meta["BLOCK_T"]
         ws = coef = counters = None
         if has_pre:
             columns = (2 + n) * n + 1 + (n + 1) * (n + 2) // 2  # mixes, Σ new_res², the inputs' Gram pairs
@@ -496,18 +521,29 @@ def _launch(op, res, x=None, post=None, comb=None, fn=None, base=None, scale=Non
         def pointer(t, *shape):  # an absent tensor gets a stand-in the kernel never dereferences
             return res2 if t is None else t.reshape(shape or t.shape).contiguous()
 
-        blocks = padded // meta["BLOCK_T"]
-        if "main" in launches:
-            wrap_triton(_mhc_kernel)[(split, blocks)](
-                pointer(x, tokens, d), res2, pointer(post, tokens, n), pointer(comb, tokens, n, n),
-                pointer(fn), pointer(base), pointer(scale), pointer(norm_w),
-                pointer(new_res), pointer(out), pointer(post_out), pointer(comb_out), pointer(ws), pointer(coef),
-                pointer(counters), tokens, d, split, iters, rms_eps, hc_eps, norm_eps,
-                **_main_meta(meta), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        if coef is not None and "apply" in launches:
-            wrap_triton(_mhc_apply_kernel)[(triton.cdiv(d, meta["APPLY_D"]), blocks)](
-                new_res if has_post else res2, out, coef, pointer(norm_w), tokens, d, N=n,
-                BLOCK_T=meta["BLOCK_T"], APPLY_D=meta["APPLY_D"], HAS_NORM=has_norm, num_warps=cfg["num_warps"])
+        per_token = [pointer(x, tokens, d), res2, pointer(post, tokens, n), pointer(comb, tokens, n, n),
+                     pointer(new_res), pointer(out), pointer(post_out), pointer(comb_out)]
+        for c0 in range(0, tokens, chunk):
+            x_c, res_c, post_c, comb_c, new_res_c, out_c, post_out_c, comb_out_c = (t[c0:c0 + chunk]
+                                                                                     for t in per_token)
+            count = min(chunk, tokens - c0)
+            blocks = triton.cdiv(count, meta["BLOCK_T"])
+            if "main" in launches:
+                wrap_triton(_mhc_kernel)[(split, blocks)](
+                    x_c, res_c, post_c, comb_c, pointer(fn), pointer(base), pointer(scale), pointer(norm_w),
+                    new_res_c, out_c, post_out_c, comb_out_c, pointer(ws), pointer(coef),
+                    pointer(counters), count, d, split, iters, rms_eps, hc_eps, norm_eps,
+                    **_main_meta(meta), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            if not meta["FINISH_HERE"] and "main" in launches:
+                wrap_triton(_mhc_finish_kernel)[(blocks,)](
+                    new_res_c if has_post else res_c, post_c, comb_c, pointer(base), pointer(scale), pointer(norm_w),
+                    post_out_c, comb_out_c, pointer(ws), pointer(coef), count, d, split, iters, rms_eps, hc_eps,
+                    norm_eps, N=n, BLOCK_T=meta["BLOCK_T"], SPLIT_P2=meta["SPLIT_P2"], HAS_NORM=has_norm,
+                    num_warps=cfg["num_warps"])
+            if coef is not None and "apply" in launches:
+                wrap_triton(_mhc_apply_kernel)[(triton.cdiv(d, meta["APPLY_D"]), blocks)](
+                    new_res_c if has_post else res_c, out_c, coef, pointer(norm_w), count, d, N=n,
+                    BLOCK_T=meta["BLOCK_T"], APPLY_D=meta["APPLY_D"], HAS_NORM=has_norm, num_warps=cfg["num_warps"])
     shaped = lambda t, *tail: None if t is None else t.reshape(*lead, *tail)  # noqa: E731
     return shaped(new_res, n, d), shaped(out, d), shaped(post_out, n), shaped(comb_out, n, n)
 
@@ -641,6 +677,8 @@ def aot_specs(fam: str = "cuda") -> list[KernelSpec]:
         meta, cfg = dict(meta), launch_config(bucket, fam)
         name = f"{op}_{bucket.split('.')[1]}_bf16_n4_D{'+'.join(map(str, ds))}"
         specs.append(_spec(name, _mhc_kernel, _main_meta(meta), cfg))
+        if not meta["FINISH_HERE"]:
+            specs.append(_spec(name + "_finish", _mhc_finish_kernel, meta, cfg))
         if meta["HAS_PRE"] and not meta["FINISH_INLINE"]:
             specs.append(_spec(name + "_apply", _mhc_apply_kernel, meta, cfg))
     return specs

@@ -166,6 +166,8 @@ def test_split_heuristic():
     assert ad.num_kv_splits(256, 8192, 132, 128, 64) == 1     # the batch alone fills the GPU
     assert ad.num_kv_splits(1, 1 << 20, 132, 128, 64) == 64   # capped
     assert ad.num_kv_splits(8, 16, 132, 128, 64) == 1
+    assert ad.num_kv_splits(8, 8192, 132, 128, 64, programs_per_sm=4) == 64   # 4 programs per SM: 66 → capped 64
+    assert ad.num_kv_splits(8, 1024, 132, 32, 64, programs_per_sm=2) == 32    # 1024 keys allow 32 splits of 32
 
 
 def test_decode_plan_at_the_h100_step_shapes():

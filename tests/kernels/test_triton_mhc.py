@@ -104,11 +104,14 @@ POST_PRE_CASES = [  # (tokens, n, D, dtype, iters, config)
     (5, 4, 100, torch.bfloat16, 20, dict(APPLY, fn_parts=2, fn_presplit=1)),     # launcher's cached parts
     (17, 4, 96, torch.float32, 20, dict(SPLIT_INLINE, flat_loop=1)),             # flat loop, inline phase 2
     (17, 3, 100, torch.bfloat16, 20, dict(APPLY, flat_loop=0)),                  # nested loop, apply launch
+    (40, 4, 96, torch.float32, 20, dict(APPLY, chunk_t=16)),                     # 3 token chunks, the last ragged
+    (40, 4, 96, torch.float32, 20, dict(APPLY, apply_launch=2, chunk_t=16)),     # + the finish as its own launch
+    (17, 4, 100, torch.bfloat16, 20, dict(APPLY, apply_launch=2)),
 ]
 
 
 @pytest.mark.parametrize("tokens, n, d, dtype, iters, config", POST_PRE_CASES,
-                         ids=lambda v: "s{split}a{apply_launch}f{fn_parts}p{fn_presplit}l{flat_loop}".format(**v) if isinstance(v, dict) else str(v))
+                         ids=lambda v: "s{split}a{apply_launch}c{chunk_t}f{fn_parts}p{fn_presplit}l{flat_loop}".format(**v) if isinstance(v, dict) else str(v))
 def test_post_pre_matches_reference(tokens, n, d, dtype, iters, config):
     got, want, _ = run_post_pre(tokens, n, d, dtype, iters, config)
     assert_outputs_close(got, want, dtype)
@@ -133,7 +136,9 @@ def test_bf16_pre_matches_reference_on_the_kernels_own_new_res(tokens, config):
     (17, 4, 100, torch.bfloat16, 3, SPLIT_INLINE),
     (17, 2, 64, torch.float32, 20, NO_SPLIT),
     (17, 4, 96, torch.float32, 20, dict(NO_SPLIT, flat_loop=1)),
-], ids=["apply", "inline", "no_split", "no_split_flat"])
+    (33, 4, 64, torch.bfloat16, 3, dict(APPLY, chunk_t=32)),
+    (33, 4, 64, torch.float32, 3, dict(APPLY, apply_launch=2, chunk_t=32)),
+], ids=["apply", "inline", "no_split", "no_split_flat", "apply_chunked", "finish_launch_chunked"])
 def test_pre_matches_reference(tokens, n, d, dtype, iters, config):
     _, res, _, _, fn, base, scale, _ = make_inputs(tokens, n, d, dtype, seed=1)
     args = (res, fn, base, scale, EPS["rms_eps"], EPS["hc_eps"], iters)
