@@ -172,11 +172,12 @@ def test_split_heuristic():
 
 def test_decode_plan_at_the_h100_step_shapes():
     """What the steps of benchmarks/steps.py launch on an H100 (132 SMs, 32/8 heads, hd 128, bf16): 8 kv heads ×
-    16 splits (132 // 8 SMs per head; the ~1041-slot cache allows 32 of min_keys_per_split 32, ≥ 1 block of 64
+    16 splits (132 // 8 SMs per head; the ~1041-slot cache allows 32 of min_keys_per_split 32, ≥ 1 block of 32
     keys each), then the reduce over the packed rows."""
     draft, verify, ar = (ad.decode_plan(1, 32, 8, sq, sk, 128, torch.bfloat16, "cuda", 132)
                          for sq, sk in ((16, 1057), (16, 1041), (1, 1041)))
     assert draft.grid == verify.grid == ar.grid == (8, 16) and verify.min_blocks_per_split == 1
+    assert (verify.block_n, verify.reduce_num_warps) == (32, 1)
     assert (verify.block_m, verify.reduce_grid) == (64, (8, 64)) and (ar.block_m, ar.reduce_grid) == (16, (8, 4))
     one = ad.decode_plan(1, 32, 8, 16, 1041, 128, torch.bfloat16, "cuda", 132, num_splits=1)
     assert one.grid == (8, 1) and one.reduce_grid is None
