@@ -14,9 +14,8 @@ bandwidth measured in this run) and the ratio to it.
    in every program, as in round 1; 2/0 = 2 parts; 3/1 and 2/1 = the launcher's cached bf16 parts, no split ALU,
    1.5× / 1× fn's bytes); at T 16 also block_d 32 with split 64/128; at T 4096 phase 2 inline (apply_launch 0,
    apply_d 256) vs a second launch (1, 128) vs the finish and the apply as launches of their own (2, 128: the
-   main kernel without a finisher's registers), over all tokens or per chunk of 1024 tokens (chunk_t: the
-   chunk's new_res re-read from L2), × (block_t, num_warps) 16/4, 32/4, 64/8 (the fn traffic from L2 per token
-   halves with each doubling of block_t) × splits 4/8/16. Each T
+   main kernel without a ticket and a finisher), × (block_t, num_warps) 16/4, 32/4, 64/8 (the fn traffic from
+   L2 per token halves with each doubling of block_t) × splits 4/8/16. Each T
    gets its share of --budget-s (16: 20 %, 256: 20 %, 4096: 35 %, 16384: 10 %, rescaled to the --tokens run);
    configs past it go to not_run.
 2. D 7168: the table row and the best D-4096 config of each T.
@@ -50,11 +49,11 @@ HIDDEN = (4096, 7168)
 TOKENS = (16, 256, 4096, 16384)
 SPLITS = {16: (16, 32, 64), 256: (8, 16, 32), 4096: (4, 8, 16), 16384: (8, 16)}   # block_d 32 at T 16: 64, 128
 FN_MODES = ((3, 0), (2, 0), (3, 1), (2, 1))           # (fn_parts, fn_presplit)
-LARGE_T_MODES = ((0, 256, 0), (1, 128, 0), (1, 128, 1024), (2, 128, 0), (2, 128, 1024))  # apply_launch, apply_d, chunk_t
+LARGE_T_MODES = ((0, 256), (1, 128), (2, 128))         # (apply_launch, apply_d)
 LARGE_T_TILES = ((16, 4), (32, 4), (64, 8))            # (block_t, num_warps)
 SHARE = {16: 0.2, 256: 0.2, 4096: 0.35, 16384: 0.1}    # of --budget-s, cumulative deadlines; D 7168 gets the rest
-KEYS = ("block_t", "block_d", "split", "apply_launch", "apply_d", "chunk_t", "fn_parts", "fn_presplit",
-        "flat_loop", "num_warps", "num_stages")
+KEYS = ("block_t", "block_d", "split", "apply_launch", "apply_d", "fn_parts", "fn_presplit", "flat_loop",
+        "num_warps", "num_stages")
 
 
 class Problem:
@@ -120,9 +119,8 @@ def _grid(tokens: int, rows: list[dict]) -> list[dict]:
     if tokens == 16:
         grid.append((dict(base, block_d=32), FN_MODES[::3], (64, 128)))
     elif tokens == 4096:
-        grid = [(dict(base, block_t=bt, apply_launch=al, apply_d=ad, chunk_t=ct, num_warps=w), FN_MODES[::3],
-                 SPLITS[tokens])
-                for bt, w in LARGE_T_TILES for al, ad, ct in LARGE_T_MODES]
+        grid = [(dict(base, block_t=bt, apply_launch=al, apply_d=ad, num_warps=w), FN_MODES[::3], SPLITS[tokens])
+                for bt, w in LARGE_T_TILES for al, ad in LARGE_T_MODES]
     elif tokens > 4096:
         grid = [(_best(rows, HIDDEN[0], 4096) or base, FN_MODES, SPLITS[tokens])]
     return [dict(shape, split=sp, fn_parts=fp, fn_presplit=pre)

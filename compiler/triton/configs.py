@@ -9,9 +9,9 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     # mhc.py: dflash.mhc_post_pre / mhc_pre by token count T (first row with T <= max_t; 0 = no limit): block_t
     # tokens per program (>= 16: tensor-core GEMV against fn), D cut into `split` slices per token block (the last
     # slice to arrive finishes the block), block_d columns per phase-1 step. apply_launch 1: phase 2 (layer_in and
-    # its norm) is a second launch over [block_t, apply_d] tiles — per chunk of chunk_t tokens (0: all), so
-    # that it re-reads the chunk's new_res from L2; 0: the finishing program does it, apply_d columns per step,
-    # right after the block's phase 1 (its new_res still in L2). fn_parts: fn as 3 bf16 parts
+    # its norm) is a second launch over [block_t, apply_d] tiles; 2: the finish (Sinkhorn, r_in) too is a
+    # launch of its own, one program per token block, so the main kernel has no ticket and no finisher; 0: the
+    # finishing program does phase 2, apply_d columns per step, right after the block's phase 1. fn_parts: fn as 3 bf16 parts
     # (the fp32 product) or 2 (16 bits, ≤ 2^-17 relative), split in every program (fn_presplit 0) or once per fn
     # tensor by the launcher (1, cached; 1.5× fn's bytes at 3 parts). flat_loop 1: phase 1 as one pipelined loop
     # over (chunk, stream) steps (round 2; wins at T 16); 0: round 1's chunk loop with an inner stream loop (2
@@ -19,26 +19,26 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     # per block_d chunk) serves mhc_post alone. cuda: chosen from the traffic/latency analysis and the H100 sweep in
     # docs/kernels/mhc.md (re-tune with benchmarks/sweep_mhc.py); rocm: untuned (wavefront 64, narrower tiles).
     "mhc.small": {
-        "cuda": {"max_t": 64, "block_t": 16, "block_d": 64, "split": 64, "apply_launch": 1, "chunk_t": 0, "apply_d": 64,
+        "cuda": {"max_t": 64, "block_t": 16, "block_d": 64, "split": 64, "apply_launch": 1, "apply_d": 64,
                  "fn_parts": 2, "fn_presplit": 0, "flat_loop": 1,
                  "num_warps": 4, "num_stages": 1},
-        "rocm": {"max_t": 64, "block_t": 16, "block_d": 32, "split": 32, "apply_launch": 1, "chunk_t": 0, "apply_d": 64,
+        "rocm": {"max_t": 64, "block_t": 16, "block_d": 32, "split": 32, "apply_launch": 1, "apply_d": 64,
                  "fn_parts": 3, "fn_presplit": 0, "flat_loop": 1,
                  "num_warps": 4, "num_stages": 2},
     },
     "mhc.medium": {
-        "cuda": {"max_t": 1024, "block_t": 16, "block_d": 64, "split": 16, "apply_launch": 1, "chunk_t": 0, "apply_d": 128,
+        "cuda": {"max_t": 1024, "block_t": 16, "block_d": 64, "split": 16, "apply_launch": 1, "apply_d": 128,
                  "fn_parts": 3, "fn_presplit": 0, "flat_loop": 0,
                  "num_warps": 4, "num_stages": 2},
-        "rocm": {"max_t": 1024, "block_t": 16, "block_d": 32, "split": 16, "apply_launch": 1, "chunk_t": 0, "apply_d": 128,
+        "rocm": {"max_t": 1024, "block_t": 16, "block_d": 32, "split": 16, "apply_launch": 1, "apply_d": 128,
                  "fn_parts": 3, "fn_presplit": 0, "flat_loop": 0,
                  "num_warps": 4, "num_stages": 2},
     },
     "mhc.large": {
-        "cuda": {"max_t": 0, "block_t": 16, "block_d": 64, "split": 16, "apply_launch": 0, "chunk_t": 0, "apply_d": 256,
-                 "fn_parts": 3, "fn_presplit": 0, "flat_loop": 0,
+        "cuda": {"max_t": 0, "block_t": 16, "block_d": 64, "split": 8, "apply_launch": 2, "apply_d": 128,
+                 "fn_parts": 2, "fn_presplit": 1, "flat_loop": 0,
                  "num_warps": 4, "num_stages": 2},
-        "rocm": {"max_t": 0, "block_t": 16, "block_d": 32, "split": 16, "apply_launch": 0, "chunk_t": 0, "apply_d": 128,
+        "rocm": {"max_t": 0, "block_t": 16, "block_d": 32, "split": 16, "apply_launch": 0, "apply_d": 128,
                  "fn_parts": 3, "fn_presplit": 0, "flat_loop": 0,
                  "num_warps": 4, "num_stages": 2},
     },
@@ -49,8 +49,8 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
                  "num_stages": 2},
     },
     # attention_*.py (16-bit rows; fp32 halves block_m/max_rows/block_n): decode packs a GQA group × all queries
-    # into one tile, used while that tile has <= max_rows rows; the cache gets at most `max_splits` splits, each
-    # dealt >= min_keys_per_split visible keys. prefill tiles block_m queries of one head. Shared memory stays
+    # into one tile, used while that tile has <= max_rows rows; the cache gets enough splits for programs_per_sm
+    # programs per SM, at most `max_splits`, each dealt >= min_keys_per_split visible keys. prefill tiles block_m queries of one head. Shared memory stays
     # within sm_80's 163 KiB and gfx942's 64 KiB LDS (tests/kernels/test_triton_attention.py checks).
     "attention_decode_hd64": {
         "cuda": {"block_n": 64, "num_warps": 4, "num_stages": 3, "max_rows": 64, "min_keys_per_split": 128,
@@ -59,10 +59,12 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
                  "max_splits": 64, "programs_per_sm": 1, "reduce_num_warps": 1},
     },
     "attention_decode_hd128": {
-        # min_keys_per_split 32: benchmarks/sweep_attention.py's pick (16 splits at ~1k keys, not 8); its reduce of
-        # 1 warp cost the 8192-key cases ~4 µs on the H100 kernel bench, so the reduce keeps 2 warps
-        "cuda": {"block_n": 64, "num_warps": 4, "num_stages": 3, "max_rows": 64, "min_keys_per_split": 32,
-                 "max_splits": 64, "programs_per_sm": 1, "reduce_num_warps": 2},
+        # benchmarks/sweep_attention.py on the H100 (2026-11-21 23:10 UTC, its CUDA graphs of back-to-back calls):
+        # block_n 32 and a 1-warp reduce take the steps' attention from 739 to 667 µs per verify + AR + draft
+        # (36·verify + 36·AR + 5·draft), the 8192-key draft 19.6 → 20.6 µs; 2 or 4 programs per SM lost (the
+        # ~1k-key draft 9.0 → 13.2 µs)
+        "cuda": {"block_n": 32, "num_warps": 4, "num_stages": 3, "max_rows": 64, "min_keys_per_split": 32,
+                 "max_splits": 64, "programs_per_sm": 1, "reduce_num_warps": 1},
         "rocm": {"block_n": 32, "num_warps": 4, "num_stages": 2, "max_rows": 64, "min_keys_per_split": 128,
                  "max_splits": 64, "programs_per_sm": 1, "reduce_num_warps": 2},
     },

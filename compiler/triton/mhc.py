@@ -502,18 +502,14 @@ def _launch(op, res, x=None, post=None, comb=None, fn=None, base=None, scale=Non
     if tokens:
         cfg = config or pick_config(op, tokens, _device_family(dev))
         meta, split = _plan(_Problem(op, n, d, dtype, dev.type == "cpu"), cfg)
-        # apply-launch rows may run in token chunks — (main, apply) per chunk — so that the apply launch re-reads
-        # a chunk's new_res from L2 rather than HBM (chunk_t 0: one pair over all tokens)
-        chunk = tokens
-        if has_pre and not meta["FINISH_INLINE"] and cfg["chunk_t"]:
-            chunk = min(tokens, triton.cdiv(cfg["chunk_t"], meta["BLOCK_T"]) * meta["BLOCK_T"])
-        padded = triton.cdiv(chunk, meta["BLOCK_T"]) * meta["BLOCK_T"]
+        padded = triton.cdiv(tokens, meta["BLOCK_T"]) * meta["BLOCK_T"]
         ws = coef = counters = None
         if has_pre:
             columns = (2 + n) * n + 1 + (n + 1) * (n + 2) // 2  # mixes, Σ new_res², the inputs' Gram pairs
             ws = torch.empty(padded * split * columns, dtype=torch.float32, device=dev)
             coef = None if meta["FINISH_INLINE"] else torch.empty(padded, n + 1, dtype=torch.float32, device=dev)
-            counters = _arrival_counters(res2, padded // meta["BLOCK_T"] if split > 1 else 1)
+            if meta["FINISH_HERE"]:
+                counters = _arrival_counters(res2, padded // meta["BLOCK_T"] if split > 1 else 1)
 
         if meta["FN_PRESPLIT"]:
             fn = _fn_bf16_parts(fn, meta["FN_PARTS"], meta["NM"])
@@ -521,29 +517,25 @@ def _launch(op, res, x=None, post=None, comb=None, fn=None, base=None, scale=Non
         def pointer(t, *shape):  # an absent tensor gets a stand-in the kernel never dereferences
             return res2 if t is None else t.reshape(shape or t.shape).contiguous()
 
-        per_token = [pointer(x, tokens, d), res2, pointer(post, tokens, n), pointer(comb, tokens, n, n),
-                     pointer(new_res), pointer(out), pointer(post_out), pointer(comb_out)]
-        for c0 in range(0, tokens, chunk):
-            x_c, res_c, post_c, comb_c, new_res_c, out_c, post_out_c, comb_out_c = (t[c0:c0 + chunk]
-                                                                                     for t in per_token)
-            count = min(chunk, tokens - c0)
-            blocks = triton.cdiv(count, meta["BLOCK_T"])
-            if "main" in launches:
-                wrap_triton(_mhc_kernel)[(split, blocks)](
-                    x_c, res_c, post_c, comb_c, pointer(fn), pointer(base), pointer(scale), pointer(norm_w),
-                    new_res_c, out_c, post_out_c, comb_out_c, pointer(ws), pointer(coef),
-                    pointer(counters), count, d, split, iters, rms_eps, hc_eps, norm_eps,
-                    **_main_meta(meta), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-            if not meta["FINISH_HERE"] and "main" in launches:
-                wrap_triton(_mhc_finish_kernel)[(blocks,)](
-                    new_res_c if has_post else res_c, post_c, comb_c, pointer(base), pointer(scale), pointer(norm_w),
-                    post_out_c, comb_out_c, pointer(ws), pointer(coef), count, d, split, iters, rms_eps, hc_eps,
-                    norm_eps, N=n, BLOCK_T=meta["BLOCK_T"], SPLIT_P2=meta["SPLIT_P2"], HAS_NORM=has_norm,
-                    num_warps=cfg["num_warps"])
-            if coef is not None and "apply" in launches:
-                wrap_triton(_mhc_apply_kernel)[(triton.cdiv(d, meta["APPLY_D"]), blocks)](
-                    new_res_c if has_post else res_c, out_c, coef, pointer(norm_w), count, d, N=n,
-                    BLOCK_T=meta["BLOCK_T"], APPLY_D=meta["APPLY_D"], HAS_NORM=has_norm, num_warps=cfg["num_warps"])
+        blocks = padded // meta["BLOCK_T"]
+        src = new_res if has_post else res2
+        if "main" in launches:
+            wrap_triton(_mhc_kernel)[(split, blocks)](
+                pointer(x, tokens, d), res2, pointer(post, tokens, n), pointer(comb, tokens, n, n),
+                pointer(fn), pointer(base), pointer(scale), pointer(norm_w),
+                pointer(new_res), pointer(out), pointer(post_out), pointer(comb_out), pointer(ws), pointer(coef),
+                pointer(counters), tokens, d, split, iters, rms_eps, hc_eps, norm_eps,
+                **_main_meta(meta), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        if not meta["FINISH_HERE"] and "main" in launches:
+            wrap_triton(_mhc_finish_kernel)[(blocks,)](
+                src, pointer(post, tokens, n), pointer(comb, tokens, n, n), pointer(base), pointer(scale),
+                pointer(norm_w), post_out, comb_out, ws, coef, tokens, d, split, iters, rms_eps, hc_eps, norm_eps,
+                N=n, BLOCK_T=meta["BLOCK_T"], SPLIT_P2=meta["SPLIT_P2"], HAS_NORM=has_norm,
+                num_warps=cfg["num_warps"])
+        if coef is not None and "apply" in launches:
+            wrap_triton(_mhc_apply_kernel)[(triton.cdiv(d, meta["APPLY_D"]), blocks)](
+                src, out, coef, pointer(norm_w), tokens, d, N=n,
+                BLOCK_T=meta["BLOCK_T"], APPLY_D=meta["APPLY_D"], HAS_NORM=has_norm, num_warps=cfg["num_warps"])
     shaped = lambda t, *tail: None if t is None else t.reshape(*lead, *tail)  # noqa: E731
     return shaped(new_res, n, d), shaped(out, d), shaped(post_out, n), shaped(comb_out, n, n)
 

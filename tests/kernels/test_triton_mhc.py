@@ -4,7 +4,8 @@ Without a GPU the kernels run on CPU tensors through TRITON_INTERPRET=1 (tests/c
 buffer the launcher allocates (outputs and the partials workspace) is poisoned with NaN first, so an element
 a kernel fails to write fails the comparison. Each launch path is forced with an explicit config: APPLY
 (D split over programs, phase 2 as a second launch), SPLIT_INLINE (D split, phase 2 by the finishing program),
-NO_SPLIT (one program per token block, no ticket). Both phase-1 loop forms run: flat_loop 1 (the small row:
+NO_SPLIT (one program per token block, no ticket), apply_launch 2 (the finish and phase 2 as launches of their
+own: the large row). Both phase-1 loop forms run: flat_loop 1 (the small row:
 APPLY, PRESPLIT) and 0 (the medium and large rows: SPLIT_INLINE, NO_SPLIT), and each crossed over below.
 
 bf16 on the interpreter: Triton 3.9's interpreter truncates fp32 → bf16 where the GPU (and torch) round to
@@ -40,8 +41,8 @@ def row(bucket: str, **override) -> dict:
 
 
 APPLY = row("small", block_d=32)                    # D split over programs, phase 2 in a second launch
-SPLIT_INLINE = row("large", block_d=32)             # D split, the finishing program does phase 2 itself
-NO_SPLIT = row("large", split=1, apply_d=64)        # one program per token block, no ticket
+SPLIT_INLINE = row("large", block_d=32, apply_launch=0, fn_parts=3, fn_presplit=0)  # the finisher does phase 2
+NO_SPLIT = dict(SPLIT_INLINE, split=1, apply_d=64)  # one program per token block, no ticket
 PRESPLIT = row("small", block_d=32, fn_presplit=1)  # fn's 3 bf16 parts made once by the launcher, cached
 
 
@@ -104,14 +105,13 @@ POST_PRE_CASES = [  # (tokens, n, D, dtype, iters, config)
     (5, 4, 100, torch.bfloat16, 20, dict(APPLY, fn_parts=2, fn_presplit=1)),     # launcher's cached parts
     (17, 4, 96, torch.float32, 20, dict(SPLIT_INLINE, flat_loop=1)),             # flat loop, inline phase 2
     (17, 3, 100, torch.bfloat16, 20, dict(APPLY, flat_loop=0)),                  # nested loop, apply launch
-    (40, 4, 96, torch.float32, 20, dict(APPLY, chunk_t=16)),                     # 3 token chunks, the last ragged
-    (40, 4, 96, torch.float32, 20, dict(APPLY, apply_launch=2, chunk_t=16)),     # + the finish as its own launch
-    (17, 4, 100, torch.bfloat16, 20, dict(APPLY, apply_launch=2)),
+    (40, 4, 96, torch.float32, 20, dict(APPLY, apply_launch=2)),                 # the finish as its own launch
+    (17, 4, 100, torch.bfloat16, 20, row("large", block_d=32)),                  # (3 token blocks, 1 ragged)
 ]
 
 
 @pytest.mark.parametrize("tokens, n, d, dtype, iters, config", POST_PRE_CASES,
-                         ids=lambda v: "s{split}a{apply_launch}c{chunk_t}f{fn_parts}p{fn_presplit}l{flat_loop}".format(**v) if isinstance(v, dict) else str(v))
+                         ids=lambda v: "s{split}a{apply_launch}f{fn_parts}p{fn_presplit}l{flat_loop}".format(**v) if isinstance(v, dict) else str(v))
 def test_post_pre_matches_reference(tokens, n, d, dtype, iters, config):
     got, want, _ = run_post_pre(tokens, n, d, dtype, iters, config)
     assert_outputs_close(got, want, dtype)
@@ -136,9 +136,8 @@ def test_bf16_pre_matches_reference_on_the_kernels_own_new_res(tokens, config):
     (17, 4, 100, torch.bfloat16, 3, SPLIT_INLINE),
     (17, 2, 64, torch.float32, 20, NO_SPLIT),
     (17, 4, 96, torch.float32, 20, dict(NO_SPLIT, flat_loop=1)),
-    (33, 4, 64, torch.bfloat16, 3, dict(APPLY, chunk_t=32)),
-    (33, 4, 64, torch.float32, 3, dict(APPLY, apply_launch=2, chunk_t=32)),
-], ids=["apply", "inline", "no_split", "no_split_flat", "apply_chunked", "finish_launch_chunked"])
+    (33, 4, 64, torch.float32, 3, dict(APPLY, apply_launch=2)),
+], ids=["apply", "inline", "no_split", "no_split_flat", "finish_launch"])
 def test_pre_matches_reference(tokens, n, d, dtype, iters, config):
     _, res, _, _, fn, base, scale, _ = make_inputs(tokens, n, d, dtype, seed=1)
     args = (res, fn, base, scale, EPS["rms_eps"], EPS["hc_eps"], iters)
@@ -189,7 +188,7 @@ def test_leading_dims_and_repeated_split_launches():
 
 def test_pick_config_by_token_count():
     rows = [tm.pick_config("mhc_post_pre", t, "cuda") for t in (1, 64, 65, 1024, 1025, 16384)]
-    assert [r["apply_launch"] for r in rows] == [1, 1, 1, 1, 0, 0]
+    assert [r["apply_launch"] for r in rows] == [1, 1, 1, 1, 2, 2]
     assert rows[0] == tm.launch_config("mhc.small", "cuda") and rows[-1] == tm.launch_config("mhc.large", "cuda")
     assert tm.pick_config("mhc_pre", 16, "rocm") == tm.launch_config("mhc.small", "rocm")
     assert tm.pick_config("mhc_post", 16, "cuda") == tm.launch_config("mhc.post", "cuda")
