@@ -12,8 +12,8 @@ bandwidth measured in this run) and the ratio to it.
 1. grid at D 4096 around the table row of each T (4 warps, num_stages 2): split (a runtime argument, no
    recompilation) × how fn reaches the tensor cores (fn_parts/fn_presplit: 3/0 = fp32 fn split into 3 bf16 parts
    in every program, as in round 1; 2/0 = 2 parts; 3/1 and 2/1 = the launcher's cached bf16 parts, no split ALU,
-   1.5× / 1× fn's bytes); at T 16 also block_d 32 with split 64/128; at T 4096 phase 2 inline (apply_launch 0,
-   apply_d 256) vs a second launch (1, 128) vs the finish and the apply as launches of their own (2, 128: the
+   1.5× / 1× fn's bytes); at T 16 also block_d 32 with split 64/128 and loop form × stages × warps; at T 4096
+   phase 2 inline (apply_launch 0, apply_d 256) vs a second launch (1, 128) vs the finish and the apply as launches of their own (2, 128: the
    main kernel without a ticket and a finisher), × (block_t, num_warps) 16/4, 32/4, 64/8 (the fn traffic from
    L2 per token halves with each doubling of block_t) × splits 4/8/16. Each T
    gets its share of --budget-s (16: 20 %, 256: 20 %, 4096: 35 %, 16384: 10 %, rescaled to the --tokens run);
@@ -50,6 +50,8 @@ TOKENS = (16, 256, 4096, 16384)
 SPLITS = {16: (16, 32, 64), 256: (8, 16, 32), 4096: (4, 8, 16), 16384: (8, 16)}   # block_d 32 at T 16: 64, 128
 FN_MODES = ((3, 0), (2, 0), (3, 1), (2, 1))           # (fn_parts, fn_presplit)
 LARGE_T_MODES = ((0, 256), (1, 128), (2, 128))         # (apply_launch, apply_d)
+SMALL_T_LOOPS = ((64, 1, 2, 4), (64, 0, 1, 4), (64, 0, 2, 4), (64, 1, 1, 2), (64, 1, 1, 8), (32, 1, 1, 2),
+                 (32, 0, 2, 4))                          # (block_d, flat_loop, num_stages, num_warps) at T 16
 LARGE_T_TILES = ((16, 4), (32, 4), (64, 8))            # (block_t, num_warps)
 SHARE = {16: 0.2, 256: 0.2, 4096: 0.35, 16384: 0.1}    # of --budget-s, cumulative deadlines; D 7168 gets the rest
 KEYS = ("block_t", "block_d", "split", "apply_launch", "apply_d", "fn_parts", "fn_presplit", "flat_loop",
@@ -111,13 +113,16 @@ def _run(problem: Problem, cfg: dict, op="mhc_post_pre", iters=ITERS, launches=(
 
 
 def _grid(tokens: int, rows: list[dict]) -> list[dict]:
-    """T 16: the table row × fn modes × splits, and block_d 32 (splits up to 128) with fn 3/0 and 2/1. T 256: the
+    """T 16: the table row × fn modes × splits, block_d 32 (splits up to 128) with fn 3/0 and 2/1, and the loop
+    forms × stages × warps of SMALL_T_LOOPS with fn 2/0 at splits 64 / 128. T 256: the
     table row × fn modes × splits. T 4096: phase-2 mode × block_t × fn 3/0 and 2/1 × splits. T 16384: the best
     T-4096 config × fn modes × splits. Splits beyond D 4096's chunk count are left out."""
     base = dict(mhc.pick_config("mhc_post_pre", tokens, "cuda"), max_t=0)
     grid = [(base, FN_MODES, SPLITS[tokens])]
     if tokens == 16:
         grid.append((dict(base, block_d=32), FN_MODES[::3], (64, 128)))
+        grid += [(dict(base, block_d=bd, flat_loop=flat, num_stages=stages, num_warps=warps), FN_MODES[1:2],
+                  (64, 128)) for bd, flat, stages, warps in SMALL_T_LOOPS]
     elif tokens == 4096:
         grid = [(dict(base, block_t=bt, apply_launch=al, apply_d=ad, num_warps=w), FN_MODES[::3], SPLITS[tokens])
                 for bt, w in LARGE_T_TILES for al, ad in LARGE_T_MODES]
