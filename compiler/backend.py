@@ -55,7 +55,7 @@ class DFlashGraphPass:
     def run(self, gm: fx.GraphModule) -> report.CompileReport:
         from torch_dflash.passes.pipeline import default_pass_manager
 
-        manager = default_pass_manager(disabled=self.options.disable, keep_snapshots=self.options.snapshots)
+        manager = default_pass_manager(disabled=_disabled(self.options), keep_snapshots=self.options.snapshots)
         pipeline = manager.run(gm)
         choices = lowering.lower(gm, self.target)
         return report.CompileReport.build(self.target, pipeline, choices, self.graph_name)
@@ -64,6 +64,13 @@ class DFlashGraphPass:
         report.record(compile_report)
         if self.options.report:
             Path(self.options.report).write_text(compile_report.to_json(snapshots=self.options.snapshots))
+
+
+def _disabled(options: BackendOptions) -> tuple[str, ...]:
+    """The passes to skip: the user's, and with Inductor on the ones whose ops Inductor fuses better itself."""
+    from torch_dflash.passes.pipeline import skipped_before_inductor
+
+    return skipped_before_inductor(options.disable) if options.inductor else options.disable
 
 
 def _needs_grad(gm: fx.GraphModule, example_inputs) -> bool:

@@ -11,7 +11,7 @@ Inductor alone makes of the same program (benchmarks/e2e.py's "inductor" peer).
 
 import torch
 
-from torch_dflash.passes.pipeline import default_pass_manager
+from torch_dflash.passes.pipeline import default_pass_manager, skipped_before_inductor
 
 from . import lowering, report
 
@@ -52,8 +52,9 @@ def inductor_compile_step(target: str = "auto", disabled=(), keep_snapshots: boo
     writes). Compiles lazily on the first call of each batch size — the engine's warm-up runs, before any CUDA
     graph capture. dynamic=None (automatic): the first batch size compiles static, a second one recompiles with
     only the changed dims (the batch) dynamic, and batch 1 is specialised — at most 3 compiles per step, under
-    dynamo's recompile limit (8). `backend` = "aot_eager" skips Inductor's code generation (CPU smoke runs)."""
-    pipeline = pipeline_compile_step(target, disabled, keep_snapshots)
+    dynamo's recompile limit (8). `backend` = "aot_eager" skips Inductor's code generation (CPU smoke runs).
+    The passes of INDUCTOR_FUSES are skipped: Inductor fuses those ops with their neighbours itself."""
+    pipeline = pipeline_compile_step(target, skipped_before_inductor(disabled), keep_snapshots)
 
     def compile_step(graph_module, kind):
         return _compiled(pipeline(graph_module, kind), backend)

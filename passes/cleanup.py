@@ -115,10 +115,19 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> None:
             node.replace_all_uses_with(first)
             graph.erase_node(node)
             ctx.matched("cleanup.cse")
+    erased = erase_dead_code(graph)
+    if erased:
+        ctx.matched("cleanup.dead_code", erased)
+
+
+def erase_dead_code(graph: fx.Graph) -> int:
+    """Erase the nodes nobody uses that have no side effects (`is_dead`), users before producers; how many."""
+    erased = 0
     for node in reversed(list(graph.nodes)):
         if is_dead(node):
             graph.erase_node(node)
-            ctx.matched("cleanup.dead_code")
+            erased += 1
+    return erased
 
 
 PASS = GraphPass("cleanup", run)

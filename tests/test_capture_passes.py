@@ -56,7 +56,8 @@ def test_draft_step_fuses_every_layer(pair):
     layers, b = len(draft.layers), draft.block_size
     program, report = _compiled(capture_draft(target, draft, max_batch=max_batch), "draft")
     assert _kinds(report) == {"kv_materialize": layers, "qkv_norm_rope": layers, "attention.non_causal": layers,
-                              "merge_sibling_projections": layers, "weight_linears": 3 * layers + 2}  # + fc, lm_head
+                              "merge_sibling_projections": layers, "weight_linears": 3 * layers + 2,  # + fc, lm_head
+                              "rms_norms": 2 * layers + 2}  # + the final norm and the context's hidden_norm
     assert not report.rejections
     C = 5  # the capture's example was batch 2, context 3
     for B in (1, max_batch):
@@ -70,7 +71,8 @@ def test_verify_step_fuses_every_layer(pair):
     layers, b = target.config.num_hidden_layers, draft.block_size
     program, report = _compiled(capture_verify(target, block_size=b, max_batch=max_batch), "verify")
     assert _kinds(report) == {"qkv_norm_rope": layers, "attention.causal": layers, "merge_sibling_projections": layers,
-                              "weight_linears": 3 * layers + 1}  # o, gate|up, down per layer; lm_head
+                              "weight_linears": 3 * layers + 1,  # o, gate|up, down per layer; lm_head
+                              "rms_norms": 2 * layers + 1}  # input and post-attention norms; the final norm
     assert not report.rejections
     for B in (1, max_batch):
         _assert_same(VerifyStep(target), program, (torch.randint(0, 1000, (B, b)), _ragged(B, b)))
@@ -83,7 +85,8 @@ def test_mhc_verify_step_with_a_batch_of_two_fuses_every_boundary():
     program, report = _compiled(capture_verify(target, block_size=4, max_batch=2), "verify")
     assert _kinds(report) == {"mhc_pre": 1, "mhc_post_pre": 3, "mhc_post": 1, "qkv_norm_rope": 2,
                               "attention.causal": 2, "merge_sibling_projections": 2,
-                              "weight_linears": 3 * 2 + 2}  # o, gate|up, down per layer; hc_head, lm_head
+                              "weight_linears": 3 * 2 + 2,  # o, gate|up, down per layer; hc_head, lm_head
+                              "rms_norms": 2}  # the first sublayer's norm (mhc_pre has none) and the final norm
     assert not report.rejections
     for B in (1, 2):
         _assert_same(VerifyStep(target), program, (torch.randint(0, 128, (B, 4)), _ragged(B, 4)))

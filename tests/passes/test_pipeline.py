@@ -43,8 +43,8 @@ def zlab_draft():
 
 def test_pass_order_and_disabling():
     assert [p.name for p in DEFAULT_PASSES] == ["canonicalize", "kv_materialize", "qkv_norm_rope", "mhc_post_pre",
-                                                "merge_sibling_projections", "attention_masks", "cleanup",
-                                                "weight_linears"]
+                                                "merge_sibling_projections", "attention_masks", "rms_norms",
+                                                "cleanup", "weight_linears"]
     assert [p.name for p in default_pass_manager(disabled=("weight_linears",)).passes][-1] == "cleanup"
     with pytest.raises(InputError, match="Unknown pass"):
         default_pass_manager(disabled=("qkv_norm_rop",))
@@ -81,17 +81,12 @@ def forward(self, input_ids, use_cache):
     wrap_with_set_grad_enabled = torch.ops.higher_order.wrap_with_set_grad_enabled(False, submod_3, unsqueeze, model_rotary_emb_inv_freq);  submod_3 = unsqueeze = model_rotary_emb_inv_freq = None
     to_4 = wrap_with_set_grad_enabled[0]
     to_5 = wrap_with_set_grad_enabled[1];  wrap_with_set_grad_enabled = None
-    pow_1 = torch.ops.aten.pow.Tensor_Scalar(embedding, 2)
-    mean = torch.ops.aten.mean.dim(pow_1, [-1], True);  pow_1 = None
-    add_3 = torch.ops.aten.add.Tensor(mean, 1e-06);  mean = None
-    rsqrt = torch.ops.aten.rsqrt.default(add_3);  add_3 = None
-    mul_3 = torch.ops.aten.mul.Tensor(embedding, rsqrt);  rsqrt = None
-    mul_4 = torch.ops.aten.mul.Tensor(model_layers_0_input_layernorm_weight, mul_3);  model_layers_0_input_layernorm_weight = mul_3 = None
+    rms_norm_default_2 = torch.ops.dflash.rms_norm.default(embedding, model_layers_0_input_layernorm_weight, 1e-06);  model_layers_0_input_layernorm_weight = None
     dflash_qkv_weight_0 = self.dflash_qkv_weight_0
-    sym_size_int = torch.ops.aten.sym_size.int(mul_4, 1)
+    sym_size_int = torch.ops.aten.sym_size.int(rms_norm_default_2, 1)
     expand_default = torch.ops.aten.expand.default(to_4, [2, sym_size_int, -1]);  to_4 = None
     expand_default_1 = torch.ops.aten.expand.default(to_5, [2, sym_size_int, -1]);  to_5 = sym_size_int = None
-    qkv_norm_rope_default = torch.ops.dflash.qkv_norm_rope.default(mul_4, dflash_qkv_weight_0, None, model_layers_0_self_attn_q_norm_weight, model_layers_0_self_attn_k_norm_weight, 1e-06, expand_default, expand_default_1, 4, 2, 16);  mul_4 = dflash_qkv_weight_0 = model_layers_0_self_attn_q_norm_weight = model_layers_0_self_attn_k_norm_weight = expand_default = expand_default_1 = None
+    qkv_norm_rope_default = torch.ops.dflash.qkv_norm_rope.default(rms_norm_default_2, dflash_qkv_weight_0, None, model_layers_0_self_attn_q_norm_weight, model_layers_0_self_attn_k_norm_weight, 1e-06, expand_default, expand_default_1, 4, 2, 16);  rms_norm_default_2 = dflash_qkv_weight_0 = model_layers_0_self_attn_q_norm_weight = model_layers_0_self_attn_k_norm_weight = expand_default = expand_default_1 = None
     getitem = qkv_norm_rope_default[0]
     getitem_1 = qkv_norm_rope_default[1]
     getitem_2 = qkv_norm_rope_default[2];  qkv_norm_rope_default = None
@@ -103,27 +98,17 @@ def forward(self, input_ids, use_cache):
     reshape_3 = torch.ops.aten.reshape.default(transpose_3, [2, sym_size_int_7, -1]);  transpose_3 = sym_size_int_7 = None
     linear_default_1 = torch.ops.dflash.linear.default(reshape_3, model_layers_0_self_attn_o_proj_weight, None);  reshape_3 = model_layers_0_self_attn_o_proj_weight = None
     add_8 = torch.ops.aten.add.Tensor(embedding, linear_default_1);  embedding = linear_default_1 = None
-    pow_4 = torch.ops.aten.pow.Tensor_Scalar(add_8, 2)
-    mean_3 = torch.ops.aten.mean.dim(pow_4, [-1], True);  pow_4 = None
-    add_9 = torch.ops.aten.add.Tensor(mean_3, 1e-06);  mean_3 = None
-    rsqrt_3 = torch.ops.aten.rsqrt.default(add_9);  add_9 = None
-    mul_21 = torch.ops.aten.mul.Tensor(add_8, rsqrt_3);  rsqrt_3 = None
-    mul_22 = torch.ops.aten.mul.Tensor(model_layers_0_post_attention_layernorm_weight, mul_21);  model_layers_0_post_attention_layernorm_weight = mul_21 = None
+    rms_norm_default_1 = torch.ops.dflash.rms_norm.default(add_8, model_layers_0_post_attention_layernorm_weight, 1e-06);  model_layers_0_post_attention_layernorm_weight = None
     dflash_sibling_weight_0 = self.dflash_sibling_weight_0
-    linear_default_2 = torch.ops.dflash.linear.default(mul_22, dflash_sibling_weight_0, None);  mul_22 = dflash_sibling_weight_0 = None
+    linear_default_2 = torch.ops.dflash.linear.default(rms_norm_default_1, dflash_sibling_weight_0, None);  rms_norm_default_1 = dflash_sibling_weight_0 = None
     slice_tensor = torch.ops.aten.slice.Tensor(linear_default_2, -1, 0, 128)
     slice_tensor_1 = torch.ops.aten.slice.Tensor(linear_default_2, -1, 128, 256);  linear_default_2 = None
     silu = torch.ops.aten.silu.default(slice_tensor);  slice_tensor = None
     mul_23 = torch.ops.aten.mul.Tensor(silu, slice_tensor_1);  silu = slice_tensor_1 = None
     linear_default_3 = torch.ops.dflash.linear.default(mul_23, model_layers_0_mlp_down_proj_weight, None);  mul_23 = model_layers_0_mlp_down_proj_weight = None
     add_10 = torch.ops.aten.add.Tensor(add_8, linear_default_3);  add_8 = linear_default_3 = None
-    pow_5 = torch.ops.aten.pow.Tensor_Scalar(add_10, 2)
-    mean_4 = torch.ops.aten.mean.dim(pow_5, [-1], True);  pow_5 = None
-    add_11 = torch.ops.aten.add.Tensor(mean_4, 1e-06);  mean_4 = None
-    rsqrt_4 = torch.ops.aten.rsqrt.default(add_11);  add_11 = None
-    mul_24 = torch.ops.aten.mul.Tensor(add_10, rsqrt_4);  add_10 = rsqrt_4 = None
-    mul_25 = torch.ops.aten.mul.Tensor(model_norm_weight, mul_24);  model_norm_weight = mul_24 = None
-    linear_default_4 = torch.ops.dflash.linear.default(mul_25, lm_head_weight, None);  mul_25 = lm_head_weight = None
+    rms_norm_default = torch.ops.dflash.rms_norm.default(add_10, model_norm_weight, 1e-06);  add_10 = model_norm_weight = None
+    linear_default_4 = torch.ops.dflash.linear.default(rms_norm_default, lm_head_weight, None);  rms_norm_default = lm_head_weight = None
     return pytree.tree_unflatten((linear_default_4,), self._out_spec)""")
 
     def test_zlab_draft_step(self):
@@ -145,34 +130,24 @@ def forward(self, position_ids, noise_embedding, target_hidden):
     _guards_fn = self._guards_fn(position_ids, noise_embedding, target_hidden);  _guards_fn = None
     sym_size_int_4 = torch.ops.aten.sym_size.int(noise_embedding, 1)
     linear_default_1 = torch.ops.dflash.linear.default(target_hidden, fc_weight, None);  target_hidden = fc_weight = None
-    pow_1 = torch.ops.aten.pow.Tensor_Scalar(linear_default_1, 2)
-    mean = torch.ops.aten.mean.dim(pow_1, [-1], True);  pow_1 = None
-    add = torch.ops.aten.add.Tensor(mean, 1e-06);  mean = None
-    rsqrt = torch.ops.aten.rsqrt.default(add);  add = None
-    mul = torch.ops.aten.mul.Tensor(linear_default_1, rsqrt);  linear_default_1 = rsqrt = None
-    mul_1 = torch.ops.aten.mul.Tensor(hidden_norm_weight, mul);  hidden_norm_weight = mul = None
+    rms_norm_default_3 = torch.ops.dflash.rms_norm.default(linear_default_1, hidden_norm_weight, 1e-06);  linear_default_1 = hidden_norm_weight = None
     submod_3 = self.submod_1
     wrap_with_set_grad_enabled = torch.ops.higher_order.wrap_with_set_grad_enabled(False, submod_3, position_ids, rotary_emb_inv_freq);  submod_3 = position_ids = rotary_emb_inv_freq = None
     to_4 = wrap_with_set_grad_enabled[0]
     to_5 = wrap_with_set_grad_enabled[1];  wrap_with_set_grad_enabled = None
-    pow_2 = torch.ops.aten.pow.Tensor_Scalar(noise_embedding, 2)
-    mean_1 = torch.ops.aten.mean.dim(pow_2, [-1], True);  pow_2 = None
-    add_1 = torch.ops.aten.add.Tensor(mean_1, 1e-06);  mean_1 = None
-    rsqrt_1 = torch.ops.aten.rsqrt.default(add_1);  add_1 = None
-    mul_5 = torch.ops.aten.mul.Tensor(noise_embedding, rsqrt_1);  rsqrt_1 = None
-    mul_6 = torch.ops.aten.mul.Tensor(layers_0_input_layernorm_weight, mul_5);  layers_0_input_layernorm_weight = mul_5 = None
+    rms_norm_default_2 = torch.ops.dflash.rms_norm.default(noise_embedding, layers_0_input_layernorm_weight, 1e-06);  layers_0_input_layernorm_weight = None
     dflash_qkv_weight_0 = self.dflash_qkv_weight_0
     dflash_kv_weight_0 = self.dflash_kv_weight_0
-    sym_size_int = torch.ops.aten.sym_size.int(mul_1, 1)
+    sym_size_int = torch.ops.aten.sym_size.int(rms_norm_default_3, 1)
     slice_tensor = torch.ops.aten.slice.Tensor(to_4, 1, 0, sym_size_int)
     slice_tensor_1 = torch.ops.aten.slice.Tensor(to_5, 1, 0, sym_size_int)
     slice_tensor_2 = torch.ops.aten.slice.Tensor(to_4, 1, sym_size_int, 9223372036854775807);  to_4 = None
     slice_tensor_3 = torch.ops.aten.slice.Tensor(to_5, 1, sym_size_int, 9223372036854775807);  to_5 = sym_size_int = None
-    qkv_norm_rope_default = torch.ops.dflash.qkv_norm_rope.default(mul_6, dflash_qkv_weight_0, None, layers_0_self_attn_q_norm_weight, layers_0_self_attn_k_norm_weight, 1e-06, slice_tensor_2, slice_tensor_3, 4, 2, 16);  mul_6 = dflash_qkv_weight_0 = layers_0_self_attn_q_norm_weight = slice_tensor_2 = slice_tensor_3 = None
+    qkv_norm_rope_default = torch.ops.dflash.qkv_norm_rope.default(rms_norm_default_2, dflash_qkv_weight_0, None, layers_0_self_attn_q_norm_weight, layers_0_self_attn_k_norm_weight, 1e-06, slice_tensor_2, slice_tensor_3, 4, 2, 16);  rms_norm_default_2 = dflash_qkv_weight_0 = layers_0_self_attn_q_norm_weight = slice_tensor_2 = slice_tensor_3 = None
     getitem = qkv_norm_rope_default[0]
     getitem_1 = qkv_norm_rope_default[1]
     getitem_2 = qkv_norm_rope_default[2];  qkv_norm_rope_default = None
-    kv_materialize_default = torch.ops.dflash.kv_materialize.default(mul_1, dflash_kv_weight_0, None, layers_0_self_attn_k_norm_weight, 1e-06, slice_tensor, slice_tensor_1, 2, 16);  mul_1 = dflash_kv_weight_0 = layers_0_self_attn_k_norm_weight = slice_tensor = slice_tensor_1 = None
+    kv_materialize_default = torch.ops.dflash.kv_materialize.default(rms_norm_default_3, dflash_kv_weight_0, None, layers_0_self_attn_k_norm_weight, 1e-06, slice_tensor, slice_tensor_1, 2, 16);  rms_norm_default_3 = dflash_kv_weight_0 = layers_0_self_attn_k_norm_weight = slice_tensor = slice_tensor_1 = None
     getitem_3 = kv_materialize_default[0]
     getitem_4 = kv_materialize_default[1];  kv_materialize_default = None
     transpose_int = torch.ops.aten.transpose.int(getitem, 1, 2);  getitem = None
@@ -185,24 +160,14 @@ def forward(self, position_ids, noise_embedding, target_hidden):
     reshape_1 = torch.ops.aten.reshape.default(transpose_3, [1, sym_size_int_4, -1]);  transpose_3 = sym_size_int_4 = None
     linear_default_2 = torch.ops.dflash.linear.default(reshape_1, layers_0_self_attn_o_proj_weight, None);  reshape_1 = layers_0_self_attn_o_proj_weight = None
     add_8 = torch.ops.aten.add.Tensor(noise_embedding, linear_default_2);  noise_embedding = linear_default_2 = None
-    pow_5 = torch.ops.aten.pow.Tensor_Scalar(add_8, 2)
-    mean_4 = torch.ops.aten.mean.dim(pow_5, [-1], True);  pow_5 = None
-    add_9 = torch.ops.aten.add.Tensor(mean_4, 1e-06);  mean_4 = None
-    rsqrt_4 = torch.ops.aten.rsqrt.default(add_9);  add_9 = None
-    mul_17 = torch.ops.aten.mul.Tensor(add_8, rsqrt_4);  rsqrt_4 = None
-    mul_18 = torch.ops.aten.mul.Tensor(layers_0_post_attention_layernorm_weight, mul_17);  layers_0_post_attention_layernorm_weight = mul_17 = None
+    rms_norm_default_1 = torch.ops.dflash.rms_norm.default(add_8, layers_0_post_attention_layernorm_weight, 1e-06);  layers_0_post_attention_layernorm_weight = None
     dflash_sibling_weight_0 = self.dflash_sibling_weight_0
-    linear_default_3 = torch.ops.dflash.linear.default(mul_18, dflash_sibling_weight_0, None);  mul_18 = dflash_sibling_weight_0 = None
+    linear_default_3 = torch.ops.dflash.linear.default(rms_norm_default_1, dflash_sibling_weight_0, None);  rms_norm_default_1 = dflash_sibling_weight_0 = None
     slice_tensor_4 = torch.ops.aten.slice.Tensor(linear_default_3, -1, 0, 128)
     slice_tensor_5 = torch.ops.aten.slice.Tensor(linear_default_3, -1, 128, 256);  linear_default_3 = None
     silu = torch.ops.aten.silu.default(slice_tensor_4);  slice_tensor_4 = None
     mul_19 = torch.ops.aten.mul.Tensor(silu, slice_tensor_5);  silu = slice_tensor_5 = None
     linear_default_4 = torch.ops.dflash.linear.default(mul_19, layers_0_mlp_down_proj_weight, None);  mul_19 = layers_0_mlp_down_proj_weight = None
     add_10 = torch.ops.aten.add.Tensor(add_8, linear_default_4);  add_8 = linear_default_4 = None
-    pow_6 = torch.ops.aten.pow.Tensor_Scalar(add_10, 2)
-    mean_5 = torch.ops.aten.mean.dim(pow_6, [-1], True);  pow_6 = None
-    add_11 = torch.ops.aten.add.Tensor(mean_5, 1e-06);  mean_5 = None
-    rsqrt_5 = torch.ops.aten.rsqrt.default(add_11);  add_11 = None
-    mul_20 = torch.ops.aten.mul.Tensor(add_10, rsqrt_5);  add_10 = rsqrt_5 = None
-    mul_21 = torch.ops.aten.mul.Tensor(norm_weight, mul_20);  norm_weight = mul_20 = None
-    return pytree.tree_unflatten((mul_21,), self._out_spec)""")
+    rms_norm_default = torch.ops.dflash.rms_norm.default(add_10, norm_weight, 1e-06);  add_10 = norm_weight = None
+    return pytree.tree_unflatten((rms_norm_default,), self._out_spec)""")
