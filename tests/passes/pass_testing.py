@@ -12,6 +12,9 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from torch_dflash.compiler.capture import VerifyStep, capture_verify
+from torch_dflash.compiler.step_compiler import pipeline_compile_step
+from torch_dflash.demo import build_demo_pair
 from torch_dflash.passes.manager import PassManager, PipelineReport
 
 
@@ -43,6 +46,24 @@ def assert_same_outputs(expected, actual, atol=1e-5, rtol=1e-5) -> None:
     assert len(want) == len(got) > 0, f"{len(want)} reference outputs vs {len(got)} from the graph"
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w, atol=atol, rtol=rtol)
+
+
+def demo_verify_program(block_size: int, kind: str):
+    """Our demo target's verify step over `block_size` tokens (batch 1..2) through the default pipeline on CPU →
+    (target, program, its CompileReport)."""
+    target, _ = build_demo_pair(seed=3, max_batch=2, max_seq_len=32)
+    compile_step = pipeline_compile_step("cpu")
+    program = compile_step(capture_verify(target, block_size=block_size, max_batch=2).module(), kind)
+    return target, program, compile_step.reports[kind]
+
+
+def assert_verify_program_matches(target, program, block_size: int) -> None:
+    """`program` computes what the eager verify step computes, at batch 1 and 2 with ragged positions."""
+    for batch in (1, 2):
+        args = (torch.randint(0, 1000, (batch, block_size)),
+                9 + torch.arange(batch)[:, None] + torch.arange(block_size))
+        with torch.no_grad():
+            assert_same_outputs(VerifyStep(target)(*args), program(*args))
 
 
 def run_passes(gm: fx.GraphModule, passes) -> PipelineReport:

@@ -5,13 +5,13 @@ recorded); and the callers that hand the graph to Inductor skip the pass."""
 
 import pytest
 import torch
-from pass_testing import assert_same_outputs, check_pass, op_counts
+from pass_testing import assert_verify_program_matches, check_pass, demo_verify_program, op_counts
 from tiny_models import hf_causal_lm
 
 import torch_dflash as td
 from torch_dflash.compiler import backend
-from torch_dflash.compiler.capture import VerifyStep, capture_verify
-from torch_dflash.compiler.step_compiler import inductor_compile_step, pipeline_compile_step
+from torch_dflash.compiler.capture import capture_verify
+from torch_dflash.compiler.step_compiler import inductor_compile_step
 from torch_dflash.demo import build_demo_pair
 from torch_dflash.passes import canonicalize, cleanup, rms_norms
 from torch_dflash.passes.pipeline import skipped_before_inductor
@@ -42,18 +42,12 @@ class HFNorm(torch.nn.Module):
 
 def test_our_verify_step_takes_every_layer_norm_and_the_final_one():
     """Per layer the input and post-attention norms (q/k norms are qkv_norm_rope's), and the final norm."""
-    target, _ = build_demo_pair(seed=3, max_batch=2, max_seq_len=32)
+    target, program, report = demo_verify_program(4, "verify")
     layers = target.config.num_hidden_layers
-    compile_step = pipeline_compile_step("cpu")
-    program = compile_step(capture_verify(target, block_size=4, max_batch=2).module(), "verify")
-    report = compile_step.reports["verify"]
     assert report.fusions[KIND] == 2 * layers + 1 and not [r for r in report.rejections if r[0] == KIND]
     counts = op_counts(program)
     assert counts[NORM] == 2 * layers + 1 and counts["aten.rsqrt.default"] == 0 and counts["aten.mean.dim"] == 0
-    for batch in (1, 2):
-        args = (torch.randint(0, 1000, (batch, 4)), 9 + torch.arange(4).repeat(batch, 1))
-        with torch.no_grad():
-            assert_same_outputs(VerifyStep(target)(*args), program(*args))
+    assert_verify_program_matches(target, program, 4)
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "llama"])

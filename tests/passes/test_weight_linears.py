@@ -11,7 +11,8 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from pass_testing import assert_same_outputs, check_pass, export_graph, op_counts, run_passes
+from pass_testing import (assert_verify_program_matches, check_pass, demo_verify_program, export_graph, op_counts,
+                          run_passes)
 from tiny_models import hf_causal_lm
 
 import torch_dflash as td
@@ -40,18 +41,12 @@ class Projections(torch.nn.Module):
 
 def test_our_ar_step_takes_every_weight_linear():
     """The verify step at block 1 (the target's AR step), batch 1..2: o, gate|up, down per layer and lm_head."""
-    target, _ = build_demo_pair(seed=3, max_batch=2, max_seq_len=32)
+    target, program, report = demo_verify_program(1, "ar")
     layers = target.config.num_hidden_layers
-    compile_step = pipeline_compile_step("cpu")
-    program = compile_step(capture_verify(target, block_size=1, max_batch=2).module(), "ar")
-    report = compile_step.reports["ar"]
     assert report.fusions[KIND] == 3 * layers + 1 and not report.rejections
     assert op_counts(program)[LINEAR] == 3 * layers + 1 and op_counts(program)["aten.linear.default"] == 0
     assert report.providers["linear"] == ["reference"] * (3 * layers + 1)
-    for batch in (1, 2):
-        args = (torch.randint(0, 1000, (batch, 1)), 9 + torch.arange(batch)[:, None])
-        with torch.no_grad():
-            assert_same_outputs(VerifyStep(target)(*args), program(*args))
+    assert_verify_program_matches(target, program, 1)
 
 
 def test_backend_on_transformers_qwen3_takes_the_aot_linears():
