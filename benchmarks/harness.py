@@ -2,12 +2,12 @@
 its floor, with ratios to the floor and to inductor from the same run.
 
 Method: correctness check before timing (on input set 0); warm-up; CUDA events around each call, or around a
-CUDA-graph replay for launch-bound cases — for kernel cases (`Case.graph_calls`) a graph of many calls back to
-back, timed per call, as a kernel runs inside a step's graph; the median of `reps` (>= 50) calls or replays; fresh
-random inputs made by the case (never zeros). A case with a `Rotation` gets as many input sets as make every timed call read data that is not in
-L2 (the bytes a call reads × sets >= 2 × L2, <= 1 GiB in all), and the calls (or the CUDA graphs, one per set)
-cycle through them. A `smoke` run (CPU, tiny shapes) executes every variant once and times nothing meaningful: it
-keeps the harness from rotting in CI.
+CUDA-graph replay for launch-bound cases — for kernel cases (`Case.graph_calls`) a graph of many calls back to back,
+timed per call, as a kernel runs inside a step's graph; the median of `reps` (>= 50) calls or replays; fresh random
+inputs made by the case (never zeros). A case with a `Rotation` gets as many input sets as make every timed call
+read data that is not in L2 (the bytes a call reads × sets >= 2 × L2, <= 1 GiB in all), and the calls (or the CUDA
+graphs, one per set) cycle through them. A `smoke` run (CPU, tiny shapes) executes every variant once and times
+nothing meaningful: it keeps the harness from rotting in CI.
 """
 
 import itertools

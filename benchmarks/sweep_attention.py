@@ -365,7 +365,8 @@ def markdown(result: dict, sweep: Sweep) -> str:
     lines = [f"sweep_attention — {env.get('gpu', env['device'])}, torch {env['torch']}, triton {env['triton']}; "
              f"{len(sweep.rows)} rows, {len(sweep.launches)} distinct launches ({ungraphed} timed without a CUDA "
              f"graph), {len(sweep.not_run)} rows not run (budget); {result['wall_s']} s", "",
-             "config = pp programs_per_sm / mk min_keys_per_split / bn block_n / w num_warps / s num_stages / ms max_splits / rw "
+             "config = pp programs_per_sm / mk min_keys_per_split / bn block_n / w num_warps / s num_stages / "
+             "ms max_splits / rw "
              f"reduce_num_warps. shipped {_label(shipped_row['cfg'])}, winner {_label(winner) if winner else '—'}. "
              "µs per call (decode + reduce): CUDA graphs of back-to-back calls on rotating inputs; the shipped and "
              f"winner columns re-timed side by side (median of {sweep.setup.rounds} round(s)), the case's best from "

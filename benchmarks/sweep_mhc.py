@@ -9,15 +9,14 @@ and then timed as the lead timed the "before" numbers: triton.testing.do_bench_c
 (L2 flushed between runs) above, medians in µs. Beside each number: the bytes floor (floor bytes / the copy
 bandwidth measured in this run) and the ratio to it.
 
-1. grid at D 4096 around the table row of each T (4 warps, num_stages 2): split (a runtime argument, no
-   recompilation) × how fn reaches the tensor cores (fn_parts/fn_presplit: 3/0 = fp32 fn split into 3 bf16 parts
-   in every program, as in round 1; 2/0 = 2 parts; 3/1 and 2/1 = the launcher's cached bf16 parts, no split ALU,
-   1.5× / 1× fn's bytes); at T 16 also block_d 32 with split 64/128 and loop form × stages × warps; at T 4096
-   phase 2 inline (apply_launch 0, apply_d 256) vs a second launch (1, 128) vs the finish and the apply as launches of their own (2, 128: the
-   main kernel without a ticket and a finisher), × (block_t, num_warps) 16/4, 32/4, 64/8 (the fn traffic from
-   L2 per token halves with each doubling of block_t) × splits 4/8/16. Each T
-   gets its share of --budget-s (16: 20 %, 256: 20 %, 4096: 35 %, 16384: 10 %, rescaled to the --tokens run);
-   configs past it go to not_run.
+1. grid at D 4096 around the table row of each T (4 warps, num_stages 2): split (a runtime argument, no recompilation)
+   × how fn reaches the tensor cores (fn_parts/fn_presplit: 3/0 = fp32 fn split into 3 bf16 parts in every program, as
+   in round 1; 2/0 = 2 parts; 3/1 and 2/1 = the launcher's cached bf16 parts, no split ALU, 1.5× / 1× fn's bytes); at
+   T 16 also block_d 32 with split 64/128 and loop form × stages × warps; at T 4096 phase 2 inline (apply_launch 0,
+   apply_d 256) vs a second launch (1, 128) vs the finish and the apply as launches of their own (2, 128: the main
+   kernel without a ticket and a finisher), × (block_t, num_warps) 16/4, 32/4, 64/8 (the fn traffic from L2 per token
+   halves with each doubling of block_t) × splits 4/8/16. Each T gets its share of --budget-s (16: 20 %, 256: 20 %,
+   4096: 35 %, 16384: 10 %, rescaled to the --tokens run); configs past it go to not_run.
 2. D 7168: the table row and the best D-4096 config of each T.
 3. ablations at D 4096 (best config of each T ≤ 4096): num_stages 1 (no cp.async prefetch), the other phase-1
    loop form (flat_loop 1 − best's: one flat (chunk, stream) loop vs round 1's nested loops), Sinkhorn iters 1, main

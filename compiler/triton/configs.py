@@ -6,18 +6,18 @@ Kernel modules read their row with `launch_config(kernel, family)`; edit the num
 
 TABLE: dict[str, dict[str, dict[str, int]]] = {
     # rows are added by the kernel modules' authors: "kernel_name": {"cuda": {...}, "rocm": {...}},
-    # mhc.py: dflash.mhc_post_pre / mhc_pre by token count T (first row with T <= max_t; 0 = no limit): block_t
-    # tokens per program (>= 16: tensor-core GEMV against fn), D cut into `split` slices per token block (the last
-    # slice to arrive finishes the block), block_d columns per phase-1 step. apply_launch 1: phase 2 (layer_in and
-    # its norm) is a second launch over [block_t, apply_d] tiles; 2: the finish (Sinkhorn, r_in) too is a
-    # launch of its own, one program per token block, so the main kernel has no ticket and no finisher; 0: the
-    # finishing program does phase 2, apply_d columns per step, right after the block's phase 1. fn_parts: fn as 3 bf16 parts
-    # (the fp32 product) or 2 (16 bits, ≤ 2^-17 relative), split in every program (fn_presplit 0) or once per fn
-    # tensor by the launcher (1, cached; 1.5× fn's bytes at 3 parts). flat_loop 1: phase 1 as one pipelined loop
-    # over (chunk, stream) steps (round 2; wins at T 16); 0: round 1's chunk loop with an inner stream loop (2
-    # stages; round 2's flat loop lost 1.2-2.9× to it at T >= 256). mhc.post (split 0 = one program
-    # per block_d chunk) serves mhc_post alone. cuda: chosen from the traffic/latency analysis and the H100 sweep in
-    # docs/kernels/mhc.md (re-tune with benchmarks/sweep_mhc.py); rocm: untuned (wavefront 64, narrower tiles).
+    # mhc.py: dflash.mhc_post_pre / mhc_pre by token count T (first row with T <= max_t; 0 = no limit): block_t tokens
+    # per program (>= 16: tensor-core GEMV against fn), D cut into `split` slices per token block (the last slice to
+    # arrive finishes the block), block_d columns per phase-1 step. apply_launch 1: phase 2 (layer_in and its norm) is
+    # a second launch over [block_t, apply_d] tiles; 2: the finish (Sinkhorn, r_in) too is a launch of its own, one
+    # program per token block, so the main kernel has no ticket and no finisher; 0: the finishing program does phase
+    # 2, apply_d columns per step, right after the block's phase 1. fn_parts: fn as 3 bf16 parts (the fp32 product) or
+    # 2 (16 bits, ≤ 2^-17 relative), split in every program (fn_presplit 0) or once per fn tensor by the launcher (1,
+    # cached; 1.5× fn's bytes at 3 parts). flat_loop 1: phase 1 as one pipelined loop over (chunk, stream) steps
+    # (round 2; wins at T 16); 0: round 1's chunk loop with an inner stream loop (2 stages; round 2's flat loop lost
+    # 1.2-2.9× to it at T >= 256). mhc.post (split 0 = one program per block_d chunk) serves mhc_post alone. cuda:
+    # chosen from the traffic/latency analysis and the H100 sweep in docs/kernels/mhc.md (re-tune with
+    # benchmarks/sweep_mhc.py); rocm: untuned (wavefront 64, narrower tiles).
     "mhc.small": {
         "cuda": {"max_t": 64, "block_t": 16, "block_d": 64, "split": 64, "apply_launch": 1, "apply_d": 64,
                  "fn_parts": 2, "fn_presplit": 0, "flat_loop": 1,
@@ -48,10 +48,11 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
         "rocm": {"max_t": 0, "block_t": 4, "block_d": 256, "split": 0, "flat_loop": 0, "num_warps": 4,
                  "num_stages": 2},
     },
-    # attention_*.py (16-bit rows; fp32 halves block_m/max_rows/block_n): decode packs a GQA group × all queries
-    # into one tile, used while that tile has <= max_rows rows; the cache gets enough splits for programs_per_sm
-    # programs per SM, at most `max_splits`, each dealt >= min_keys_per_split visible keys. prefill tiles block_m queries of one head. Shared memory stays
-    # within sm_80's 163 KiB and gfx942's 64 KiB LDS (tests/kernels/test_triton_attention.py checks).
+    # attention_*.py (16-bit rows; fp32 halves block_m/max_rows/block_n): decode packs a GQA group × all queries into
+    # one tile, used while that tile has <= max_rows rows; the cache gets enough splits for programs_per_sm programs per
+    # SM, at most `max_splits`, each dealt >= min_keys_per_split visible keys. prefill tiles block_m queries of one
+    # head. Shared memory stays within sm_80's 163 KiB and gfx942's 64 KiB LDS (tests/kernels/test_triton_attention.py
+    # checks).
     "attention_decode_hd64": {
         "cuda": {"block_n": 64, "num_warps": 4, "num_stages": 3, "max_rows": 64, "min_keys_per_split": 128,
                  "max_splits": 64, "programs_per_sm": 1, "reduce_num_warps": 1},
