@@ -8,7 +8,8 @@ or without casts). For graphs that run without Inductor — the runtime's defaul
 spelling is a kernel of its own (a layer's two norms and the final one: ≈ 73 × 5–8 launches per Qwen3-8B step).
 Inductor fuses a norm with its neighbours (the residual add before it) better than one opaque kernel can, so the
 callers that hand the rewritten graph to Inductor skip this pass (pipeline.INDUCTOR_FUSES). It runs after the
-fusion passes: the q/k norms (qkv_norm_rope) and mHC's next norm (mhc_post_pre) are theirs by then.
+fusion passes: the q/k norms (qkv_norm_rope) and mHC's next norm (mhc_post_pre) are theirs by then — and it first
+erases the nodes those fusions left unused, so that a norm they replaced is not taken again.
 Guard (a refusal is recorded, the norm stays): y has x's dtype — the op stores in x's dtype, so a norm whose
 result is wider (e.g. an fp32 weight times bf16 activations) stays as written.
 Numerics: the op keeps the statistics and the weight product in fp32 and rounds once; HF's spelling rounds the
@@ -38,12 +39,11 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> None:
         norm = match_rms_norm(node)
         if norm is None:
             continue
+        taken |= norm.nodes
         if dtype(node) != dtype(norm.x):
             ctx.reject(node, f"the RMSNorm {describe(node)} returns {dtype(node)} from {dtype(norm.x)} input: "
                              "dflash.rms_norm stores in its input's dtype")
-            taken |= norm.nodes
             continue
-        taken |= norm.nodes
         replace(node, torch.ops.dflash.rms_norm.default, (norm.x, norm.weight, norm.eps))
         ctx.matched(NAME)
 
