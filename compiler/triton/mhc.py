@@ -150,6 +150,10 @@ def _finish_block(src_ptr, post_ptr, comb_ptr, base_ptr, scale_ptr, norm_w_ptr, 
     u = (x, res_0, …) and w their weights in layer_in = Σ_k pre_k·new_res_k = Σ_a w_a·u_a. Then phase 2 over the
     whole row (FINISH_INLINE), or pre and r_in to `coef` for the apply launch."""
     NMIX: tl.constexpr = (2 + N) * N
+    # fp32 as eager Triton types Python floats (Inductor passes them as fp64)
+    rms_eps = tl.cast(rms_eps, tl.float32)
+    hc_eps = tl.cast(hc_eps, tl.float32)
+    norm_eps = tl.cast(norm_eps, tl.float32)
     tl.debug_barrier()
     m = ()
     for q in tl.static_range(NMIX):
@@ -262,10 +266,6 @@ def _mhc_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, fn_ptr, base_ptr, scale_ptr,
                 FN_PRESPLIT: tl.constexpr, FLAT_LOOP: tl.constexpr,
                 INTERPRETED: tl.constexpr, HAS_POST: tl.constexpr, HAS_PRE: tl.constexpr, HAS_NORM: tl.constexpr,
                 FINISH_INLINE: tl.constexpr, FINISH_HERE: tl.constexpr):
-    # fp32 as eager Triton types Python floats (Inductor passes them as fp64)
-    rms_eps = tl.cast(rms_eps, tl.float32)
-    hc_eps = tl.cast(hc_eps, tl.float32)
-    norm_eps = tl.cast(norm_eps, tl.float32)
     NMIX: tl.constexpr = (2 + N) * N
     NPAIR: tl.constexpr = (N + 1) * (N + 2) // 2
     WSC: tl.constexpr = NMIX + 1 + NPAIR
@@ -348,9 +348,6 @@ def _mhc_finish_kernel(src_ptr, post_ptr, comb_ptr, base_ptr, scale_ptr, norm_w_
                        N: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_P2: tl.constexpr, HAS_NORM: tl.constexpr):
     """The finish as its own launch (apply_launch 2), one program per token block: _mhc_kernel then carries no
     finisher (its registers, its ticket) and the apply launch reads `coef`."""
-    rms_eps = tl.cast(rms_eps, tl.float32)
-    hc_eps = tl.cast(hc_eps, tl.float32)
-    norm_eps = tl.cast(norm_eps, tl.float32)
     NMIX: tl.constexpr = (2 + N) * N
     WSC: tl.constexpr = NMIX + 1 + (N + 1) * (N + 2) // 2
     t0 = tl.program_id(0).to(tl.int64) * BLOCK_T
