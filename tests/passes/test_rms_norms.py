@@ -17,6 +17,7 @@ from torch_dflash.passes import canonicalize, cleanup, rms_norms
 from torch_dflash.passes.pipeline import skipped_before_inductor
 
 KIND = rms_norms.NAME
+DYNAMIC = ({0: torch.export.Dim("batch", min=2, max=8), 1: torch.export.Dim("seq", min=1, max=16)},)
 NORM = "dflash.rms_norm.default"
 
 
@@ -56,21 +57,21 @@ def test_backend_without_inductor_takes_transformers_norms(kind):
     model = hf_causal_lm(kind)
     layers = model.config.num_hidden_layers
     fast = torch.compile(model, backend="dflash", options={"inductor": False})
-    ids = torch.randint(0, 128, (2, 7))
-    with torch.no_grad():
-        torch.testing.assert_close(fast(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
-                                   atol=1e-5, rtol=1e-5)
-    report = td.last_report()
-    assert report.fusions[KIND] == 2 * layers + 1
+    for length in (7, 4):  # the second length recompiles (automatic dynamic): counted and checked again
+        ids = torch.randint(0, 128, (2, length))
+        with torch.no_grad():
+            torch.testing.assert_close(fast(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                       atol=1e-5, rtol=1e-5)
+        assert td.last_report().fusions[KIND] == 2 * layers + 1
 
 
 def test_hf_spelling_fp32_and_bf16():
     passes = [canonicalize.PASS, rms_norms.PASS, cleanup.PASS]  # cleanup drops the spellings' dead ops
-    _, gm, _ = check_pass(HFNorm(), (torch.randn(2, 5, 32),), (torch.randn(2, 5, 32),), passes, {KIND: 2})
+    _, gm, _ = check_pass(HFNorm(), (torch.randn(2, 5, 32),), (torch.randn(3, 2, 32),), passes, {KIND: 2}, DYNAMIC)
     assert op_counts(gm)[NORM] == 2 and op_counts(gm)["aten.pow.Tensor_Scalar"] == 0
     # bf16: the op rounds once where HF rounds before and after the weight product
     check_pass(HFNorm(dtype=torch.bfloat16), (torch.randn(2, 5, 32, dtype=torch.bfloat16),),
-               (torch.randn(2, 5, 32, dtype=torch.bfloat16),), passes, {KIND: 2}, atol=2e-2, rtol=2e-2)
+               (torch.randn(3, 2, 32, dtype=torch.bfloat16),), passes, {KIND: 2}, DYNAMIC, atol=2e-2, rtol=2e-2)
 
 
 class WideNorm(torch.nn.Module):
@@ -88,8 +89,8 @@ class WideNorm(torch.nn.Module):
 def test_a_norm_wider_than_its_input_stays():
     module = WideNorm()
     x = torch.randn(2, 3, 16, dtype=torch.bfloat16)
-    before, gm, report = check_pass(module, (x,), (torch.randn(2, 3, 16, dtype=torch.bfloat16),), [rms_norms.PASS],
-                                    {})
+    before, gm, report = check_pass(module, (x,), (torch.randn(4, 1, 16, dtype=torch.bfloat16),), [rms_norms.PASS],
+                                    {}, DYNAMIC)
     assert KIND not in report.fusions() and op_counts(gm) == op_counts(before)
     reasons = [r.reason for r in report.results[0].rejections]
     assert len(reasons) == 1 and "returns torch.float32 from torch.bfloat16 input" in reasons[0]
