@@ -1,6 +1,7 @@
 """Where the time of a compiled DFLASH step goes, kernel by kernel (GPU; ≤ 4 min on an H100).
 
     python -m torch_dflash.benchmarks.profile_steps [--out DIR] [--steps draft,verify,ar] [--backends dflash,inductor]
+    python -m torch_dflash.benchmarks.profile_steps --runtime [--steps draft,verify,ar]
 
 Builds the steps of benchmarks/steps.py (its builders, so the same models, caches and inputs: Qwen3-8B-shape
 target and the 5-layer Qwen3-8B-DFlash-b16 draft, random bf16 weights, 1024 cached tokens), compiles each with
@@ -13,6 +14,9 @@ then the attention kernel alone at each step's exact shapes (its cache, its posi
 q), 20 calls per CUDA graph: the launch plan (attention_decode.decode_plan), µs per call, and the decode /
 reduce kernel split, for the shipped config and for forced split counts and other tiles — what to tune next.
 Everything goes to DIR/profile_steps.json (default $OUT or ./profile-out), rewritten after each part.
+`--runtime` profiles the runtime's own steps instead (benchmarks/e2e.py's models and turn: `DFlashEngine` with its
+default steps — captured, pass pipeline, lowered, CUDA-graphed — after a 1024-token prompt and one turn; AR = the
+target's one-token step through the same path), backend "runtime".
 `--small` runs tiny shapes on CPU (nothing meaningful timed; CPU op times stand in for kernels).
 """
 
@@ -125,12 +129,36 @@ def step_cases(device: str, small: bool, kinds) -> dict:
     return cases
 
 
-def profile_step(kind, model, step, floor_bytes, backend, compiled, device, reps, ceilings) -> dict:
+def runtime_cases(device: str, small: bool, kinds) -> dict:
+    """kind -> (the engine's CUDA-graphed step on a real turn's inputs, floor bytes), e2e.py's set-up."""
+    from torch_dflash.compiler.step_compiler import pipeline_compile_step
+
+    from . import e2e
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    target, draft, target_cfg, cfg = e2e._pair(device, dtype, small)
+    b, n = cfg["block_size"], 12 if small else 1024
+    prompt = torch.randint(0, target.config.vocab_size - 1, (1, n), generator=torch.Generator(device).manual_seed(0),
+                           device=device)
+    engine, snapshot, _ = e2e._engine_after_one_turn(target, draft, prompt, b)
+    draft_args, verify_args = e2e._turn_inputs(engine, snapshot)
+    ar = e2e._ar_step(target, device, pipeline_compile_step(e2e.device_target(device)))
+    ctx = int(snapshot.rows.start[0])
+    calls = {"draft": (lambda: engine.steps.draft(*draft_args), steps.weight_bytes(draft)
+                       + steps.weight_bytes(target.lm_head) + steps.kv_bytes(cfg, ctx + b, dtype)),
+             "verify": (lambda: engine.steps.verify(*verify_args),
+                        steps.weight_bytes(target) + steps.kv_bytes(target_cfg, ctx + b, dtype)),
+             "ar": (lambda: ar(verify_args[0][:, :1], verify_args[1][:, :1]),
+                    steps.weight_bytes(target) + steps.kv_bytes(target_cfg, ctx + 1, dtype))}
+    return {kind: calls[kind] for kind in kinds}
+
+
+def profile_step(kind, model, step, floor_bytes, backend, compiled, device, reps, ceilings, graphed=False) -> dict:
     fn = steps.no_grad(lambda: step(compiled))
     start = time.perf_counter()
     fn()                                    # compiles
     compile_s = time.perf_counter() - start
-    run = replayable(fn, device)
+    run = fn if graphed else replayable(fn, device)
     us = timed_us(run, device, reps)
     kernels, profiled = profile(run, device, reps=5), "CUDA-graph replays" if device == "cuda" else "CPU ops"
     if not kernels:     # a profiler that does not see the kernels inside graphs: profile plain launches
@@ -227,6 +255,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", default="draft,verify,ar")
     parser.add_argument("--backends", default="dflash,inductor")
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--runtime", action="store_true", help="the runtime's default steps (backend 'runtime')")
     parser.add_argument("--small", action="store_true", help="tiny shapes on CPU (smoke)")
     args = parser.parse_args(argv)
     device = "cpu" if args.small else "cuda"
@@ -240,6 +269,14 @@ def main(argv=None) -> dict:
     result["ceilings"] = ceilings.__dict__
     save = lambda: (out / "profile_steps.json").write_text(json.dumps(result, indent=1))  # noqa: E731
     print(f"{result['env']}; copy bandwidth {ceilings.copy_bytes_per_s / 1e12:.2f} TB/s")
+    if args.runtime:
+        for kind, (call, floor) in runtime_cases(device, args.small, kinds).items():
+            row = profile_step(kind, None, lambda _: call(), floor, "runtime", None, device, args.reps, ceilings,
+                               graphed=True)
+            result["steps"].append(row)
+            print_step(row)
+            save()
+        return result
     compiled = {}
     for kind, (model, step, floor, attention_args) in step_cases(device, args.small, kinds).items():
         if id(model) not in compiled:
