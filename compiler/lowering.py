@@ -34,7 +34,7 @@ log = logging.getLogger("torch_dflash")
 
 PROVIDER_PACKAGES = {"cuda": "triton", "rocm": "triton", "ascend": "ascend"}
 PROVIDER_MODULES = {
-    "triton": ("qkv_norm_rope", "kv_materialize", "norm_rope", "mhc", "attention", "linear"),
+    "triton": ("qkv_norm_rope", "kv_materialize", "norm_rope", "mlp", "mhc", "attention", "linear"),
     "ascend": ("providers",),
 }
 
@@ -80,7 +80,8 @@ def provider_op(op: str, provider_name: str):
     namespace = f"dflash_{provider_name}"
     if provider.traceable and os.environ.get("TRITON_INTERPRET") != "1":  # interpreted kernels cannot be traced
         impl = _with_signature(provider.impl, reference._schema)
-        op_def = torch.library.triton_op(f"{namespace}::{op}", impl, mutates_args=())
+        mutated = tuple(arg.name for arg in reference._schema.arguments if arg.alias_info and arg.alias_info.is_write)
+        op_def = torch.library.triton_op(f"{namespace}::{op}", impl, mutates_args=mutated)
         op_def.register_fake(lambda *args, **kwargs: reference(*args, **kwargs))  # shapes without device queries
         return getattr(getattr(torch.ops, namespace), op).default
     schema = str(reference._schema).split("(", 1)[1]

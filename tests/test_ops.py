@@ -319,6 +319,12 @@ SAMPLES = {
     "rms_norm": Sample(
         ops.rms_norm, lambda g, b, s, k: (randn(g, b, s, 16), randn(g, 16), EPS),
         lambda B, S, K: ({0: B, 1: S}, None)),
+    "add_rms_norm": Sample(
+        ops.add_rms_norm, lambda g, b, s, k: (randn(g, b, s, 16), randn(g, b, s, 16), randn(g, 16), EPS),
+        lambda B, S, K: ({0: B, 1: S}, {0: B, 1: S}, None)),
+    "silu_mul": Sample(
+        ops.silu_mul, lambda g, b, s, k: (randn(g, b, s, 24), randn(g, b, s, 24)),
+        lambda B, S, K: ({0: B, 1: S}, {0: B, 1: S})),
     "rope": Sample(  # partial rotary: 6 of 8 channels
         ops.rope, lambda g, b, s, k: (randn(g, b, s, 2, 8), *_tables(g, b, s, 6)),
         lambda B, S, K: ({0: B, 1: S},) * 3),
@@ -327,6 +333,13 @@ SAMPLES = {
         lambda g, b, s, k: (randn(g, b, s, 16), randn(g, 64, 16, scale=0.25), randn(g, 64), 1 + randn(g, 8),
                             1 + randn(g, 8), EPS, *_tables(g, b, s, 8), 4, 2, 8),
         lambda B, S, K: ({0: B, 1: S}, None, None, None, None, {0: B, 1: S}, {0: B, 1: S})),
+    "qkv_norm_rope_cache": Sample(  # k/v into caches of `keys` slots at distinct positions per row
+        ops.qkv_norm_rope_cache,
+        lambda g, b, s, k: (randn(g, b, s, 16), randn(g, 64, 16, scale=0.25), randn(g, 64), 1 + randn(g, 8),
+                            1 + randn(g, 8), EPS, *_tables(g, b, s, 8), 4, 2, 8, randn(g, b, 2, k, 8),
+                            randn(g, b, 2, k, 8), torch.stack([torch.randperm(k, generator=g)[:s] for _ in range(b)])),
+        lambda B, S, K: ({0: B, 1: S}, None, None, None, None, {0: B, 1: S}, {0: B, 1: S}, {0: B, 2: K},
+                         {0: B, 2: K}, {0: B, 1: S})),
     "kv_materialize": Sample(
         ops.kv_materialize,
         lambda g, b, s, k: (randn(g, b, s, 16), randn(g, 32, 16, scale=0.25), None, 1 + randn(g, 8), EPS,

@@ -12,6 +12,10 @@ Sources (see docs/targets.md for the full list):
   python/sglang/srt/hardware_backend/npu/attention/ascend_backend.py (the 2048² mask `~tril(ones)`, TND + paged KV
   with per-request actual_seq_lengths_kv for speculative verify).
 - npu_rms_norm: Ascend torch_npu API reference (y = x·rsqrt(mean(x²)+eps)·gamma, rstd = the rsqrt, fp32).
+- npu_add_rms_norm: Ascend/op-plugin test/test_custom_ops/test_npu_add_rms_norm.py (x = x1 + x2, then npu_rms_norm
+  of x; returns (y, rstd, x)).
+- npu_swiglu: Ascend/op-plugin docs, torch_npu-npu_swiglu (A, B = the halves of input along dim; A·sigmoid(A)·B;
+  contiguous input, fp32/fp16/bf16).
 - npu_apply_rotary_pos_emb: Ascend/op-plugin op_plugin/ops/opapi/ApplyRotaryPosEmbNpuOpApi.cpp (in place on q, k;
   layouts BSND/BSH/SBND/BNSD/TND; rotary_mode half/quarter/interleave); npu_rotary_mul doc for the half formula.
 - npu_rotary_mul: Ascend/op-plugin docs/context/torch_npu-npu_rotary_mul.md (r1·x + r2·rotate_half(x), 4-D).
@@ -176,6 +180,25 @@ def npu_rms_norm(x: Tensor, gamma: Tensor, epsilon: float = 1e-6) -> tuple[Tenso
     xf = x.float()
     rstd = torch.rsqrt(xf.square().mean(dims, keepdim=True) + epsilon)
     return (xf * rstd * gamma.float()).to(x.dtype), rstd
+
+
+def npu_add_rms_norm(x1: Tensor, x2: Tensor, gamma: Tensor, epsilon: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+    """x = x1 + x2 (stored in x1.dtype), then npu_rms_norm(x, gamma, epsilon): (y, rstd, x)."""
+    _require(x1.shape == x2.shape and x1.dtype == x2.dtype,
+             f"npu_add_rms_norm: x1 {tuple(x1.shape)} {x1.dtype} and x2 {tuple(x2.shape)} {x2.dtype} differ.")
+    x = (x1.float() + x2.float()).to(x1.dtype)
+    y, rstd = npu_rms_norm(x, gamma, epsilon)
+    return y, rstd, x
+
+
+def npu_swiglu(input: Tensor, dim: int = -1) -> Tensor:
+    """A·sigmoid(A)·B with A, B the first and second half of input along dim, in fp32, stored in input.dtype."""
+    _require(input.dtype in (*_HALF, torch.float32),
+             f"npu_swiglu: dtype {input.dtype} is not float16/bfloat16/float32.")
+    _require(input.is_contiguous() and input.numel() > 0, "npu_swiglu: input must be a contiguous, non-empty tensor.")
+    _require(input.shape[dim] % 2 == 0, f"npu_swiglu: dim {dim} of {tuple(input.shape)} does not split in halves.")
+    a, b = input.float().chunk(2, dim=dim)
+    return (a * torch.sigmoid(a) * b).to(input.dtype)
 
 
 def _check_rope_operands(name: str, x: Tensor, cos: Tensor, sin: Tensor) -> None:

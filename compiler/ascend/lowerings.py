@@ -129,13 +129,34 @@ def _rope_dims(x: Operand, cos: Operand, head_dim: int | None = None) -> tuple[i
     return head_dim, rot
 
 
+def _gamma(x: str, weight: Operand) -> str:
+    return (f"{weight.src}.to({x}.dtype)" if weight.runtime
+            else f"torch.ones({x}.shape[-1], dtype={x}.dtype, device={x}.device)")
+
+
 def _rms_norm(op: str, a: dict[str, Operand]) -> Lowered:
-    x, weight = a["x"].src, a["weight"]
+    x = a["x"].src
     if a["x"].value.dtype not in NORM_DTYPES:
         return reference(op, a, f"npu_rms_norm takes float16/bfloat16/float32, not {a['x'].value.dtype}")
-    gamma = (f"{weight.src}.to({x}.dtype)" if weight.runtime
-             else f"torch.ones({x}.shape[-1], dtype={x}.dtype, device={x}.device)")
-    return Lowered("dflash.rms_norm -> npu_rms_norm", (f"return npu.npu_rms_norm({x}, {gamma}, {a['eps'].src})[0]",))
+    return Lowered("dflash.rms_norm -> npu_rms_norm",
+                   (f"return npu.npu_rms_norm({x}, {_gamma(x, a['weight'])}, {a['eps'].src})[0]",))
+
+
+def _add_rms_norm(op: str, a: dict[str, Operand]) -> Lowered:
+    x = a["x"].src
+    if a["x"].value.dtype not in NORM_DTYPES:
+        return reference(op, a, f"npu_add_rms_norm takes float16/bfloat16/float32, not {a['x'].value.dtype}")
+    return Lowered("dflash.add_rms_norm -> npu_add_rms_norm (the sum is its third output)",
+                   (f"y, _, total = npu.npu_add_rms_norm({x}, {a['residual'].src}, {_gamma(x, a['weight'])}, "
+                    f"{a['eps'].src})", "return y, total"))
+
+
+def _silu_mul(op: str, a: dict[str, Operand]) -> Lowered:
+    gate, up = a["gate"].src, a["up"].src
+    if a["gate"].value.dtype not in NORM_DTYPES:
+        return reference(op, a, f"npu_swiglu takes float16/bfloat16/float32, not {a['gate'].value.dtype}")
+    return Lowered("dflash.silu_mul -> npu_swiglu over gate and up joined along the last dim",
+                   (f"return npu.npu_swiglu(torch.cat(({gate}, {up}), dim=-1), dim=-1)",))
 
 
 def _rope(op: str, a: dict[str, Operand]) -> Lowered:
@@ -161,16 +182,18 @@ def _split_qkv_unusable(a: dict[str, Operand]) -> str | None:
     return None
 
 
-def _qkv_norm_rope(op: str, a: dict[str, Operand]) -> Lowered:
+def _qkv_lines(a: dict[str, Operand]) -> tuple[str, list[str], tuple[str, str, str]] | str:
+    """(what runs, the lines computing q, k, v, their expressions) for a qkv_norm_rope's operands, or why the
+    reference must run instead."""
     head_dim, n_q, n_kv = (a[n].value for n in ("head_dim", "n_q", "n_kv"))
     dims = _rope_dims(a["x"], a["cos"], head_dim)
     if isinstance(dims, str):
-        return reference(op, a, dims)
+        return dims
     q_w, k_w, eps, cos, sin = (a[n] for n in ("q_norm_w", "k_norm_w", "eps", "cos", "sin"))
     linear = f"qkv = torch.nn.functional.linear({a['x'].src}, {a['w_qkv'].src}, {a['b_qkv'].src})"
     why_not = _split_qkv_unusable(a)
     if why_not is None:
-        body = (
+        lines = [
             linear,
             "q, k, v = npu.split_qkv_rmsnorm_rope(",
             "    input=qkv.reshape(-1, qkv.shape[-1]),",
@@ -180,12 +203,11 @@ def _qkv_norm_rope(op: str, a: dict[str, Operand]) -> Lowered:
             f"    eps={eps.src if q_w.runtime else None}, q_weight={q_w.src}, k_weight={k_w.src}, q_bias=None, "
             "k_bias=None)",
             "lead = qkv.shape[:-1]",
-            f"return q.view(*lead, {n_q}, {head_dim}), k.view(*lead, {n_kv}, {head_dim}), "
-            f"v.view(*lead, {n_kv}, {head_dim})",
-        )
-        return Lowered("dflash.qkv_norm_rope -> split_qkv_rmsnorm_rope (sgl_kernel_npu): split, per-head RMSNorm "
-                       "and rope in one kernel", body)
-    body = (
+        ]
+        return ("split_qkv_rmsnorm_rope (sgl_kernel_npu): split, per-head RMSNorm and rope in one kernel", lines,
+                (f"q.view(*lead, {n_q}, {head_dim})", f"k.view(*lead, {n_kv}, {head_dim})",
+                 f"v.view(*lead, {n_kv}, {head_dim})"))
+    lines = [
         linear,
         f"q, k, v = qkv.split([{n_q * head_dim}, {n_kv * head_dim}, {n_kv * head_dim}], dim=-1)",
         f"q = q.unflatten(-1, ({n_q}, {head_dim}))",
@@ -193,10 +215,29 @@ def _qkv_norm_rope(op: str, a: dict[str, Operand]) -> Lowered:
         *_norm_line("q", q_w, eps),
         *_norm_line("k", k_w, eps),
         *_rope_lines(("q", "k"), cos, sin, *dims),
-        f"return q, k, v.unflatten(-1, ({n_kv}, {head_dim})).contiguous()",
-    )
-    return Lowered(f"dflash.qkv_norm_rope -> npu_rms_norm + npu_apply_rotary_pos_emb, not split_qkv_rmsnorm_rope: "
-                   f"{why_not}", body)
+    ]
+    return (f"npu_rms_norm + npu_apply_rotary_pos_emb, not split_qkv_rmsnorm_rope: {why_not}", lines,
+            ("q", "k", f"v.unflatten(-1, ({n_kv}, {head_dim})).contiguous()"))
+
+
+def _qkv_norm_rope(op: str, a: dict[str, Operand]) -> Lowered:
+    lowered = _qkv_lines(a)
+    if isinstance(lowered, str):
+        return reference(op, a, lowered)
+    what, lines, (q, k, v) = lowered
+    return Lowered(f"dflash.qkv_norm_rope -> {what}", (*lines, f"return {q}, {k}, {v}"))
+
+
+def _qkv_norm_rope_cache(op: str, a: dict[str, Operand]) -> Lowered:
+    lowered = _qkv_lines(a)
+    if isinstance(lowered, str):
+        return reference(op, a, lowered)
+    what, lines, (q, k, v) = lowered
+    x, positions = a["x"].src, a["cache_positions"].src
+    return Lowered(f"dflash.qkv_norm_rope_cache -> {what}; k, v written into the caches by index_put",
+                   (*lines, f"rows = torch.arange({x}.shape[0], device={x}.device)[:, None]",
+                    f"{a['k_cache'].src}[rows, :, {positions}] = {k}",
+                    f"{a['v_cache'].src}[rows, :, {positions}] = {v}", f"return {q}"))
 
 
 def _kv_materialize(op: str, a: dict[str, Operand]) -> Lowered:
@@ -248,8 +289,11 @@ def _traced_reference(op: str, a: dict[str, Operand]) -> Lowered:
 _LOWERINGS = {
     "attention": _attention,
     "rms_norm": _rms_norm,
+    "add_rms_norm": _add_rms_norm,
+    "silu_mul": _silu_mul,
     "rope": _rope,
     "qkv_norm_rope": _qkv_norm_rope,
+    "qkv_norm_rope_cache": _qkv_norm_rope_cache,
     "kv_materialize": _kv_materialize,
     "mhc_pre": _traced_reference,
     "mhc_post": _traced_reference,

@@ -12,7 +12,8 @@ from ..providers import Provider, register
 from .codegen import bind, compile_module, module_source, render_function
 from .lowerings import Lowered, Operand, lower
 
-TORCH_NPU_OPS = ("npu_fused_infer_attention_score", "npu_rms_norm", "npu_apply_rotary_pos_emb", "npu_rotary_mul")
+TORCH_NPU_OPS = ("npu_fused_infer_attention_score", "npu_rms_norm", "npu_add_rms_norm", "npu_swiglu",
+                 "npu_apply_rotary_pos_emb", "npu_rotary_mul")
 
 
 @functools.lru_cache(maxsize=None)

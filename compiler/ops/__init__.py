@@ -1,17 +1,21 @@
 """The op library: `torch.ops.dflash.*`, each with a schema, a reference in plain torch, a fake
 implementation for symbolic shapes, and provider slots per target (see compiler/providers.py)."""
 
-from . import attention, linear, mhc, norm_rope, projections
+from . import attention, linear, mhc, mlp, norm_rope, projections
 from .attention import attention_reference
 from .linear import linear_reference
 from .mhc import mhc_post_pre_reference, mhc_post_reference, mhc_pre_reference
-from .norm_rope import rms_norm_reference, rope_reference, rotate_half
-from .projections import kv_materialize_reference, qkv_norm_rope_reference
+from .mlp import silu_mul_reference
+from .norm_rope import add_rms_norm_reference, rms_norm_reference, rope_reference, rotate_half
+from .projections import kv_materialize_reference, qkv_norm_rope_cache_reference, qkv_norm_rope_reference
 
 REFERENCES = {
     "rms_norm": rms_norm_reference,
+    "add_rms_norm": add_rms_norm_reference,
+    "silu_mul": silu_mul_reference,
     "rope": rope_reference,
     "qkv_norm_rope": qkv_norm_rope_reference,
+    "qkv_norm_rope_cache": qkv_norm_rope_cache_reference,
     "kv_materialize": kv_materialize_reference,
     "mhc_pre": mhc_pre_reference,
     "mhc_post": mhc_post_reference,

@@ -1,4 +1,4 @@
-"""dflash.rms_norm and dflash.rope — the building blocks the fused ops are defined with."""
+"""dflash.rms_norm, dflash.add_rms_norm and dflash.rope — the building blocks the fused ops are defined with."""
 
 import torch
 from torch import Tensor
@@ -13,6 +13,22 @@ def rms_norm_reference(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     if weight is not None:
         y = y * weight.float()
     return y.to(x.dtype)
+
+
+def add_rms_norm_reference(x: Tensor, residual: Tensor, weight: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+    """(rms_norm(s, weight, eps), s) with s = x + residual in x's dtype: a residual add and the norm after it.
+    Both outputs contiguous."""
+    _check_residual(x, residual)
+    total = (x + residual).contiguous()
+    return rms_norm_reference(total, weight, eps), total
+
+
+def _check_residual(x: Tensor, residual: Tensor) -> None:
+    if isinstance(x, torch.fx.Proxy):  # symbolically traced (Ascend codegen): sizes are not known
+        return
+    torch._check_with(InputError, x.shape == residual.shape and x.dtype == residual.dtype,
+                      lambda: f"add_rms_norm: x {tuple(x.shape)} {x.dtype} and residual {tuple(residual.shape)} "
+                              f"{residual.dtype} must have one shape and dtype.")
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -47,6 +63,17 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
 @rms_norm.register_fake
 def _(x, weight, eps):
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("dflash::add_rms_norm", mutates_args=())
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+    return add_rms_norm_reference(x, residual, weight, eps)
+
+
+@add_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    _check_residual(x, residual)
+    return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
 @torch.library.custom_op("dflash::rope", mutates_args=())

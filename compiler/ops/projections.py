@@ -1,6 +1,9 @@
-"""dflash.qkv_norm_rope and dflash.kv_materialize — projection + per-head RMSNorm + rope in one op.
+"""dflash.qkv_norm_rope, dflash.qkv_norm_rope_cache and dflash.kv_materialize — projection + per-head RMSNorm
++ rope in one op.
 
 qkv_norm_rope:  x[B,S,H] ─ x@w_qkvᵀ(+b) ─ split q|k|v ─ per-head rms_norm(q), rms_norm(k) ─ rope(q), rope(k)
+qkv_norm_rope_cache: the same, k and v written into k_cache/v_cache [B_max, n_kv, S_max, hd] at
+                cache_positions [B, S] (row b of x into cache row b) instead of returned; returns q
 kv_materialize: the draft's context path: ctx[B,C,H] ─ ctx@w_kvᵀ(+b) ─ split k|v ─ rms_norm(k) ─ rope(k)
 Norm weights are optional (Llama has none); eps is shared by q and k (a pass refuses to fuse otherwise).
 """
@@ -27,6 +30,15 @@ def qkv_norm_rope_reference(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, 
     k = k.unflatten(-1, (n_kv, head_dim))
     v = v.unflatten(-1, (n_kv, head_dim))
     return _norm_rope(q, q_norm_w, eps, cos, sin), _norm_rope(k, k_norm_w, eps, cos, sin), _fresh(v)
+
+
+def qkv_norm_rope_cache_reference(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim,
+                                  k_cache, v_cache, cache_positions):
+    q, k, v = qkv_norm_rope_reference(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim)
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]
+    k_cache[rows, :, cache_positions] = k
+    v_cache[rows, :, cache_positions] = v
+    return q
 
 
 def kv_materialize_reference(ctx, w_kv, b_kv, k_norm_w, eps, cos, sin, n_kv, head_dim):
@@ -61,6 +73,20 @@ def _(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim):
     lead = x.shape[:-1]
     return (x.new_empty(*lead, n_q, head_dim), x.new_empty(*lead, n_kv, head_dim),
             x.new_empty(*lead, n_kv, head_dim))
+
+
+@torch.library.custom_op("dflash::qkv_norm_rope_cache", mutates_args=("k_cache", "v_cache"))
+def qkv_norm_rope_cache(x: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, q_norm_w: Tensor | None,
+                        k_norm_w: Tensor | None, eps: float, cos: Tensor, sin: Tensor, n_q: int, n_kv: int,
+                        head_dim: int, k_cache: Tensor, v_cache: Tensor, cache_positions: Tensor) -> Tensor:
+    return qkv_norm_rope_cache_reference(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim,
+                                         k_cache, v_cache, cache_positions)
+
+
+@qkv_norm_rope_cache.register_fake
+def _(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim, k_cache, v_cache, cache_positions):
+    _check_width(w_qkv, n_q + 2 * n_kv, head_dim, "qkv_norm_rope_cache")
+    return x.new_empty(*x.shape[:-1], n_q, head_dim)
 
 
 @torch.library.custom_op("dflash::kv_materialize", mutates_args=())

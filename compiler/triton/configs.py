@@ -98,6 +98,12 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
         "cuda": {"elems": 4096, "elems_per_thread": 8, "max_warps": 8, "warp": 32},
         "rocm": {"elems": 4096, "elems_per_thread": 8, "max_warps": 8, "warp": 64},
     },
+    # mlp.py: silu_mul tiles of `elems` outputs (BLOCK_M rows × BLOCK_N columns, BLOCK_N ≤ elems): 12 programs per
+    # token at the Qwen3-8B width (I 12288), about `elems_per_thread` per lane
+    "silu_mul": {
+        "cuda": {"elems": 1024, "elems_per_thread": 8, "max_warps": 4, "warp": 32},
+        "rocm": {"elems": 2048, "elems_per_thread": 8, "max_warps": 4, "warp": 64},
+    },
     # qkv_gemm.py: dflash.qkv_norm_rope by token count T (first row with T <= max_t; 0 = no limit). fused 1: the
     # one-kernel GEMM + norm/rope (N tile = one head, block_m tokens × block_k of H per step, programs grouped
     # by group_m token tiles); fused 0: the vendor GEMM + norm_rope_heads epilogue (the tiles still serve

@@ -5,7 +5,8 @@
 fp32 weight product), ropes them (rotate-half on the first rot_dim channels), copies v heads, and stores each
 once, rounded to the activation dtype: q to [T, n_q, hd], k/v to [L, B, S, n_kv, hd] or into a KV cache at
 per-token positions. dflash.rope alone is the same kernel with n_kv = 0 and no norm. `rms_norm_rows_kernel`
-normalizes rows of any width (dflash.rms_norm).
+normalizes rows of any width (dflash.rms_norm), after adding the residual and storing the sum when asked
+(dflash.add_rms_norm).
 """
 
 import os
@@ -80,14 +81,19 @@ def norm_rope_heads_kernel(
 
 
 @triton.jit
-def rms_norm_rows_kernel(x_ptr, w_ptr, y_ptr, M, N, eps,
+def rms_norm_rows_kernel(x_ptr, residual_ptr, w_ptr, y_ptr, sum_ptr, M, N, eps, HAS_RESIDUAL: tl.constexpr,
                          HAS_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     eps = tl.cast(eps, tl.float32)  # fp32 as eager Triton types Python floats (Inductor passes fp64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:  # the sum rounded to the activation dtype, as the add it replaces stores it; normed from there
+        x = (x.to(tl.float32) + tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32))
+        x = x.to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + offs, x, mask=mask)
+    x = x.to(tl.float32)
     y = x * tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)[:, None]
     if HAS_WEIGHT:
         y = y * tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
@@ -223,21 +229,35 @@ def launch_norm_rope_heads(proj: Tensor, cos: Tensor, sin: Tensor, q_norm_w: Ten
 
 # ---- dflash.rms_norm and dflash.rope providers ----
 
-def rms_norm(x: Tensor, weight: Tensor | None, eps: float, *, out: Tensor | None = None) -> Tensor:
-    """x [..., N] → x·rsqrt(mean(x²)+eps)·w, one row per tile row; `out` (contiguous, x's shape) is optional."""
+def _launch_rms_norm_rows(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps: float, y: Tensor,
+                          total: Tensor | None) -> None:
     n = x.shape[-1]
-    x = x.contiguous()
-    y = torch.empty_like(x) if out is None else out
     rows = x.numel() // n if n else 0
     if rows == 0:
-        return y
+        return
     cfg = launch_config("rms_norm_rows", family_of(x))
     block_n = triton.next_power_of_2(n)
     block_m = max(1, min(cfg["elems"] // block_n, triton.next_power_of_2(rows)))
     wrap_triton(rms_norm_rows_kernel)[(triton.cdiv(rows, block_m),)](
-        x, x if weight is None else weight, y, rows, n, eps, HAS_WEIGHT=weight is not None,
+        x, x if residual is None else residual, x if weight is None else weight, y, y if total is None else total,
+        rows, n, eps, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(cfg, block_m * block_n))
+
+
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float, *, out: Tensor | None = None) -> Tensor:
+    """x [..., N] → x·rsqrt(mean(x²)+eps)·w, one row per tile row; `out` (contiguous, x's shape) is optional."""
+    x = x.contiguous()
+    y = torch.empty_like(x) if out is None else out
+    _launch_rms_norm_rows(x, None, weight, eps, y, None)
     return y
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+    """The dflash.add_rms_norm provider: s = x + residual stored, rms_norm(s) — one read of each input."""
+    x, residual = x.contiguous(), residual.contiguous()
+    y, total = torch.empty_like(x), torch.empty_like(x)
+    _launch_rms_norm_rows(x, residual, weight, eps, y, total)
+    return y, total
 
 
 def rms_norm_supports(x: Tensor, weight: Tensor | None, eps: float) -> str | None:
@@ -246,6 +266,11 @@ def rms_norm_supports(x: Tensor, weight: Tensor | None, eps: float) -> str | Non
         device_reason(x), dtype_reason(x, weight=weight),
         f"rms_norm row width {n} exceeds {MAX_ROW}" if n > MAX_ROW else None,
         shape_reason("weight", weight, (n,)))
+
+
+def add_rms_norm_supports(x: Tensor, residual: Tensor, weight: Tensor | None, eps: float) -> str | None:
+    return first_reason(rms_norm_supports(x, weight, eps), dtype_reason(x, residual=residual),
+                        shape_reason("residual", residual, tuple(x.shape)))
 
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor, *, out: Tensor | None = None) -> Tensor:
@@ -307,25 +332,31 @@ def heads_spec(dtype: torch.dtype, head_dim: int, rot: int, q_norm: bool, k_norm
                       divisible_by_16=pointer_args(signature) + ints)
 
 
-def rows_spec(dtype: torch.dtype, width: int, weight: bool, family: str = "cuda") -> KernelSpec:
+def rows_spec(dtype: torch.dtype, width: int, weight: bool, family: str = "cuda", residual: bool = False) -> KernelSpec:
     dt = "*" + DTYPES[dtype]
     cfg = launch_config("rms_norm_rows", family)
     block_n = triton.next_power_of_2(width)
-    constexprs = {"HAS_WEIGHT": weight, "BLOCK_M": max(1, cfg["elems"] // block_n), "BLOCK_N": block_n}
+    constexprs = {"HAS_RESIDUAL": residual, "HAS_WEIGHT": weight, "BLOCK_M": max(1, cfg["elems"] // block_n),
+                  "BLOCK_N": block_n}
     fn = _compilable(rms_norm_rows_kernel)
-    signature = _signature(fn, {"x_ptr": dt, "w_ptr": dt, "y_ptr": dt}, ("eps",), constexprs)
-    return KernelSpec(f"rms_norm_rows[{DTYPES[dtype]},n{width},{'w' if weight else 'no_w'},{family}]", fn,
+    pointers = {n: dt for n in ("x_ptr", "residual_ptr", "w_ptr", "y_ptr", "sum_ptr")}
+    signature = _signature(fn, pointers, ("eps",), constexprs)
+    flags = ("w" if weight else "no_w") + (",residual" if residual else "")
+    return KernelSpec(f"rms_norm_rows[{DTYPES[dtype]},n{width},{flags},{family}]", fn,
                       signature, constexprs, num_warps=_num_warps(cfg, constexprs["BLOCK_M"] * block_n),
                       divisible_by_16=pointer_args(signature) + (("N",) if width % 16 == 0 else ()))
 
 
 def aot_specs(family: str = "cuda") -> list[KernelSpec]:
-    """bf16 with `family`'s launch configs: rms_norm rows of 4096 with and without weight; rope alone (the head
-    epilogue without norm, hd 128)."""
+    """bf16 with `family`'s launch configs: rms_norm rows of 4096 with and without weight, and with a residual; rope
+    alone (the head epilogue without norm, hd 128)."""
     return [rows_spec(torch.bfloat16, 4096, True, family), rows_spec(torch.bfloat16, 4096, False, family),
+            rows_spec(torch.bfloat16, 4096, True, family, residual=True),
             heads_spec(torch.bfloat16, 128, 128, q_norm=False, k_norm=False, cache=False, family=family)]
 
 
 register(Provider("rms_norm", "triton", ("cuda", "rocm"), rms_norm, priority=10, supports=rms_norm_supports,
                   traceable=True))
+register(Provider("add_rms_norm", "triton", ("cuda", "rocm"), add_rms_norm, priority=10,
+                  supports=add_rms_norm_supports, traceable=True))
 register(Provider("rope", "triton", ("cuda", "rocm"), rope, priority=10, supports=rope_supports, traceable=True))

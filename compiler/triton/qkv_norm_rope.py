@@ -99,6 +99,21 @@ def qkv_norm_rope_into_cache(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin,
     return q
 
 
+def qkv_norm_rope_cache_supports(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim,
+                                 k_cache, v_cache, cache_positions) -> str | None:
+    return first_reason(
+        qkv_norm_rope_supports(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim),
+        cache_reason(x, k_cache[: x.shape[0]], v_cache[: x.shape[0]], cache_positions, n_kv, head_dim))
+
+
+def qkv_norm_rope_cache(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim,
+                        k_cache, v_cache, cache_positions) -> Tensor:
+    """The dflash.qkv_norm_rope_cache provider: x's batch rows are the caches' first rows."""
+    rows = x.shape[0]
+    return qkv_norm_rope_into_cache(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim,
+                                    k_cache[:rows], v_cache[:rows], cache_positions)
+
+
 def aot_specs(family: str = "cuda") -> list[KernelSpec]:
     """bf16, head_dim 128, full rotary, `family`'s launch configs. blas_epilogue: q/k norm into plain outputs; no
     norm into caches. fused_gemm: qkv_gemm.aot_specs (q/k norm, plain and into caches, per fused table row)."""
@@ -109,3 +124,5 @@ def aot_specs(family: str = "cuda") -> list[KernelSpec]:
 
 register(Provider("qkv_norm_rope", "triton", ("cuda", "rocm"), qkv_norm_rope, priority=10,
                   supports=qkv_norm_rope_supports, traceable=True))
+register(Provider("qkv_norm_rope_cache", "triton", ("cuda", "rocm"), qkv_norm_rope_cache, priority=10,
+                  supports=qkv_norm_rope_cache_supports, traceable=True))

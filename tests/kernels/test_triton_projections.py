@@ -1,4 +1,5 @@
-"""Triton providers of dflash.qkv_norm_rope / kv_materialize / rms_norm / rope vs the reference ops.
+"""Triton providers of dflash.qkv_norm_rope(_cache) / kv_materialize / rms_norm / add_rms_norm / silu_mul / rope vs
+the reference ops.
 
 Without a GPU the kernels run on CPU tensors through TRITON_INTERPRET=1 (tests/conftest.py sets it); with one
 the same sweeps run compiled on the device. Every output is poisoned with NaN first, so an element a kernel
@@ -15,10 +16,11 @@ import pytest
 import torch
 
 from torch_dflash.compiler import providers
-from torch_dflash.compiler.ops import (kv_materialize_reference, qkv_norm_rope_reference, rms_norm_reference,
-                                       rope_reference)
+from torch_dflash.compiler.ops import (add_rms_norm_reference, kv_materialize_reference, qkv_norm_rope_reference,
+                                       rms_norm_reference, rope_reference, silu_mul_reference)
 from torch_dflash.compiler.triton import configs
 from torch_dflash.compiler.triton import kv_materialize as kvm
+from torch_dflash.compiler.triton import mlp
 from torch_dflash.compiler.triton import norm_rope as nr
 from torch_dflash.compiler.triton import qkv_norm_rope as qnr
 from torch_dflash.errors import InputError
@@ -153,6 +155,25 @@ def test_qkv_norm_rope_into_cache(dtype, norm):
     check_cache(v_cache, pos, v_ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=param_id)
+def test_qkv_norm_rope_cache_provider_writes_the_batch_rows_of_a_larger_cache(dtype):
+    """The dflash.qkv_norm_rope_cache provider: a batch of 2 in caches of 3 rows (the runtime's max batch) —
+    rows 0 and 1 take k/v at their positions, row 2 stays untouched; equal to the reference op's writes."""
+    B, S, n_q, n_kv, hd, s_max = 2, 5, 4, 2, 64, 12
+    inp = make_inputs(B, S, 32, n_q, n_kv, hd, hd, False, True, dtype)
+    args = (inp["x"], inp["w"], None, inp["q_norm"], inp["k_norm"], EPS, inp["cos"], inp["sin"], n_q, n_kv, hd)
+    k_cache, v_cache = poisoned(B + 1, n_kv, s_max, hd, dtype=dtype), poisoned(B + 1, n_kv, s_max, hd, dtype=dtype)
+    pos = cache_positions(B, S, s_max)
+    assert qnr.qkv_norm_rope_cache_supports(*args, k_cache, v_cache, pos) is None
+    q = qnr.qkv_norm_rope_cache(*args, k_cache, v_cache, pos)
+    q_ref, k_ref, v_ref = qkv_norm_rope_reference(*args)
+    assert_close(q, q_ref, dtype)
+    check_cache(k_cache[:B], pos, k_ref, dtype)
+    check_cache(v_cache[:B], pos, v_ref, dtype)
+    assert k_cache[B].isnan().all() and v_cache[B].isnan().all()
+    assert "cache_positions" in qnr.qkv_norm_rope_cache_supports(*args, k_cache, v_cache, pos[:, :2])
+
+
 def test_into_cache_skips_positions_outside_the_cache():
     B, S, n_kv, hd, s_max = 1, 4, 1, 64, 6
     inp = make_inputs(B, S, 32, 2, n_kv, hd, hd, False, True, torch.float32)
@@ -273,6 +294,36 @@ def test_rms_norm(dtype, width, weight):
     assert nr.rms_norm_supports(x, w, EPS) is None
     y = nr.rms_norm(x, w, EPS, out=poisoned(2, 7, width, dtype=dtype))
     assert_close(y, rms_norm_reference(x, w, EPS), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=param_id)
+@pytest.mark.parametrize("width,weight", [(96, True), (4096, True), (130, False)])
+def test_add_rms_norm(dtype, width, weight):
+    """The sum is stored rounded to the activation dtype and normalized from there: both outputs match the
+    reference's (the interpreter rounds fp32 → bf16 differently from a GPU's cast, so the sum is compared within
+    the bf16 tolerance too)."""
+    g = torch.Generator(DEVICE).manual_seed(width)
+    x, residual = rand(3, 5, width, dtype=dtype, scale=3.0, gen=g), rand(3, 5, width, dtype=dtype, gen=g)
+    w = rand(width, dtype=dtype, gen=g) if weight else None
+    assert nr.add_rms_norm_supports(x, residual, w, EPS) is None
+    y, total = nr.add_rms_norm(x, residual, w, EPS)
+    y_ref, total_ref = add_rms_norm_reference(x, residual, w, EPS)
+    assert_close(total, total_ref, dtype)
+    assert_close(y, y_ref, dtype)
+    assert "residual has shape" in nr.add_rms_norm_supports(x, residual[:, :1], w, EPS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=param_id)
+@pytest.mark.parametrize("rows,inter", [(1, 12288), (16, 12288), (7, 200)])
+def test_silu_mul_on_the_halves_of_a_merged_output(dtype, rows, inter):
+    """gate and up as the two halves of one [rows, 2·inter] tensor (row stride 2·inter), and as separate tensors."""
+    g = torch.Generator(DEVICE).manual_seed(rows + inter)
+    merged = rand(rows, 2 * inter, dtype=dtype, scale=2.0, gen=g)
+    gate, up = merged.split(inter, dim=-1)
+    assert mlp.silu_mul_supports(gate, up) is None
+    assert_close(mlp.silu_mul(gate, up), silu_mul_reference(gate, up), dtype)
+    gate, up = gate.contiguous().view(1, rows, inter), up.contiguous().view(1, rows, inter)
+    assert_close(mlp.silu_mul(gate, up), silu_mul_reference(gate, up), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=param_id)
