@@ -1,30 +1,46 @@
 """The default pipeline: canonicalize → fuse (kv_materialize, qkv_norm_rope, mhc_post_pre) → merge sibling
-projections → select attention masks → the remaining RMSNorms → cleanup → decode-sized weight linears. Order
-matters: kv_materialize takes
-the DFlash draft's context+block sites whole before qkv_norm_rope sees their block half; merge_sibling_projections
-runs after them, so it only merges the linears they left (gate/up); attention_masks runs after the fusions so their
-outputs feed it; rms_norms runs after the fusions, so it takes only the norms they left; weight_linears runs last,
+projections → select attention masks → k/v cache writes into the qkv op → the remaining RMSNorms, with the
+residual adds before them → SwiGLU products → cleanup → decode-sized weight linears. Order matters: kv_materialize
+takes the DFlash draft's context+block sites whole before qkv_norm_rope sees their block half;
+merge_sibling_projections runs after them, so it only merges the linears they left (gate/up); attention_masks runs
+after the fusions so their outputs feed it; kv_cache_writes takes the q/k/v ops qkv_norm_rope made; rms_norms runs
+after the fusions, so it takes only the norms they left, and add_rms_norm extends those; weight_linears runs last,
 so it takes only the live linears left (o, gate|up, down, lm_head, fc, mHC's hc_head) — after cleanup has dropped
 the ones the fusions replaced and the no-op casts on weights.
 
 INDUCTOR_FUSES: the passes a caller skips when Inductor compiles the rewritten graph (backend="dflash" with
-inductor on, compile_step="inductor"): Inductor fuses those ops with their neighbours better by itself."""
+inductor on, compile_step="inductor"): Inductor fuses those ops with their neighbours better by itself.
+IN_PLACE_ONLY: passes whose ops mutate the graph's buffers (the KV caches). They pay off only in a graph that runs
+as written — the runtime's default steps. A re-export (`torch-dflash export`) or an AOT trace before Inductor
+holds such an op functionalized (`auto_functionalized`), and running that clones the caches; torch-mlir cannot
+import it. Those callers skip them (`skipped_before_export`, `skipped_before_inductor`)."""
 
 from torch_dflash.errors import InputError
 
-from . import (attention_masks, canonicalize, cleanup, kv_materialize, mhc_post_pre, qkv_norm_rope, rms_norms,
-               sibling_projections, weight_linears)
+from . import (add_rms_norm, attention_masks, canonicalize, cleanup, kv_cache_writes, kv_materialize, mhc_post_pre,
+               qkv_norm_rope, rms_norms, sibling_projections, silu_mul, weight_linears)
 from .manager import PassManager
 
 DEFAULT_PASSES = (canonicalize.PASS, kv_materialize.PASS, qkv_norm_rope.PASS, mhc_post_pre.PASS,
-                  sibling_projections.PASS, attention_masks.PASS, rms_norms.PASS, cleanup.PASS, weight_linears.PASS)
+                  sibling_projections.PASS, attention_masks.PASS, kv_cache_writes.PASS, rms_norms.PASS,
+                  add_rms_norm.PASS, silu_mul.PASS, cleanup.PASS, weight_linears.PASS)
 PASS_NAMES = tuple(p.name for p in DEFAULT_PASSES)
-INDUCTOR_FUSES = (rms_norms.NAME,)
+INDUCTOR_FUSES = (rms_norms.NAME, add_rms_norm.NAME, silu_mul.NAME)
+IN_PLACE_ONLY = (kv_cache_writes.NAME,)
+
+
+def _also(disabled, names) -> tuple[str, ...]:
+    return (*disabled, *(name for name in names if name not in disabled))
 
 
 def skipped_before_inductor(disabled=()) -> tuple[str, ...]:
-    """`disabled` plus the passes of INDUCTOR_FUSES: what to skip when Inductor compiles the result."""
-    return (*disabled, *(name for name in INDUCTOR_FUSES if name not in disabled))
+    """`disabled` plus INDUCTOR_FUSES and IN_PLACE_ONLY: what to skip when Inductor compiles the result."""
+    return _also(disabled, INDUCTOR_FUSES + IN_PLACE_ONLY)
+
+
+def skipped_before_export(disabled=()) -> tuple[str, ...]:
+    """`disabled` plus IN_PLACE_ONLY: what to skip when the result is exported again."""
+    return _also(disabled, IN_PLACE_ONLY)
 
 
 def default_pass_manager(disabled=(), keep_snapshots: bool = False) -> PassManager:

@@ -57,7 +57,9 @@ def test_draft_step_fuses_every_layer(pair):
     program, report = _compiled(capture_draft(target, draft, max_batch=max_batch), "draft")
     assert _kinds(report) == {"kv_materialize": layers, "qkv_norm_rope": layers, "attention.non_causal": layers,
                               "merge_sibling_projections": layers, "weight_linears": 3 * layers + 2,  # + fc, lm_head
-                              "rms_norms": 2 * layers + 2}  # + the final norm and the context's hidden_norm
+                              "rms_norms": 2 * layers + 2,  # + the final norm and the context's hidden_norm
+                              "add_rms_norm": 2 * layers,  # all but the first input norm and hidden_norm read an add
+                              "silu_mul": layers}
     assert not report.rejections
     C = 5  # the capture's example was batch 2, context 3
     for B in (1, max_batch):
@@ -72,7 +74,9 @@ def test_verify_step_fuses_every_layer(pair):
     program, report = _compiled(capture_verify(target, block_size=b, max_batch=max_batch), "verify")
     assert _kinds(report) == {"qkv_norm_rope": layers, "attention.causal": layers, "merge_sibling_projections": layers,
                               "weight_linears": 3 * layers + 1,  # o, gate|up, down per layer; lm_head
-                              "rms_norms": 2 * layers + 1}  # input and post-attention norms; the final norm
+                              "rms_norms": 2 * layers + 1,  # input and post-attention norms; the final norm
+                              "add_rms_norm": 2 * layers,  # all but the first input norm read a residual add
+                              "silu_mul": layers, "kv_cache_writes": layers}
     assert not report.rejections
     for B in (1, max_batch):
         _assert_same(VerifyStep(target), program, (torch.randint(0, 1000, (B, b)), _ragged(B, b)))
@@ -86,7 +90,8 @@ def test_mhc_verify_step_with_a_batch_of_two_fuses_every_boundary():
     assert _kinds(report) == {"mhc_pre": 1, "mhc_post_pre": 3, "mhc_post": 1, "qkv_norm_rope": 2,
                               "attention.causal": 2, "merge_sibling_projections": 2,
                               "weight_linears": 3 * 2 + 2,  # o, gate|up, down per layer; hc_head, lm_head
-                              "rms_norms": 2}  # the first sublayer's norm (mhc_pre has none) and the final norm
+                              "rms_norms": 2,  # the first sublayer's norm (mhc_pre has none) and the final norm
+                              "silu_mul": 2, "kv_cache_writes": 2}
     assert not report.rejections
     for B in (1, 2):
         _assert_same(VerifyStep(target), program, (torch.randint(0, 128, (B, 4)), _ragged(B, 4)))

@@ -89,11 +89,12 @@ def _attention_sites(gm: fx.GraphModule) -> list[dict]:
 def compile_graph(program: ExportedProgram, target: str, graph: str, *, reexport: bool = True) -> CompiledGraph:
     """program.module() → the pass pipeline (snapshots kept) → lowering for `target` → (re-)export.
     (compiler/step_compiler.py does the middle two for the runtime; here the Ascend source is generated
-    between them, from the dflash ops before they become provider ops.)"""
-    from torch_dflash.passes.pipeline import default_pass_manager
+    between them, from the dflash ops before they become provider ops.) A re-exported program skips the
+    passes of pipeline.IN_PLACE_ONLY."""
+    from torch_dflash.passes.pipeline import default_pass_manager, skipped_before_export
 
     gm = program.module()
-    pipeline = default_pass_manager(keep_snapshots=True).run(gm)
+    pipeline = default_pass_manager(skipped_before_export() if reexport else (), keep_snapshots=True).run(gm)
     ascend_source = None
     if target == "ascend":
         from torch_dflash.compiler.ascend import generate_ascend_module

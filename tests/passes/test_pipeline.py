@@ -43,8 +43,8 @@ def zlab_draft():
 
 def test_pass_order_and_disabling():
     assert [p.name for p in DEFAULT_PASSES] == ["canonicalize", "kv_materialize", "qkv_norm_rope", "mhc_post_pre",
-                                                "merge_sibling_projections", "attention_masks", "rms_norms",
-                                                "cleanup", "weight_linears"]
+                                                "merge_sibling_projections", "attention_masks", "kv_cache_writes",
+                                                "rms_norms", "add_rms_norm", "silu_mul", "cleanup", "weight_linears"]
     assert [p.name for p in default_pass_manager(disabled=("weight_linears",)).passes][-1] == "cleanup"
     with pytest.raises(InputError, match="Unknown pass"):
         default_pass_manager(disabled=("qkv_norm_rop",))
@@ -67,8 +67,6 @@ def forward(self, input_ids, use_cache):
     model_layers_0_self_attn_k_norm_weight = getattr(self.model.layers, "0").self_attn.k_norm.weight
     model_layers_0_mlp_down_proj_weight = getattr(self.model.layers, "0").mlp.down_proj.weight
     model_layers_0_input_layernorm_weight = getattr(self.model.layers, "0").input_layernorm.weight
-    model_layers_0_post_attention_layernorm_weight = getattr(self.model.layers, "0").post_attention_layernorm.weight
-    model_norm_weight = self.model.norm.weight
     lm_head_weight = self.lm_head.weight
     model_rotary_emb_inv_freq = self.model.rotary_emb.inv_freq
     _guards_fn = self._guards_fn(input_ids, use_cache);  use_cache = _guards_fn = None
@@ -97,18 +95,20 @@ def forward(self, input_ids, use_cache):
     transpose_3 = torch.ops.aten.transpose.int(attention_default, 1, 2);  attention_default = None
     reshape_3 = torch.ops.aten.reshape.default(transpose_3, [2, sym_size_int_7, -1]);  transpose_3 = sym_size_int_7 = None
     linear_default_1 = torch.ops.dflash.linear.default(reshape_3, model_layers_0_self_attn_o_proj_weight, None);  reshape_3 = model_layers_0_self_attn_o_proj_weight = None
-    add_8 = torch.ops.aten.add.Tensor(embedding, linear_default_1);  embedding = linear_default_1 = None
-    rms_norm_default_1 = torch.ops.dflash.rms_norm.default(add_8, model_layers_0_post_attention_layernorm_weight, 1e-06);  model_layers_0_post_attention_layernorm_weight = None
+    model_layers_0_post_attention_layernorm_weight = getattr(self.model.layers, "0").post_attention_layernorm.weight
+    add_rms_norm_default = torch.ops.dflash.add_rms_norm.default(embedding, linear_default_1, model_layers_0_post_attention_layernorm_weight, 1e-06);  embedding = linear_default_1 = model_layers_0_post_attention_layernorm_weight = None
+    getitem_3 = add_rms_norm_default[0]
+    getitem_4 = add_rms_norm_default[1];  add_rms_norm_default = None
     dflash_sibling_weight_0 = self.dflash_sibling_weight_0
-    linear_default_2 = torch.ops.dflash.linear.default(rms_norm_default_1, dflash_sibling_weight_0, None);  rms_norm_default_1 = dflash_sibling_weight_0 = None
+    linear_default_2 = torch.ops.dflash.linear.default(getitem_3, dflash_sibling_weight_0, None);  getitem_3 = dflash_sibling_weight_0 = None
     slice_tensor = torch.ops.aten.slice.Tensor(linear_default_2, -1, 0, 128)
     slice_tensor_1 = torch.ops.aten.slice.Tensor(linear_default_2, -1, 128, 256);  linear_default_2 = None
-    silu = torch.ops.aten.silu.default(slice_tensor);  slice_tensor = None
-    mul_23 = torch.ops.aten.mul.Tensor(silu, slice_tensor_1);  silu = slice_tensor_1 = None
-    linear_default_3 = torch.ops.dflash.linear.default(mul_23, model_layers_0_mlp_down_proj_weight, None);  mul_23 = model_layers_0_mlp_down_proj_weight = None
-    add_10 = torch.ops.aten.add.Tensor(add_8, linear_default_3);  add_8 = linear_default_3 = None
-    rms_norm_default = torch.ops.dflash.rms_norm.default(add_10, model_norm_weight, 1e-06);  add_10 = model_norm_weight = None
-    linear_default_4 = torch.ops.dflash.linear.default(rms_norm_default, lm_head_weight, None);  rms_norm_default = lm_head_weight = None
+    silu_mul_default = torch.ops.dflash.silu_mul.default(slice_tensor, slice_tensor_1);  slice_tensor = slice_tensor_1 = None
+    linear_default_3 = torch.ops.dflash.linear.default(silu_mul_default, model_layers_0_mlp_down_proj_weight, None);  silu_mul_default = model_layers_0_mlp_down_proj_weight = None
+    model_norm_weight = self.model.norm.weight
+    add_rms_norm_default_1 = torch.ops.dflash.add_rms_norm.default(getitem_4, linear_default_3, model_norm_weight, 1e-06);  getitem_4 = linear_default_3 = model_norm_weight = None
+    getitem_5 = add_rms_norm_default_1[0];  add_rms_norm_default_1 = None
+    linear_default_4 = torch.ops.dflash.linear.default(getitem_5, lm_head_weight, None);  getitem_5 = lm_head_weight = None
     return pytree.tree_unflatten((linear_default_4,), self._out_spec)""")
 
     def test_zlab_draft_step(self):
@@ -122,8 +122,6 @@ def forward(self, position_ids, noise_embedding, target_hidden):
     layers_0_self_attn_k_norm_weight = getattr(self.layers, "0").self_attn.k_norm.weight
     layers_0_mlp_down_proj_weight = getattr(self.layers, "0").mlp.down_proj.weight
     layers_0_input_layernorm_weight = getattr(self.layers, "0").input_layernorm.weight
-    layers_0_post_attention_layernorm_weight = getattr(self.layers, "0").post_attention_layernorm.weight
-    norm_weight = self.norm.weight
     fc_weight = self.fc.weight
     hidden_norm_weight = self.hidden_norm.weight
     rotary_emb_inv_freq = self.rotary_emb.inv_freq
@@ -159,15 +157,17 @@ def forward(self, position_ids, noise_embedding, target_hidden):
     transpose_3 = torch.ops.aten.transpose.int(attention_default, 1, 2);  attention_default = None
     reshape_1 = torch.ops.aten.reshape.default(transpose_3, [1, sym_size_int_4, -1]);  transpose_3 = sym_size_int_4 = None
     linear_default_2 = torch.ops.dflash.linear.default(reshape_1, layers_0_self_attn_o_proj_weight, None);  reshape_1 = layers_0_self_attn_o_proj_weight = None
-    add_8 = torch.ops.aten.add.Tensor(noise_embedding, linear_default_2);  noise_embedding = linear_default_2 = None
-    rms_norm_default_1 = torch.ops.dflash.rms_norm.default(add_8, layers_0_post_attention_layernorm_weight, 1e-06);  layers_0_post_attention_layernorm_weight = None
+    layers_0_post_attention_layernorm_weight = getattr(self.layers, "0").post_attention_layernorm.weight
+    add_rms_norm_default = torch.ops.dflash.add_rms_norm.default(noise_embedding, linear_default_2, layers_0_post_attention_layernorm_weight, 1e-06);  noise_embedding = linear_default_2 = layers_0_post_attention_layernorm_weight = None
+    getitem_5 = add_rms_norm_default[0]
+    getitem_6 = add_rms_norm_default[1];  add_rms_norm_default = None
     dflash_sibling_weight_0 = self.dflash_sibling_weight_0
-    linear_default_3 = torch.ops.dflash.linear.default(rms_norm_default_1, dflash_sibling_weight_0, None);  rms_norm_default_1 = dflash_sibling_weight_0 = None
+    linear_default_3 = torch.ops.dflash.linear.default(getitem_5, dflash_sibling_weight_0, None);  getitem_5 = dflash_sibling_weight_0 = None
     slice_tensor_4 = torch.ops.aten.slice.Tensor(linear_default_3, -1, 0, 128)
     slice_tensor_5 = torch.ops.aten.slice.Tensor(linear_default_3, -1, 128, 256);  linear_default_3 = None
-    silu = torch.ops.aten.silu.default(slice_tensor_4);  slice_tensor_4 = None
-    mul_19 = torch.ops.aten.mul.Tensor(silu, slice_tensor_5);  silu = slice_tensor_5 = None
-    linear_default_4 = torch.ops.dflash.linear.default(mul_19, layers_0_mlp_down_proj_weight, None);  mul_19 = layers_0_mlp_down_proj_weight = None
-    add_10 = torch.ops.aten.add.Tensor(add_8, linear_default_4);  add_8 = linear_default_4 = None
-    rms_norm_default = torch.ops.dflash.rms_norm.default(add_10, norm_weight, 1e-06);  add_10 = norm_weight = None
-    return pytree.tree_unflatten((rms_norm_default,), self._out_spec)""")
+    silu_mul_default = torch.ops.dflash.silu_mul.default(slice_tensor_4, slice_tensor_5);  slice_tensor_4 = slice_tensor_5 = None
+    linear_default_4 = torch.ops.dflash.linear.default(silu_mul_default, layers_0_mlp_down_proj_weight, None);  silu_mul_default = layers_0_mlp_down_proj_weight = None
+    norm_weight = self.norm.weight
+    add_rms_norm_default_1 = torch.ops.dflash.add_rms_norm.default(getitem_6, linear_default_4, norm_weight, 1e-06);  getitem_6 = linear_default_4 = norm_weight = None
+    getitem_7 = add_rms_norm_default_1[0];  add_rms_norm_default_1 = None
+    return pytree.tree_unflatten((getitem_7,), self._out_spec)""")

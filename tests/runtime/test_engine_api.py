@@ -40,10 +40,11 @@ def test_default_steps_are_pipeline_compiled_and_report():
         {"kv_materialize": 1, "attention.non_causal": 1}
     assert {k: verify_report.fusions.get(k) for k in ("qkv_norm_rope", "attention.causal")} == \
         {"qkv_norm_rope": 2, "attention.causal": 2}
-    assert dflash_ops(engine.steps.draft) == ["dflash::attention", "dflash::kv_materialize", "dflash::linear",
-                                              "dflash::qkv_norm_rope", "dflash::rms_norm"]
-    assert dflash_ops(engine.steps.verify) == ["dflash::attention", "dflash::linear", "dflash::qkv_norm_rope",
-                                               "dflash::rms_norm"]
+    assert dflash_ops(engine.steps.draft) == ["dflash::add_rms_norm", "dflash::attention", "dflash::kv_materialize",
+                                              "dflash::linear", "dflash::qkv_norm_rope", "dflash::rms_norm",
+                                              "dflash::silu_mul"]
+    assert dflash_ops(engine.steps.verify) == ["dflash::add_rms_norm", "dflash::attention", "dflash::linear",
+                                               "dflash::qkv_norm_rope_cache", "dflash::rms_norm", "dflash::silu_mul"]
     committed = []
     for prompt, n in zip(prompts_of(PROMPT_LENGTHS, 64, seed=3), MAX_NEW):
         out = engine.generate(prompt, max_new_tokens=n)

@@ -1,0 +1,68 @@
+"""add_rms_norm: a residual add and the RMSNorm after it → one dflash.add_rms_norm. Counts and numerics on our
+verify step (default pipeline), on transformers Qwen3 / Llama through backend="dflash" without Inductor (fp32,
+1e-5) and on the HF spelling in fp32 and bf16; the guard (a broadcast add stays, reason recorded)."""
+
+import pytest
+import torch
+from pass_testing import assert_verify_program_matches, check_pass, demo_verify_program, op_counts
+from test_rms_norms import DYNAMIC, HFNorm
+from tiny_models import hf_causal_lm
+
+import torch_dflash as td
+from torch_dflash.passes import add_rms_norm, canonicalize, cleanup, rms_norms
+
+KIND = add_rms_norm.NAME
+PASSES = [canonicalize.PASS, rms_norms.PASS, add_rms_norm.PASS, cleanup.PASS]
+FUSED, NORM = "dflash.add_rms_norm.default", "dflash.rms_norm.default"
+
+
+def test_our_verify_step_fuses_both_residual_adds_of_every_layer():
+    """Attention output + residual → post-attention norm, MLP output + residual → the next input norm (the last
+    one: the final norm); the first layer's input norm reads the embeddings, no add."""
+    target, program, report = demo_verify_program(4, "verify")
+    layers = target.config.num_hidden_layers
+    assert report.fusions[KIND] == 2 * layers and not [r for r in report.rejections if r[0] == KIND]
+    counts = op_counts(program)
+    assert counts[FUSED] == 2 * layers and counts[NORM] == 1 and counts["aten.add.Tensor"] == 0
+    assert_verify_program_matches(target, program, 4)
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "llama"])
+def test_backend_without_inductor_fuses_transformers_residual_adds(kind):
+    torch._dynamo.reset()
+    model = hf_causal_lm(kind)
+    layers = model.config.num_hidden_layers
+    fast = torch.compile(model, backend="dflash", options={"inductor": False})
+    for length in (7, 4):
+        ids = torch.randint(0, 128, (2, length))
+        with torch.no_grad():
+            torch.testing.assert_close(fast(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                       atol=1e-5, rtol=1e-5)
+        assert td.last_report().fusions[KIND] == 2 * layers
+
+
+def test_hf_spelling_fp32_and_bf16():
+    """HFNorm: norm(x) → linear → x + that → norm: the second norm takes its add; the first has none."""
+    _, gm, _ = check_pass(HFNorm(), (torch.randn(2, 5, 32),), (torch.randn(3, 2, 32),), PASSES, {KIND: 1}, DYNAMIC)
+    assert op_counts(gm)[FUSED] == 1 and op_counts(gm)[NORM] == 1 and op_counts(gm)["aten.add.Tensor"] == 0
+    check_pass(HFNorm(dtype=torch.bfloat16), (torch.randn(2, 5, 32, dtype=torch.bfloat16),),
+               (torch.randn(3, 2, 32, dtype=torch.bfloat16),), PASSES, {KIND: 1}, DYNAMIC, atol=2e-2, rtol=2e-2)
+
+
+class BiasThenNorm(torch.nn.Module):
+    """x + a bias vector (broadcast over the tokens), then a norm: the op takes two operands of one shape."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.bias, self.w = torch.nn.Parameter(torch.randn(d)), torch.nn.Parameter(1 + 0.1 * torch.randn(d))
+
+    def forward(self, x):
+        return torch.nn.functional.rms_norm(x + self.bias, (x.shape[-1],), self.w, 1e-6)
+
+
+def test_a_broadcast_add_stays():
+    before, gm, report = check_pass(BiasThenNorm(), (torch.randn(2, 5, 32),), (torch.randn(3, 2, 32),), PASSES,
+                                    {KIND: 0, rms_norms.NAME: 1}, DYNAMIC)
+    assert op_counts(gm)[NORM] == 1 and op_counts(gm)["aten.add.Tensor"] == 1
+    reasons = [r.reason for r in report.rejections() if r.pass_name == KIND]
+    assert len(reasons) == 1 and reasons[0].endswith("an operand of the add is broadcast, promoted or not a tensor")
