@@ -21,8 +21,8 @@ def to_tnd(x: Tensor) -> Tensor:
 
 
 def from_tnd(out: Tensor, batch: int) -> Tensor:
-    """[B·S, N, D] → [B, N, S, D], contiguous (what dflash.attention returns)."""
-    return out.view(batch, -1, *out.shape[1:]).transpose(1, 2).contiguous()
+    """[B·S, N, D] → [B, N, S, D] laid out as [B, S, N, D] (what dflash.attention returns): a view."""
+    return out.view(batch, -1, *out.shape[1:]).transpose(1, 2)
 
 
 def cumulative_lengths(batch: int, seq: int) -> list[int]:

@@ -55,7 +55,13 @@ def attention_reference(q, k, v, kind, scale, window=0, mask=None, q_pos=None):
     out = torch.nn.functional.scaled_dot_product_attention(
         q.float(), k.float(), v.float(), attn_mask=mask if mask.dtype == torch.bool else mask.float(),
         scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    return out.to(q.dtype).contiguous()  # SDPA may return a strided view
+    return token_major(out.to(q.dtype))
+
+
+def token_major(out: Tensor) -> Tensor:
+    """[B, H, S, D] laid out as [B, S, H, D] (the layout dflash.attention promises: the o-projection's input
+    `out.transpose(1, 2).reshape(B, S, H·D)` is then a view, not a copy)."""
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 @torch.library.custom_op("dflash::attention", mutates_args=())
@@ -67,4 +73,5 @@ def attention(q: Tensor, k: Tensor, v: Tensor, kind: str, scale: float, window: 
 @attention.register_fake
 def _(q, k, v, kind, scale, window=0, mask=None, q_pos=None):
     check_args(q, k, v, kind, window, mask)
-    return q.new_empty(*q.shape[:-1], v.shape[-1])
+    batch, heads, sq, _ = q.shape
+    return q.new_empty(batch, sq, heads, v.shape[-1]).transpose(1, 2)

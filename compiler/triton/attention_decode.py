@@ -175,13 +175,14 @@ def decode_plan(batch: int, n_q_heads: int, n_kv_heads: int, sq: int, sk: int, h
 
 def attention_decode(q, k, v, kind, scale, window=0, mask=None, q_pos=None, num_splits=None, out=None):
     """dflash.attention with the split-KV decode kernel (launch: `decode_plan`); `out` is an optional
-    preallocated [B, Hq, Sq, D] result; `num_splits` forces that many splits."""
+    preallocated [B, Hq, Sq, D] result (any strides; by default token-major, as the op promises); `num_splits`
+    forces that many splits."""
     batch, n_q_heads, sq, head_dim = q.shape
     n_kv_heads, sk = k.shape[1], k.shape[2]
     group = n_q_heads // n_kv_heads
     plan = decode_plan(batch, n_q_heads, n_kv_heads, sq, sk, head_dim, q.dtype, family(q.device),
                        multiprocessor_count(q.device), num_splits)
-    out = q.new_empty(batch, n_q_heads, sq, head_dim) if out is None else out
+    out = q.new_empty(batch, sq, n_q_heads, head_dim).transpose(1, 2) if out is None else out
     n_rows = group * sq
     split_kv = plan.reduce_grid is not None
     ws_o = ws_lse = None

@@ -61,7 +61,7 @@ def attention_prefill(q, k, v, kind, scale, window=0, mask=None, q_pos=None, out
     batch, n_q_heads, sq, head_dim = q.shape
     n_kv_heads, sk = k.shape[1], k.shape[2]
     cfg = launch_params("prefill", head_dim, q.dtype, family(q.device))
-    out = q.new_empty(batch, n_q_heads, sq, head_dim) if out is None else out
+    out = q.new_empty(batch, sq, n_q_heads, head_dim).transpose(1, 2) if out is None else out
     mask, mask_strides, mask_bool = mask_args(mask, (batch, n_q_heads, sq, sk))
     q_pos, stride_pb, stride_ps = qpos_args(q_pos)
     grid = (triton.cdiv(sq, cfg["block_m"]), n_q_heads, batch)

@@ -136,7 +136,8 @@ def test_q_pos_none_is_bottom_right_aligned(path, kind):
 
 
 def test_provider_dispatch_by_shape():
-    """The registered provider runs decode while the GQA group × queries fit one tile, prefill beyond."""
+    """The registered provider runs decode while the GQA group × queries fit one tile, prefill beyond; both return
+    the op's token-major layout, as the reference does."""
     assert providers.candidates("attention", "cuda")[0].name == "triton"
     assert providers.candidates("attention", "rocm")[0].name == "triton"
     for n_q, sq, decode in ((32, 16, True), (8, 16, True), (8, 17, False), (4, 200, False)):
@@ -145,6 +146,8 @@ def test_provider_dispatch_by_shape():
         out = ta.attention_triton(*args[:3], "causal", 0.125, q_pos=q_pos)
         want = attention_reference(*ref_args[:3], "causal", 0.125, q_pos=q_pos)
         torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=2e-2)
+        # the op's layout, both paths: token-major, so the o-projection's reshape is a view
+        assert out.stride() == want.stride() and out.transpose(1, 2).is_contiguous()
     fp32 = torch.randn(1, 32, 16, 64, device=DEVICE)
     assert not ta.uses_decode(fp32, fp32[:, :8])      # fp32 tiles are half as tall
 
