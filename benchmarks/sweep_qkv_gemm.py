@@ -1,6 +1,13 @@
 """Config sweep of the fused qkv GEMM + norm + rope kernel (compiler/triton/qkv_gemm.py) on the GPU.
 
 python -m torch_dflash.benchmarks.sweep_qkv_gemm [--out DIR] [--budget-s 150]   (CUDA; inside the GPU session)
+python -m torch_dflash.benchmarks.sweep_qkv_gemm --decode [--out DIR] [--budget-s 150]
+
+--decode: the step token counts T = 1, 16, 32 (AR, a verify or draft block, two blocks) of the qkv_gemm.decode
+and .small rows — split_k × block_k × num_stages × one_dot (block_m 16, group_m 4, 4 warps) — with the weight
+rotating over WEIGHT_COPIES
+copies (4 × 50 MB > 2 × L2), 20 calls per CUDA graph, µs per call, beside F.linear alone and dflash.linear's
+skinny GEMM on the same rotation; writes sweep_qkv_gemm_decode.{json,md}.
 
 At the Qwen3-8B draft shape (H 4096, 32/8 heads, hd 128, bf16) for T = 32, 512, 8192: every (block_m, block_k,
 num_warps, num_stages) of a pruned grid (group_m 8, two half-head dots; then, for the best at each T, one
@@ -109,11 +116,80 @@ def _baselines(problem: Problem, tokens: int) -> dict:
             "dflash_path": "fused_gemm" if qkv_gemm.fused_gemm_chosen(problem.x, tokens, "cuda") else "blas_epilogue"}
 
 
+DECODE_TOKENS = (1, 16, 32)
+DECODE_GRID = [dict(block_m=16, block_k=bk, group_m=4, one_dot=od, num_warps=4, num_stages=st, split_k=sp)
+               for sp in (1, 2, 4, 8) for bk in (64, 128) for st in (3, 4) for od in (0, 1)]
+WEIGHT_COPIES, CALLS_PER_GRAPH = 4, 20
+
+
+def _rotated_us(calls) -> float:
+    """µs per call of `calls` (one per weight copy) cycled CALLS_PER_GRAPH times in one CUDA graph."""
+    sequence = [calls[i % len(calls)] for i in range(CALLS_PER_GRAPH)]
+    return _median_us(lambda: [call() for call in sequence]) / CALLS_PER_GRAPH
+
+
+def decode_sweep(opts) -> None:
+    from torch_dflash.compiler.triton.linear import linear as skinny_linear
+
+    start = time.perf_counter()
+    shape = {k: v for k, v in QWEN3_8B_DRAFT.items() if k != "tokens"}
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": shape, "T": {}}
+    for tokens in DECODE_TOKENS:
+        p = Problem(tokens, **shape)
+        copies = [p.w.clone() for _ in range(WEIGHT_COPIES)]
+        fused = [lambda w=w: qkv_norm_rope(p.args[0], w, *p.args[2:], out=p.out, path="fused_gemm") for w in copies]
+        row = {"gemm_only": _rotated_us([lambda w=w: F.linear(p.x, w) for w in copies]),
+               "skinny_gemm": _rotated_us([lambda w=w: skinny_linear(p.x, w, None) for w in copies]),
+               "shipped": _rotated_us(fused), "configs": []}
+        for cfg in DECODE_GRID:
+            if time.perf_counter() - start > opts.budget_s * tokens_share(tokens):
+                row.setdefault("not_run", []).append(cfg)
+                continue
+            def measure():
+                for value in p.out:
+                    value.fill_(float("nan"))
+                fused[0]()
+                err = p.error()
+                return {"us": _rotated_us(fused), "rel_err": err, "ok": err <= 2e-2}
+            try:
+                timing = _with_config(cfg, measure)
+            except Exception as error:  # noqa: BLE001 — reported, the sweep goes on
+                timing = {"error": f"{type(error).__name__}: {error}"[:200]}
+            row["configs"].append({**cfg, **timing})
+        result["T"][tokens] = row
+        best = min((c for c in row["configs"] if c.get("ok")), key=lambda c: c["us"], default=None)
+        print(f"T {tokens}: GEMM alone {row['gemm_only']:.1f} µs, skinny {row['skinny_gemm']:.1f}, shipped fused "
+              f"{row['shipped']:.1f}; best {best}", flush=True)
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    lines = [f"sweep_qkv_gemm --decode — {result['device']}, torch {result['torch']}, {result['wall_s']} s; µs per "
+             f"call, weights rotating over {WEIGHT_COPIES} copies", "",
+             "| T | split_k | block_k | stages | one_dot | µs | rel err |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for tokens, row in result["T"].items():
+        lines.append(f"| {tokens} | GEMM alone {row['gemm_only']:.1f}, skinny {row['skinny_gemm']:.1f}, "
+                     f"shipped {row['shipped']:.1f} | | | | | |")
+        for c in sorted((c for c in row["configs"] if "us" in c), key=lambda c: c["us"]):
+            lines.append(f"| {tokens} | {c['split_k']} | {c['block_k']} | {c['num_stages']} | {c['one_dot']} | "
+                         f"{c['us']:.1f} | {c['rel_err']:.1e}{'' if c['ok'] else ' WRONG'} |")
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep_qkv_gemm_decode.json").write_text(json.dumps(result, indent=1))
+    (out / "sweep_qkv_gemm_decode.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def tokens_share(tokens: int) -> float:
+    """The part of --budget-s spent once T is done (the budget is shared equally by DECODE_TOKENS)."""
+    return (DECODE_TOKENS.index(tokens) + 1) / len(DECODE_TOKENS)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--budget-s", type=float, default=150.0)
+    parser.add_argument("--decode", action="store_true", help="T 1/16/32 with rotating weights (split_k grid)")
     opts = parser.parse_args()
+    if opts.decode:
+        return decode_sweep(opts)
     start = time.perf_counter()
     shape = {k: v for k, v in QWEN3_8B_DRAFT.items() if k != "tokens"}
     problems = {t: Problem(t, **shape) for t in TOKENS}

@@ -113,23 +113,33 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     # 32/8 heads, hd 128, bf16): fused 26.8 µs vs vendor GEMM + epilogue 29.5 at T 32; at T 512 61.8 vs 45.4 and at
     # T 8192 727 vs 632 (GEMM alone 540), so the fused kernel serves only T <= 32. medium/large keep the sweep's
     # best fused tiles for forced-fused runs. rocm rows: untuned, vendor GEMM + epilogue everywhere.
+    # decode (T <= 16: AR steps, one verify/draft block): the fused kernel with K in 2 slices (partials summed by
+    # the head's last slice), `python -m torch_dflash.benchmarks.sweep_qkv_gemm --decode` (H100, 2026-11-22,
+    # weights rotating over 4 × 50 MB, µs per call): T 1 22.7 vs 23.9 for the small row's tiles, T 16 22.9 vs
+    # 23.3; at T 32 two slices lose (24.2 vs 22.8), so the small row keeps one. cuBLAS alone: 21.2 / 21.3 µs.
+    "qkv_gemm.decode": {
+        "cuda": {"max_t": 16, "fused": 1, "block_m": 16, "block_k": 128, "group_m": 4, "one_dot": 0,
+                 "num_warps": 4, "num_stages": 3, "split_k": 2},
+        "rocm": {"max_t": 16, "fused": 0, "block_m": 64, "block_k": 64, "group_m": 8, "one_dot": 0,
+                 "num_warps": 4, "num_stages": 2, "split_k": 1},
+    },
     "qkv_gemm.small": {
         "cuda": {"max_t": 32, "fused": 1, "block_m": 16, "block_k": 128, "group_m": 4, "one_dot": 0,
-                 "num_warps": 4, "num_stages": 4},
+                 "num_warps": 4, "num_stages": 4, "split_k": 1},
         "rocm": {"max_t": 32, "fused": 0, "block_m": 64, "block_k": 64, "group_m": 8, "one_dot": 0,
-                 "num_warps": 4, "num_stages": 2},
+                 "num_warps": 4, "num_stages": 2, "split_k": 1},
     },
     "qkv_gemm.medium": {
         "cuda": {"max_t": 2048, "fused": 0, "block_m": 128, "block_k": 64, "group_m": 4, "one_dot": 1,
-                 "num_warps": 4, "num_stages": 3},
+                 "num_warps": 4, "num_stages": 3, "split_k": 1},
         "rocm": {"max_t": 2048, "fused": 0, "block_m": 64, "block_k": 64, "group_m": 8, "one_dot": 0,
-                 "num_warps": 4, "num_stages": 2},
+                 "num_warps": 4, "num_stages": 2, "split_k": 1},
     },
     "qkv_gemm.large": {
         "cuda": {"max_t": 0, "fused": 0, "block_m": 256, "block_k": 64, "group_m": 8, "one_dot": 1,
-                 "num_warps": 8, "num_stages": 3},  # the sweep's 4 stages exceed sm_80's shared memory
+                 "num_warps": 8, "num_stages": 3, "split_k": 1},  # the sweep's 4 stages exceed sm_80's shared memory
         "rocm": {"max_t": 0, "fused": 0, "block_m": 128, "block_k": 32, "group_m": 8, "one_dot": 0,
-                 "num_warps": 8, "num_stages": 2},
+                 "num_warps": 8, "num_stages": 2, "split_k": 1},
     },
     # skinny_gemm.py: dflash.linear for M <= max_m token rows (skinny_gemm.serves, gemm_config): every weight up to
     # max_m_any_weight rows, above that only weights of >= min_weight_elems elements (H100, M 32: cuBLAS wins o

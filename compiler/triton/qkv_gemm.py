@@ -22,6 +22,7 @@ from .aot import KernelSpec, pointer_args
 from .attention_common import widen_dot
 from .configs import TABLE
 from .launch import wrap_triton
+from .mhc import _arrival_counters
 from .norm_rope import DTYPES, _compilable, _signature
 
 
@@ -40,12 +41,13 @@ def _k_tile(ptrs, k_ok, EVEN_K: tl.constexpr, WIDEN_DOT: tl.constexpr):
 
 @triton.jit
 def qkv_gemm_norm_rope_kernel(
-        x_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, q_ptr, k_ptr, v_ptr, pos_ptr,
+        x_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, ws_ptr, count_ptr,
         T, K, S, N_Q, N_KV, S_DST, eps,
         stride_xt, stride_wn, stride_cos_b, stride_cos_s, stride_kv_b, stride_kv_s, stride_kv_h,
         HD: tl.constexpr, ROT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Q_NORM: tl.constexpr,
         HAS_K_NORM: tl.constexpr, CACHE: tl.constexpr, EVEN_K: tl.constexpr, WIDEN_DOT: tl.constexpr,
-        ONE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        ONE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        SPLIT_K: tl.constexpr):
     eps = tl.cast(eps, tl.float32)  # fp32 as eager Triton types Python floats (Inductor passes fp64)
     HALF: tl.constexpr = HD // 2
     R2: tl.constexpr = ROT // 2
@@ -68,9 +70,13 @@ def qkv_gemm_norm_rope_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     t = rows.to(tl.int64)
     t_load = t % T                      # rows past T read a valid row; their results are never stored
+    sl = tl.program_id(1)               # this program's slice of K (SPLIT_K > 1: partial sums, see below)
+    span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = sl * span
+    k_end = tl.minimum(k_start + span, K)
     kk = tl.arange(0, BLOCK_K)
-    x_tile = x_ptr + t_load[:, None] * stride_xt + kk[None, :]
-    w_head = w_ptr + (head * HD).to(tl.int64) * stride_wn + kk[:, None]
+    x_tile = x_ptr + t_load[:, None] * stride_xt + k_start + kk[None, :]
+    w_head = w_ptr + (head * HD).to(tl.int64) * stride_wn + k_start + kk[:, None]
     if ONE_DOT:     # one [BLOCK_M, HD] dot over the columns lo_col ++ hi_col, split into the halves in registers
         i = tl.arange(0, HD)
         if ROT == HD or ROT == 0:
@@ -80,7 +86,7 @@ def qkv_gemm_norm_rope_kernel(
                             tl.where(i - HALF < R2, i - HALF + R2, i))
         w_all = w_head + cols[None, :].to(tl.int64) * stride_wn
         acc = tl.zeros((BLOCK_M, HD), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_start, k_end, BLOCK_K):
             a = _k_tile(x_tile, kk[None, :] < K - k0, EVEN_K, WIDEN_DOT)
             acc = tl.dot(a, _k_tile(w_all, kk[:, None] < K - k0, EVEN_K, WIDEN_DOT), acc, input_precision="ieee")
             x_tile += BLOCK_K
@@ -91,7 +97,7 @@ def qkv_gemm_norm_rope_kernel(
         w_hi = w_head + hi_col[None, :].to(tl.int64) * stride_wn
         lo = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
         hi = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_start, k_end, BLOCK_K):
             a = _k_tile(x_tile, kk[None, :] < K - k0, EVEN_K, WIDEN_DOT)
             lo = tl.dot(a, _k_tile(w_lo, kk[:, None] < K - k0, EVEN_K, WIDEN_DOT), lo, input_precision="ieee")
             hi = tl.dot(a, _k_tile(w_hi, kk[:, None] < K - k0, EVEN_K, WIDEN_DOT), hi, input_precision="ieee")
@@ -99,6 +105,36 @@ def qkv_gemm_norm_rope_kernel(
             w_lo += BLOCK_K
             w_hi += BLOCK_K
 
+    if SPLIT_K == 1:
+        _epilogue(lo, hi, rows, t, j, lo_col, hi_col, head, T, S, N_Q, N_KV, S_DST, eps, b_ptr, cos_ptr, sin_ptr,
+                  q_norm_ptr, k_norm_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, stride_cos_b, stride_cos_s, stride_kv_b,
+                  stride_kv_s, stride_kv_h, HD, ROT, HAS_BIAS, HAS_Q_NORM, HAS_K_NORM, CACHE)
+    else:   # fp32 partials of this slice; the last slice of the tile to arrive sums them in slice order (the same
+        # bits whatever the arrival order) and runs the epilogue (the ticket pattern of skinny_gemm.py)
+        tile = (pid * SPLIT_K).to(tl.int64) * BLOCK_M * HD + tl.arange(0, BLOCK_M)[:, None] * HD + j[None, :]
+        tl.store(ws_ptr + tile + sl * BLOCK_M * HD, lo)
+        tl.store(ws_ptr + tile + sl * BLOCK_M * HD + HALF, hi)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if ticket == SPLIT_K - 1:
+            lo = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+            hi = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+            for s_ in range(SPLIT_K):
+                lo += tl.load(ws_ptr + tile + s_ * BLOCK_M * HD, cache_modifier=".cg")
+                hi += tl.load(ws_ptr + tile + s_ * BLOCK_M * HD + HALF, cache_modifier=".cg")
+            tl.store(count_ptr + pid, 0)  # leave the ticket ready for the next launch
+            _epilogue(lo, hi, rows, t, j, lo_col, hi_col, head, T, S, N_Q, N_KV, S_DST, eps, b_ptr, cos_ptr,
+                      sin_ptr, q_norm_ptr, k_norm_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, stride_cos_b, stride_cos_s,
+                      stride_kv_b, stride_kv_s, stride_kv_h, HD, ROT, HAS_BIAS, HAS_Q_NORM, HAS_K_NORM, CACHE)
+
+
+@triton.jit
+def _epilogue(lo, hi, rows, t, j, lo_col, hi_col, head, T, S, N_Q, N_KV, S_DST, eps, b_ptr, cos_ptr, sin_ptr,
+              q_norm_ptr, k_norm_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, stride_cos_b, stride_cos_s, stride_kv_b,
+              stride_kv_s, stride_kv_h, HD: tl.constexpr, ROT: tl.constexpr, HAS_BIAS: tl.constexpr,
+              HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr, CACHE: tl.constexpr):
+    """+ bias, round, per-head norm, rope, store — of the head's fp32 halves lo, hi [BLOCK_M, HD/2]."""
+    R2: tl.constexpr = ROT // 2
     dt = q_ptr.dtype.element_ty
     if HAS_BIAS:
         lo += tl.load(b_ptr + head * HD + lo_col).to(tl.float32)[None, :]
@@ -149,9 +185,11 @@ def qkv_gemm_norm_rope_kernel(
         tl.store(v_row + hi_col[None, :], hi.to(dt), mask=row_ok_kv[:, None])
 
 
+
+
 # ---- when the fused GEMM runs, and with which tiles ----
 
-ROWS = ("qkv_gemm.small", "qkv_gemm.medium", "qkv_gemm.large")
+ROWS = ("qkv_gemm.decode", "qkv_gemm.small", "qkv_gemm.medium", "qkv_gemm.large")
 
 
 def gemm_config(tokens: int, family: str) -> dict[str, int]:
@@ -185,18 +223,20 @@ def launch_qkv_gemm(x2: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, cos: Tensor
     k_dst, v_dst = kv_dst
     assert x2.stride(1) == 1 and w_qkv.stride(1) == 1 and cos.stride(-1) == 1 and sin.stride() == cos.stride()
     assert k_dst.stride() == v_dst.stride() and k_dst.stride(-1) == 1 and q_out.is_contiguous()
-    heads = n_q + 2 * n_kv
-    grid = (triton.cdiv(tokens, cfg["block_m"]) * heads,)
-    wrap_triton(qkv_gemm_norm_rope_kernel)[grid](
+    heads, split = n_q + 2 * n_kv, cfg["split_k"]
+    tiles = triton.cdiv(tokens, cfg["block_m"]) * heads
+    ws = torch.empty(tiles * split * cfg["block_m"] * head_dim if split > 1 else 1, dtype=torch.float32,
+                     device=x2.device)
+    counters = _arrival_counters(x2, tiles if split > 1 else 1)
+    wrap_triton(qkv_gemm_norm_rope_kernel)[(tiles, split)](
         x2, w_qkv, x2 if b_qkv is None else b_qkv, cos, sin, x2 if q_norm_w is None else q_norm_w,
-        x2 if k_norm_w is None else k_norm_w, q_out, k_dst, v_dst, x2 if positions is None else positions,
-        tokens, hidden, S, n_q, n_kv, k_dst.shape[1], eps,
+        x2 if k_norm_w is None else k_norm_w, q_out, k_dst, v_dst, x2 if positions is None else positions, ws,
+        counters, tokens, hidden, S, n_q, n_kv, k_dst.shape[1], eps,
         x2.stride(0), w_qkv.stride(0), cos.stride(0), cos.stride(1), *k_dst.stride()[:3],
         HD=head_dim, ROT=cos.shape[-1], HAS_BIAS=b_qkv is not None, HAS_Q_NORM=q_norm_w is not None,
         HAS_K_NORM=k_norm_w is not None, CACHE=positions is not None, EVEN_K=hidden % cfg["block_k"] == 0,
         WIDEN_DOT=widen_dot(x2), ONE_DOT=bool(cfg["one_dot"]), BLOCK_M=cfg["block_m"], BLOCK_K=cfg["block_k"],
-        GROUP_M=cfg["group_m"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        GROUP_M=cfg["group_m"], SPLIT_K=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 # ---- ahead-of-time specs ----
@@ -215,9 +255,10 @@ def gemm_spec(dtype: torch.dtype, head_dim: int, rot: int, bias: bool, norm: boo
     constexprs = {"HD": head_dim, "ROT": rot, "HAS_BIAS": bias, "HAS_Q_NORM": norm, "HAS_K_NORM": norm,
                   "CACHE": cache, "EVEN_K": True, "WIDEN_DOT": False, "ONE_DOT": bool(cfg["one_dot"]),
                   "BLOCK_M": cfg["block_m"],
-                  "BLOCK_K": cfg["block_k"], "GROUP_M": cfg["group_m"]}
+                  "BLOCK_K": cfg["block_k"], "GROUP_M": cfg["group_m"], "SPLIT_K": cfg["split_k"]}
     fn = _compilable(qkv_gemm_norm_rope_kernel)
-    pointers = {n: dt for n in fn.arg_names if n.endswith("_ptr")} | {"pos_ptr": "*i64"}
+    pointers = {n: dt for n in fn.arg_names if n.endswith("_ptr")} | {"pos_ptr": "*i64", "ws_ptr": "*fp32",
+                                                                       "count_ptr": "*i32"}
     signature = _signature(fn, pointers, ("eps",), constexprs)
     flags = "".join(f for f, on in ((",bias", bias), (",qknorm", norm), (",cache", cache)) if on)
     return KernelSpec(f"qkv_gemm_norm_rope[{DTYPES[dtype]},hd{head_dim},rot{rot}{flags},{row.split('.')[1]},"

@@ -72,6 +72,27 @@ def test_one_dot_matches_the_reference(monkeypatch, dtype, hd, rot, bias):
         assert_close(g, r, dtype)
 
 
+@pytest.mark.parametrize("split", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=param_id)
+def test_split_k_matches_the_reference_into_caches_and_twice(monkeypatch, dtype, split):
+    """split_k: K slices summed by the tile's last program (H 80 in block_k 32 steps: 3 steps, so split 4 has an
+    empty slice); into caches at scattered positions; a second launch reuses the tickets the first reset."""
+    for row in qkv_gemm.ROWS:
+        monkeypatch.setitem(configs.TABLE[row], "cuda", {**configs.TABLE[row]["cuda"], "split_k": split})
+    B, S, H, n_q, n_kv, hd, s_max = 2, 9, 80, 4, 2, 64, 24
+    inp = make_inputs(B, S, H, n_q, n_kv, hd, hd // 2, True, True, dtype, seed=split)
+    args = _args(inp, n_q, n_kv, hd)
+    q_ref, k_ref, v_ref = qkv_norm_rope_reference(*args)
+    for _ in range(2):
+        k_cache, v_cache = poisoned(B, n_kv, s_max, hd, dtype=dtype), poisoned(B, n_kv, s_max, hd, dtype=dtype)
+        pos = cache_positions(B, S, s_max, seed=2)
+        q = qnr.qkv_norm_rope_into_cache(*args, k_cache, v_cache, pos, q_out=poisoned(B, S, n_q, hd, dtype=dtype),
+                                         path="fused_gemm")
+        assert_close(q, q_ref, dtype)
+        check_cache(k_cache, pos, k_ref, dtype)
+        check_cache(v_cache, pos, v_ref, dtype)
+
+
 def test_fused_gemm_with_the_table_tiles_and_4d_tokens(monkeypatch):
     """The table's own medium tiles (block_m 64: one partial tile), tokens [2, 3, 5, H], cos/sin [1, 5, rot]."""
     monkeypatch.undo()
@@ -134,7 +155,8 @@ def test_the_table_picks_the_path_by_token_count(monkeypatch, paths, dtype, toke
     """Rows: T ≤ 4 → the vendor GEMM + epilogue, larger T → the fused kernel; fp32 always takes the vendor
     GEMM."""
     for family in ("cuda", "rocm"):
-        for row, change in (("qkv_gemm.small", {"max_t": 4, "fused": 0}), ("qkv_gemm.medium", {"fused": 1})):
+        for row, change in (("qkv_gemm.decode", {"max_t": 4, "fused": 0}),
+                            ("qkv_gemm.small", {"max_t": 4, "fused": 0}), ("qkv_gemm.medium", {"fused": 1})):
             monkeypatch.setitem(configs.TABLE[row], family, {**configs.TABLE[row][family], **change})
     inp = make_inputs(1, tokens, 32, 2, 1, 64, 64, False, True, dtype)
     args = _args(inp, 2, 1, 64)
@@ -146,6 +168,8 @@ def test_the_table_picks_the_path_by_token_count(monkeypatch, paths, dtype, toke
 def test_rows_are_picked_by_max_t():
     rows = {row: configs.TABLE[row]["cuda"] for row in qkv_gemm.ROWS}
     assert rows["qkv_gemm.large"]["max_t"] == 0
+    assert qkv_gemm.gemm_config(1, "cuda") is rows["qkv_gemm.decode"]
+    assert qkv_gemm.gemm_config(rows["qkv_gemm.decode"]["max_t"] + 1, "cuda") is rows["qkv_gemm.small"]
     assert qkv_gemm.gemm_config(rows["qkv_gemm.small"]["max_t"], "cuda") is rows["qkv_gemm.small"]
     assert qkv_gemm.gemm_config(rows["qkv_gemm.small"]["max_t"] + 1, "cuda") is rows["qkv_gemm.medium"]
     assert qkv_gemm.gemm_config(rows["qkv_gemm.medium"]["max_t"] + 1, "cuda") is rows["qkv_gemm.large"]
