@@ -66,6 +66,26 @@ def assert_verify_program_matches(target, program, block_size: int) -> None:
             assert_same_outputs(VerifyStep(target)(*args), program(*args))
 
 
+def hf_through_backend_without_inductor(kind: str) -> tuple[int, list[dict]]:
+    """transformers' tiny `kind` causal LM (tiny_models.hf_causal_lm) through backend="dflash" without Inductor at
+    two lengths — the second recompiles (automatic dynamic) —, logits equal to eager each time (fp32, 1e-5)
+    → (its layer count, the report's fusions of each compile)."""
+    import torch_dflash as td
+    from tiny_models import hf_causal_lm
+
+    torch._dynamo.reset()
+    model = hf_causal_lm(kind)
+    fast = torch.compile(model, backend="dflash", options={"inductor": False})
+    fusions = []
+    for length in (7, 4):
+        ids = torch.randint(0, 128, (2, length))
+        with torch.no_grad():
+            torch.testing.assert_close(fast(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
+                                       atol=1e-5, rtol=1e-5)
+        fusions.append(td.last_report().fusions)
+    return model.config.num_hidden_layers, fusions
+
+
 def run_passes(gm: fx.GraphModule, passes) -> PipelineReport:
     return PassManager(passes).run(gm)
 

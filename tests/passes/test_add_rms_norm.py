@@ -4,11 +4,10 @@ verify step (default pipeline), on transformers Qwen3 / Llama through backend="d
 
 import pytest
 import torch
-from pass_testing import assert_verify_program_matches, check_pass, demo_verify_program, op_counts
+from pass_testing import (assert_verify_program_matches, check_pass, demo_verify_program,
+                          hf_through_backend_without_inductor, op_counts)
 from test_rms_norms import DYNAMIC, HFNorm
-from tiny_models import hf_causal_lm
 
-import torch_dflash as td
 from torch_dflash.passes import add_rms_norm, canonicalize, cleanup, rms_norms
 
 KIND = add_rms_norm.NAME
@@ -29,16 +28,8 @@ def test_our_verify_step_fuses_both_residual_adds_of_every_layer():
 
 @pytest.mark.parametrize("kind", ["qwen3", "llama"])
 def test_backend_without_inductor_fuses_transformers_residual_adds(kind):
-    torch._dynamo.reset()
-    model = hf_causal_lm(kind)
-    layers = model.config.num_hidden_layers
-    fast = torch.compile(model, backend="dflash", options={"inductor": False})
-    for length in (7, 4):
-        ids = torch.randint(0, 128, (2, length))
-        with torch.no_grad():
-            torch.testing.assert_close(fast(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
-                                       atol=1e-5, rtol=1e-5)
-        assert td.last_report().fusions[KIND] == 2 * layers
+    layers, fusions = hf_through_backend_without_inductor(kind)
+    assert [f[KIND] for f in fusions] == [2 * layers] * 2
 
 
 def test_hf_spelling_fp32_and_bf16():

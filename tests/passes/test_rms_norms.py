@@ -5,10 +5,9 @@ recorded); and the callers that hand the graph to Inductor skip the pass."""
 
 import pytest
 import torch
-from pass_testing import assert_verify_program_matches, check_pass, demo_verify_program, op_counts
-from tiny_models import hf_causal_lm
+from pass_testing import (assert_verify_program_matches, check_pass, demo_verify_program,
+                          hf_through_backend_without_inductor, op_counts)
 
-import torch_dflash as td
 from torch_dflash.compiler import backend
 from torch_dflash.compiler.capture import capture_verify
 from torch_dflash.compiler.step_compiler import inductor_compile_step
@@ -54,16 +53,8 @@ def test_our_verify_step_takes_every_layer_norm_and_the_final_one():
 
 @pytest.mark.parametrize("kind", ["qwen3", "llama"])
 def test_backend_without_inductor_takes_transformers_norms(kind):
-    torch._dynamo.reset()
-    model = hf_causal_lm(kind)
-    layers = model.config.num_hidden_layers
-    fast = torch.compile(model, backend="dflash", options={"inductor": False})
-    for length in (7, 4):  # the second length recompiles (automatic dynamic): counted and checked again
-        ids = torch.randint(0, 128, (2, length))
-        with torch.no_grad():
-            torch.testing.assert_close(fast(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
-                                       atol=1e-5, rtol=1e-5)
-        assert td.last_report().fusions[KIND] == 2 * layers + 1
+    layers, fusions = hf_through_backend_without_inductor(kind)
+    assert [f[KIND] for f in fusions] == [2 * layers + 1] * 2
 
 
 def test_hf_spelling_fp32_and_bf16():

@@ -4,11 +4,10 @@ an unmerged MLP in fp32 and bf16 (either operand order); the guards (silu read e
 
 import pytest
 import torch
-from pass_testing import assert_verify_program_matches, check_pass, demo_verify_program, op_counts
+from pass_testing import (assert_verify_program_matches, check_pass, demo_verify_program,
+                          hf_through_backend_without_inductor, op_counts)
 from test_rms_norms import DYNAMIC
-from tiny_models import hf_causal_lm
 
-import torch_dflash as td
 from torch_dflash.passes import canonicalize, cleanup, silu_mul
 
 KIND = silu_mul.NAME
@@ -27,15 +26,8 @@ def test_our_verify_step_fuses_every_mlp():
 
 @pytest.mark.parametrize("kind", ["qwen3", "llama"])
 def test_backend_without_inductor_fuses_transformers_mlps(kind):
-    torch._dynamo.reset()
-    model = hf_causal_lm(kind)
-    fast = torch.compile(model, backend="dflash", options={"inductor": False})
-    for length in (7, 4):
-        ids = torch.randint(0, 128, (2, length))
-        with torch.no_grad():
-            torch.testing.assert_close(fast(ids, use_cache=False).logits, model(ids, use_cache=False).logits,
-                                       atol=1e-5, rtol=1e-5)
-        assert td.last_report().fusions[KIND] == model.config.num_hidden_layers
+    layers, fusions = hf_through_backend_without_inductor(kind)
+    assert [f[KIND] for f in fusions] == [layers] * 2
 
 
 class SwiGLU(torch.nn.Module):
