@@ -95,8 +95,8 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> None:
         if not is_call(qkv, torch.ops.dflash.qkv_norm_rope):
             continue
         outputs = {user.args[1]: user for user in qkv.users}
-        if set(outputs) != {0, 1, 2}:
-            continue    # an output nobody reads: nothing writes it anywhere
+        if set(outputs) != {0, 1, 2} or len(qkv.users) != 3:
+            continue    # an output nobody reads (nothing writes it anywhere), or read through two getitems
         k_update, v_update = _update(outputs[1]), _update(outputs[2])
         k_write, v_write = _cache_write(k_update), _cache_write(v_update)
         if k_write is None and v_write is None:
