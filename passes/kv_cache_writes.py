@@ -11,10 +11,10 @@ H100, plus the arange): the lowered op's epilogue stores k and v at their cache 
 tensors. Graphs traced by AOTAutograd (`backend="dflash"`) hold functional `index_put` + a final `copy_` instead:
 nothing to match there.
 Guards (a refusal is recorded, the graph stays): k and v are read by their cache write only (directly or through
-a view that drops leading 1-sized dims); both writes are
-in place, not accumulating, with indices [arange(B)[:, None], None, positions] — the same rows and positions —
-where B is x's batch; x is [B, S, H]; each cache is read by its write only (no read of the old contents can move
-after the new write) and is defined, with the positions, before the projection.
+a view that drops leading 1-sized dims); both writes are in place, not accumulating, with indices
+[arange(B)[:, None], None, positions] — the same rows and positions — where B is x's batch; x is [B, S, H]; each
+cache is read by its write only (no read of the old contents can move after the new write) and is defined, with
+the positions, before the projection.
 """
 
 import torch
@@ -30,8 +30,9 @@ aten = torch.ops.aten
 
 
 def _leading_ones_dropped(shape) -> list:
+    """shape without its leading dims of static size 1 (a symbolic size is never compared: no guard added)."""
     shape = list(shape)
-    while shape and shape[0] == 1:
+    while shape and isinstance(shape[0], int) and shape[0] == 1:
         shape.pop(0)
     return shape
 
