@@ -185,8 +185,6 @@ def _epilogue(lo, hi, rows, t, j, lo_col, hi_col, head, T, S, N_Q, N_KV, S_DST, 
         tl.store(v_row + hi_col[None, :], hi.to(dt), mask=row_ok_kv[:, None])
 
 
-
-
 # ---- when the fused GEMM runs, and with which tiles ----
 
 ROWS = ("qkv_gemm.decode", "qkv_gemm.small", "qkv_gemm.medium", "qkv_gemm.large")

@@ -108,10 +108,12 @@ def qkv_norm_rope_cache_supports(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, 
 
 def qkv_norm_rope_cache(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim,
                         k_cache, v_cache, cache_positions) -> Tensor:
-    """The dflash.qkv_norm_rope_cache provider: x's batch rows are the caches' first rows."""
-    rows = x.shape[0]
-    return qkv_norm_rope_into_cache(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim,
-                                    k_cache[:rows], v_cache[:rows], cache_positions)
+    """The dflash.qkv_norm_rope_cache provider: x's batch rows are the caches' first rows. The lowering checked
+    qkv_norm_rope_cache_supports; like the qkv_norm_rope provider, the call does not check again."""
+    rows, q = x.shape[0], x.new_empty(*x.shape[:-1], n_q, head_dim)
+    _run(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim, q,
+         (k_cache[:rows].transpose(1, 2), v_cache[:rows].transpose(1, 2)), cache_positions, None)
+    return q
 
 
 def aot_specs(family: str = "cuda") -> list[KernelSpec]:
