@@ -10,11 +10,13 @@ loads). A binary built with them is only valid for launches whose arguments sati
 `{(arg_index,): [["tt.divisibility", 16]]}`, is the same in triton 3.6 and 3.9.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from .configs import launch_config
 
 ARCHS = {
     "sm_80": GPUTarget("cuda", 80, 32),
@@ -56,9 +58,26 @@ def family(arch: str) -> str:
     raise ValueError(f"unknown GPU arch {arch!r}; known: {', '.join(ARCHS)}")
 
 
+def programmatic(arch: str) -> bool:
+    """Whether kernels for `arch` are built for programmatic dependent launch (launch.programmatic_launch's
+    rule, configs.TABLE["programmatic_launch"]): the PDL constexpr a spec does not set itself."""
+    row = launch_config("programmatic_launch", family(arch))
+    return family(arch) == "cuda" and bool(row["on"]) and ARCHS[arch].arch >= row["min_sm"]
+
+
+def for_arch(spec: KernelSpec, arch: str) -> KernelSpec:
+    """`spec` with the kernel's PDL constexpr set to `programmatic(arch)`, unless the spec sets it."""
+    if "PDL" not in spec.fn.arg_names or "PDL" in spec.constexprs:
+        return spec
+    return replace(spec, signature=spec.signature | {"PDL": "constexpr"},
+                   constexprs=spec.constexprs | {"PDL": programmatic(arch)})
+
+
 def compile_spec(spec: KernelSpec, arch: str):
-    """Compile one kernel configuration for `arch`; returns the CompiledKernel (`.asm['cubin'|'hsaco']`)."""
+    """Compile one kernel configuration (`for_arch`) for `arch`; returns the CompiledKernel
+    (`.asm['cubin'|'hsaco']`)."""
     family(arch)
+    spec = for_arch(spec, arch)
     source = ASTSource(spec.fn, spec.signature, constexprs=spec.constexprs, attrs=attrs(spec))
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
     return triton.compile(source, target=ARCHS[arch], options=options)

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .attention_common import (LOG2E, attend, family, key_range, launch_params, mask_args, qpos_args, query_positions,
                                widen_dot)
-from .launch import wrap_triton
+from .launch import await_previous_grid, programmatic_launch, wrap_triton
 
 
 @triton.jit
@@ -28,8 +28,9 @@ def attention_decode_kernel(
         n_kv_heads, group, sq, sk, window, num_splits, min_blocks_per_split, qk_scale,
         KIND: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_QPOS: tl.constexpr, SPLIT_KV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-        WIDEN_DOT: tl.constexpr):
+        WIDEN_DOT: tl.constexpr, PDL: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp32 as eager Triton types Python floats (Inductor passes fp64)
+    await_previous_grid(PDL)
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // n_kv_heads
@@ -82,9 +83,10 @@ def attention_decode_kernel(
 def reduce_splits_kernel(
         WS_O, WS_LSE, OUT, stride_ob, stride_oh, stride_os, stride_od,
         n_kv_heads, group, sq, num_splits,
-        SPLITS_P2: tl.constexpr, HEAD_DIM: tl.constexpr):
+        SPLITS_P2: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
     """One program per (batch × kv head, packed row): out = Σ_s 2^(lse_s − M)·o_s / Σ_s 2^(lse_s − M), using
     o_s only where lse_s > -inf (a split that saw no key of the row wrote no o)."""
+    await_previous_grid(PDL)
     pid_bh = tl.program_id(0)
     row = tl.program_id(1)
     n_rows = group * sq
@@ -198,9 +200,10 @@ def attention_decode(q, k, v, kind, scale, window=0, mask=None, q_pos=None, num_
         plan.min_blocks_per_split, scale * LOG2E,
         KIND=kind, MASK_BOOL=mask_bool, HAS_QPOS=q_pos is not None, SPLIT_KV=split_kv,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, HEAD_DIM=head_dim, WIDEN_DOT=widen_dot(q),
-        num_warps=plan.num_warps, num_stages=plan.num_stages)
+        num_warps=plan.num_warps, num_stages=plan.num_stages, **programmatic_launch(q.device))
     if split_kv:
         wrap_triton(reduce_splits_kernel)[plan.reduce_grid](
             ws_o, ws_lse, out, *out.stride(), n_kv_heads, group, sq, plan.num_splits,
-            SPLITS_P2=triton.next_power_of_2(plan.num_splits), HEAD_DIM=head_dim, num_warps=plan.reduce_num_warps)
+            SPLITS_P2=triton.next_power_of_2(plan.num_splits), HEAD_DIM=head_dim, num_warps=plan.reduce_num_warps,
+            **programmatic_launch(q.device))
     return out

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from .attention_common import (LOG2E, attend, family, key_range, launch_params, mask_args, qpos_args, query_positions,
                                widen_dot)
-from .launch import wrap_triton
+from .launch import await_previous_grid, programmatic_launch, wrap_triton
 
 
 @triton.jit
@@ -22,8 +22,9 @@ def attention_prefill_kernel(
         group, sq, sk, window, qk_scale,
         KIND: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_QPOS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-        WIDEN_DOT: tl.constexpr):
+        WIDEN_DOT: tl.constexpr, PDL: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp32 as eager Triton types Python floats (Inductor passes fp64)
+    await_previous_grid(PDL)
     i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     head = tl.program_id(1)
     b = tl.program_id(2)
@@ -70,5 +71,5 @@ def attention_prefill(q, k, v, kind, scale, window=0, mask=None, q_pos=None, out
         stride_pb, stride_ps, *mask_strides, n_q_heads // n_kv_heads, sq, sk, window, scale * LOG2E,
         KIND=kind, MASK_BOOL=mask_bool, HAS_QPOS=q_pos is not None,
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], HEAD_DIM=head_dim, WIDEN_DOT=widen_dot(q),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **programmatic_launch(q.device))
     return out

@@ -6,6 +6,14 @@ Kernel modules read their row with `launch_config(kernel, family)`; edit the num
 
 TABLE: dict[str, dict[str, dict[str, int]]] = {
     # rows are added by the kernel modules' authors: "kernel_name": {"cuda": {...}, "rocm": {...}},
+    # launch.py: programmatic dependent launch of every kernel on GPUs of compute capability >= min_sm (each kernel
+    # may start while the previous one finishes and waits for it before touching memory); `on` 0 turns it off.
+    # H100, runtime steps interleaved over 6 rounds (docs/kernels/launch.md): verify 6.41 → 6.24 ms, draft
+    # 1.51 → 1.48 ms
+    "programmatic_launch": {
+        "cuda": {"on": 1, "min_sm": 90},
+        "rocm": {"on": 0, "min_sm": 0},
+    },
     # mhc.py: dflash.mhc_post_pre / mhc_pre by token count T (first row with T <= max_t; 0 = no limit): block_t tokens
     # per program (>= 16: tensor-core GEMV against fn), D cut into `split` slices per token block (the last slice to
     # arrive finishes the block), block_d columns per phase-1 step. apply_launch 1: phase 2 (layer_in and its norm) is

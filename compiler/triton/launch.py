@@ -1,12 +1,31 @@
-"""`wrap_triton` for our launch sites: `torch.library.wrap_triton(kernel)` while torch traces the call (a triton_op
-being decomposed for Inductor, make_fx, export: a dispatch mode is active), so the launch becomes a graph node
-Inductor compiles; the kernel itself in eager calls, where the traceable wrapper would dispatch a higher-order op
-per launch — host time that shows as soon as a call is not CUDA-graphed (the mHC kernel at T 4096 went from
-575 to 812 µs). Named `wrap_triton` because torch finds a triton_op's kernels (its cache key) by scanning the
-source for calls of that name.
+"""How our kernels are launched: traced or not, and after the previous kernel of the stream.
+
+`wrap_triton(kernel)`: `torch.library.wrap_triton(kernel)` while torch traces the call (a triton_op being
+decomposed for Inductor, make_fx, export: a dispatch mode is active), so the launch becomes a graph node Inductor
+compiles; the kernel itself in eager calls, where the traceable wrapper would dispatch a higher-order op per
+launch — host time that shows as soon as a call is not CUDA-graphed (the mHC kernel at T 4096 went from 575 to
+812 µs). Named `wrap_triton` because torch finds a triton_op's kernels (its cache key) by scanning the source for
+calls of that name.
+
+Programmatic dependent launch (sm_90+, configs.TABLE["programmatic_launch"]): a kernel launched with
+`**programmatic_launch(device)` may start while the previous kernel of the stream finishes. Every kernel takes a
+`PDL` constexpr and calls `await_previous_grid(PDL)` before its first access to memory: the grid may be resident
+while the previous one drains, but it reads and writes nothing until that grid has completed and its writes are
+visible. Each waited grid completed entirely, so the order holds through kernels launched without it (ATen's,
+cuBLAS's: they start after the previous kernel as always).
+
+    before: [GEMM ·······]  launch  [norm]  launch  [GEMM ·······]
+    after:  [GEMM ·······][norm][GEMM ·······]      each grid launched while its predecessor drains,
+                                                    waiting at griddepcontrol.wait
 """
 
+import functools
+
 import torch
+import triton
+import triton.language as tl
+
+from .configs import launch_config
 
 
 def traced() -> bool:
@@ -17,3 +36,30 @@ def traced() -> bool:
 
 def wrap_triton(kernel):
     return torch.library.wrap_triton(kernel) if traced() else kernel
+
+
+@functools.cache
+def _sm(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def programmatic_launch(device: torch.device) -> dict:
+    """The launch arguments for `device`: {"PDL": True, "launch_pdl": True} on an NVIDIA GPU at or above the
+    table's min_sm while nothing traces (torch's traceable launch takes no launch options), else {"PDL": False}
+    (ROCm, older GPUs, the CPU interpreter)."""
+    if device.type != "cuda" or torch.version.hip or traced():
+        return {"PDL": False}
+    row = launch_config("programmatic_launch", "cuda")
+    on = bool(row["on"]) and _sm(device.index if device.index is not None else torch.cuda.current_device()) \
+        >= row["min_sm"]
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+@triton.jit
+def await_previous_grid(PDL: tl.constexpr):
+    """With PDL: wait until the previous kernel of the stream has completed and its writes are visible, then let
+    the next kernel's programs launch (they wait in turn). Without: nothing."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()

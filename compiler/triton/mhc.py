@@ -27,7 +27,7 @@ from ...errors import InputError
 from ..providers import Provider, register
 from .aot import KernelSpec, pointer_args
 from .configs import launch_config
-from .launch import traced, wrap_triton
+from .launch import await_previous_grid, programmatic_launch, traced, wrap_triton
 
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _TL_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -265,7 +265,8 @@ def _mhc_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, fn_ptr, base_ptr, scale_ptr,
                 BLOCK_D: tl.constexpr, APPLY_D: tl.constexpr, SPLIT_P2: tl.constexpr, FN_PARTS: tl.constexpr,
                 FN_PRESPLIT: tl.constexpr, FLAT_LOOP: tl.constexpr,
                 INTERPRETED: tl.constexpr, HAS_POST: tl.constexpr, HAS_PRE: tl.constexpr, HAS_NORM: tl.constexpr,
-                FINISH_INLINE: tl.constexpr, FINISH_HERE: tl.constexpr):
+                FINISH_INLINE: tl.constexpr, FINISH_HERE: tl.constexpr, PDL: tl.constexpr):
+    await_previous_grid(PDL)
     NMIX: tl.constexpr = (2 + N) * N
     NPAIR: tl.constexpr = (N + 1) * (N + 2) // 2
     WSC: tl.constexpr = NMIX + 1 + NPAIR
@@ -345,9 +346,11 @@ def _mhc_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, fn_ptr, base_ptr, scale_ptr,
 @triton.jit
 def _mhc_finish_kernel(src_ptr, post_ptr, comb_ptr, base_ptr, scale_ptr, norm_w_ptr, post_out_ptr, comb_out_ptr,
                        ws_ptr, coef_ptr, T, D, split, iters, rms_eps, hc_eps, norm_eps,
-                       N: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_P2: tl.constexpr, HAS_NORM: tl.constexpr):
+                       N: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_P2: tl.constexpr, HAS_NORM: tl.constexpr,
+                       PDL: tl.constexpr):
     """The finish as its own launch (apply_launch 2), one program per token block: _mhc_kernel then carries no
     finisher (its registers, its ticket) and the apply launch reads `coef`."""
+    await_previous_grid(PDL)
     NMIX: tl.constexpr = (2 + N) * N
     WSC: tl.constexpr = NMIX + 1 + (N + 1) * (N + 2) // 2
     t0 = tl.program_id(0).to(tl.int64) * BLOCK_T
@@ -360,9 +363,11 @@ def _mhc_finish_kernel(src_ptr, post_ptr, comb_ptr, base_ptr, scale_ptr, norm_w_
 
 @triton.jit
 def _mhc_apply_kernel(src_ptr, out_ptr, coef_ptr, norm_w_ptr, T, D,
-                      N: tl.constexpr, BLOCK_T: tl.constexpr, APPLY_D: tl.constexpr, HAS_NORM: tl.constexpr):
+                      N: tl.constexpr, BLOCK_T: tl.constexpr, APPLY_D: tl.constexpr, HAS_NORM: tl.constexpr,
+                      PDL: tl.constexpr):
     """Phase 2 as its own launch: one [BLOCK_T, APPLY_D] chunk of layer_in (→ its RMSNorm) per program, from the
     pre weights and r_in that _mhc_kernel left in `coef`."""
+    await_previous_grid(PDL)
     t0 = tl.program_id(1).to(tl.int64) * BLOCK_T
     tt = tl.arange(0, BLOCK_T)
     t_ok = tt < T - t0
@@ -522,17 +527,19 @@ def _launch(op, res, x=None, post=None, comb=None, fn=None, base=None, scale=Non
                 pointer(fn), pointer(base), pointer(scale), pointer(norm_w),
                 pointer(new_res), pointer(out), pointer(post_out), pointer(comb_out), pointer(ws), pointer(coef),
                 pointer(counters), tokens, d, split, iters, rms_eps, hc_eps, norm_eps,
-                **_main_meta(meta), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                **_main_meta(meta), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                **programmatic_launch(dev))
         if not meta["FINISH_HERE"] and "main" in launches:
             wrap_triton(_mhc_finish_kernel)[(blocks,)](
                 src, pointer(post, tokens, n), pointer(comb, tokens, n, n), pointer(base), pointer(scale),
                 pointer(norm_w), post_out, comb_out, ws, coef, tokens, d, split, iters, rms_eps, hc_eps, norm_eps,
                 N=n, BLOCK_T=meta["BLOCK_T"], SPLIT_P2=meta["SPLIT_P2"], HAS_NORM=has_norm,
-                num_warps=cfg["num_warps"])
+                num_warps=cfg["num_warps"], **programmatic_launch(dev))
         if coef is not None and "apply" in launches:
             wrap_triton(_mhc_apply_kernel)[(triton.cdiv(d, meta["APPLY_D"]), blocks)](
                 src, out, coef, pointer(norm_w), tokens, d, N=n,
-                BLOCK_T=meta["BLOCK_T"], APPLY_D=meta["APPLY_D"], HAS_NORM=has_norm, num_warps=cfg["num_warps"])
+                BLOCK_T=meta["BLOCK_T"], APPLY_D=meta["APPLY_D"], HAS_NORM=has_norm, num_warps=cfg["num_warps"],
+                **programmatic_launch(dev))
     shaped = lambda t, *tail: None if t is None else t.reshape(*lead, *tail)  # noqa: E731
     return shaped(new_res, n, d), shaped(out, d), shaped(post_out, n), shaped(comb_out, n, n)
 

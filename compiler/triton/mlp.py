@@ -12,14 +12,15 @@ from torch import Tensor
 from ..providers import Provider, register
 from .aot import KernelSpec, pointer_args
 from .configs import launch_config
-from .launch import wrap_triton
+from .launch import await_previous_grid, programmatic_launch, wrap_triton
 from .norm_rope import (_compilable, _num_warps, _signature, device_reason, dtype_reason, family_of, first_reason,
                         shape_reason)
 
 
 @triton.jit
 def silu_mul_kernel(gate_ptr, up_ptr, out_ptr, M, N, stride_gate, stride_up,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    await_previous_grid(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
@@ -53,7 +54,7 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     block_m, block_n, cfg = _tile(n, rows, family_of(gate))
     wrap_triton(silu_mul_kernel)[(triton.cdiv(rows, block_m), triton.cdiv(n, block_n))](
         g, u, out, rows, n, g.stride(0), u.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=_num_warps(cfg, block_m * block_n))
+        num_warps=_num_warps(cfg, block_m * block_n), **programmatic_launch(gate.device))
     return out
 
 

@@ -21,7 +21,7 @@ from ...errors import DFlashError
 from ..providers import Provider, register
 from .aot import KernelSpec, pointer_args
 from .configs import launch_config
-from .launch import wrap_triton
+from .launch import await_previous_grid, programmatic_launch, wrap_triton
 
 DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 MAX_ROW = 32768     # widest rms_norm row: one tile of next_pow2(N) fp32 values per row
@@ -34,8 +34,9 @@ def norm_rope_heads_kernel(
         stride_proj_l, stride_proj_t, stride_cos_b, stride_cos_s, stride_k_norm_l,
         stride_kv_l, stride_kv_b, stride_kv_s, stride_kv_h,
         HD: tl.constexpr, ROT: tl.constexpr, HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr,
-        CACHE: tl.constexpr, BLOCK_T: tl.constexpr):
+        CACHE: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr):
     eps = tl.cast(eps, tl.float32)  # fp32 as eager Triton types Python floats (Inductor passes fp64)
+    await_previous_grid(PDL)
     head = tl.program_id(1)
     layer = tl.program_id(2)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -82,8 +83,10 @@ def norm_rope_heads_kernel(
 
 @triton.jit
 def rms_norm_rows_kernel(x_ptr, residual_ptr, w_ptr, y_ptr, sum_ptr, M, N, eps, HAS_RESIDUAL: tl.constexpr,
-                         HAS_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         HAS_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         PDL: tl.constexpr):
     eps = tl.cast(eps, tl.float32)  # fp32 as eager Triton types Python floats (Inductor passes fp64)
+    await_previous_grid(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
@@ -224,7 +227,8 @@ def launch_norm_rope_heads(proj: Tensor, cos: Tensor, sin: Tensor, q_norm_w: Ten
         B * S, S, n_q, n_kv, k_dst.shape[2] if kv_dst is not None else 0, eps,
         heads * head_dim, proj.stride(0), cos.stride(0), cos.stride(1), k_norm_stride, *kv_strides,
         HD=head_dim, ROT=cos.shape[-1], HAS_Q_NORM=q_norm_w is not None, HAS_K_NORM=k_norm_w is not None,
-        CACHE=positions is not None, BLOCK_T=block_t, num_warps=_num_warps(cfg, block_t * head_dim))
+        CACHE=positions is not None, BLOCK_T=block_t, num_warps=_num_warps(cfg, block_t * head_dim),
+        **programmatic_launch(proj.device))
 
 
 # ---- dflash.rms_norm and dflash.rope providers ----
@@ -241,7 +245,8 @@ def _launch_rms_norm_rows(x: Tensor, residual: Tensor | None, weight: Tensor | N
     wrap_triton(rms_norm_rows_kernel)[(triton.cdiv(rows, block_m),)](
         x, x if residual is None else residual, x if weight is None else weight, y, y if total is None else total,
         rows, n, eps, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(cfg, block_m * block_n))
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(cfg, block_m * block_n),
+        **programmatic_launch(x.device))
 
 
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float, *, out: Tensor | None = None) -> Tensor:

@@ -21,7 +21,7 @@ from torch import Tensor
 from .aot import KernelSpec, pointer_args
 from .attention_common import widen_dot
 from .configs import TABLE
-from .launch import wrap_triton
+from .launch import await_previous_grid, programmatic_launch, wrap_triton
 from .mhc import _arrival_counters
 from .norm_rope import DTYPES, _compilable, _signature
 
@@ -47,7 +47,7 @@ def qkv_gemm_norm_rope_kernel(
         HD: tl.constexpr, ROT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Q_NORM: tl.constexpr,
         HAS_K_NORM: tl.constexpr, CACHE: tl.constexpr, EVEN_K: tl.constexpr, WIDEN_DOT: tl.constexpr,
         ONE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        SPLIT_K: tl.constexpr):
+        SPLIT_K: tl.constexpr, PDL: tl.constexpr):
     eps = tl.cast(eps, tl.float32)  # fp32 as eager Triton types Python floats (Inductor passes fp64)
     HALF: tl.constexpr = HD // 2
     R2: tl.constexpr = ROT // 2
@@ -75,6 +75,7 @@ def qkv_gemm_norm_rope_kernel(
     k_start = sl * span
     k_end = tl.minimum(k_start + span, K)
     kk = tl.arange(0, BLOCK_K)
+    await_previous_grid(PDL)
     x_tile = x_ptr + t_load[:, None] * stride_xt + k_start + kk[None, :]
     w_head = w_ptr + (head * HD).to(tl.int64) * stride_wn + k_start + kk[:, None]
     if ONE_DOT:     # one [BLOCK_M, HD] dot over the columns lo_col ++ hi_col, split into the halves in registers
@@ -234,7 +235,8 @@ def launch_qkv_gemm(x2: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, cos: Tensor
         HD=head_dim, ROT=cos.shape[-1], HAS_BIAS=b_qkv is not None, HAS_Q_NORM=q_norm_w is not None,
         HAS_K_NORM=k_norm_w is not None, CACHE=positions is not None, EVEN_K=hidden % cfg["block_k"] == 0,
         WIDEN_DOT=widen_dot(x2), ONE_DOT=bool(cfg["one_dot"]), BLOCK_M=cfg["block_m"], BLOCK_K=cfg["block_k"],
-        GROUP_M=cfg["group_m"], SPLIT_K=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        GROUP_M=cfg["group_m"], SPLIT_K=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **programmatic_launch(x2.device))
 
 
 # ---- ahead-of-time specs ----

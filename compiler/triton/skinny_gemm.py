@@ -22,7 +22,7 @@ import triton.language as tl
 from ...errors import InputError
 from .aot import KernelSpec, pointer_args
 from .configs import launch_config
-from .launch import wrap_triton
+from .launch import await_previous_grid, programmatic_launch, wrap_triton
 from .mhc import _arrival_counters
 from .norm_rope import DTYPES, _compilable, _signature, family_of
 
@@ -32,7 +32,7 @@ MAX_M = 32
 @triton.jit
 def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                       EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, WIDEN_DOT: tl.constexpr):
+                       EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, WIDEN_DOT: tl.constexpr, PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     sl = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -41,6 +41,7 @@ def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, s
     span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_start = sl * span
     k_end = tl.minimum(k_start + span, K)
+    await_previous_grid(PDL)
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + (k_start + rk)[None, :]
     x_ptrs = x_ptr + rm[None, :] * stride_xm + (k_start + rk)[:, None]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -147,7 +148,7 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, config: dict | None = None,
     wrap_triton(skinny_gemm_kernel)[(tiles, split)](
         x, w, x if bias is None else bias.contiguous(), y, ws, counters, m, n, k, x.stride(0), w.stride(0),
         y.stride(0), **meta, HAS_BIAS=bias is not None, WIDEN_DOT=x.device.type != "cuda",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **programmatic_launch(x.device))
     return y
 
 

@@ -130,3 +130,30 @@ def test_every_kernel_compiles_with_its_float_scalars_typed_fp64():
     failed = {name: why for name, why in result.items() if isinstance(why, str)}
     assert not failed, failed
     assert {"attention_decode_kernel", "norm_rope_heads_kernel", "_mhc_kernel"} <= set(result), result
+
+
+EMBED_SCRIPT = r"""
+import json
+from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code as closure
+from torch_dflash.compiler.ops import OP_NAMES
+from torch_dflash.kernel_export import _provider_modules, _specs
+
+result = {}
+for module in _provider_modules(OP_NAMES):
+    for spec in _specs(module, "cuda"):
+        source = closure(spec.fn)   # the kernel and every @triton.jit function it calls, as Inductor copies them
+        # as Inductor's async_compile.triton(name, '''…''') holds it
+        embedded = "'''" + source.replace("'''", "\\'\\'\\'") + "'''"
+        result[spec.fn.__name__] = eval(embedded) == source
+print(json.dumps(result))
+"""
+
+
+def test_every_kernel_source_survives_inductors_embedding():
+    """Inductor pastes a user kernel's source (with the @triton.jit functions it calls) into a plain '''-string of
+    its generated module, escaping only the quotes: a backslash escape in a kernel (an inline-asm "\\n") turns into
+    a raw newline there and the module no longer compiles (found on the H100 with an L2-prefetch inline asm tried in
+    session 6: every compile_step="inductor" step failed). Every kernel of the providers reads back unchanged."""
+    result = run_aot_script(EMBED_SCRIPT, families=("cuda",))
+    assert result and all(result.values()), result
+    assert {"skinny_gemm_kernel", "qkv_gemm_norm_rope_kernel", "attention_decode_kernel"} <= set(result)

@@ -208,13 +208,14 @@ AOT_SCRIPT = """
 import json, sys
 import triton
 from triton.compiler import ASTSource
-from torch_dflash.compiler.triton.aot import ARCHS, binary, compile_spec, family
+from torch_dflash.compiler.triton.aot import ARCHS, binary, compile_spec, family, for_arch
 from torch_dflash.compiler.triton.attention import aot_specs
 
 def jit_variant(spec, arch):
     # What the JIT builds for contiguous, 16-byte aligned q/k/v/out: unit strides are constants, pointers and
     # the other q/k/v/out strides are known multiples of 16 (aot.KernelSpec has no attrs to say so), which
     # turns on cp.async / direct-to-LDS pipelining and so the shared memory the GPU really needs.
+    spec = for_arch(spec, arch)
     sig, consts = dict(spec.signature), dict(spec.constexprs)
     for name in ("stride_qd", "stride_kd", "stride_vd", "stride_od"):
         if sig.get(name) == "i32":
