@@ -77,7 +77,7 @@ def _case(tokens: int, hidden: int, n_q: int, n_kv: int, head_dim: int, device, 
 
     compiled = compiled or torch.compile(hf_qkv_norm_rope, dynamic=False)
     x = inputs.current[0]
-    chosen = "fused_gemm" if fused_gemm_chosen(x, tokens, family_of(x)) else "blas_epilogue"
+    chosen = "fused_gemm" if fused_gemm_chosen(x, tokens, family_of(x)) else "gemm_epilogue"
     other = next(path for path in PATHS if path != chosen)
 
     def check():

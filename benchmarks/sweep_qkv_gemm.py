@@ -110,10 +110,10 @@ def _baselines(problem: Problem, tokens: int) -> dict:
     compiled = torch.compile(hf_qkv_norm_rope, dynamic=False)
     compiled(*problem.hf_args)
     return {"gemm_only": _median_us(lambda: F.linear(problem.x, problem.w)),
-            "blas_epilogue": _median_us(problem.run("blas_epilogue")),
+            "gemm_epilogue": _median_us(problem.run("gemm_epilogue")),
             "dflash": _median_us(problem.run()),
             "inductor": _median_us(lambda: compiled(*problem.hf_args)),
-            "dflash_path": "fused_gemm" if qkv_gemm.fused_gemm_chosen(problem.x, tokens, "cuda") else "blas_epilogue"}
+            "dflash_path": "fused_gemm" if qkv_gemm.fused_gemm_chosen(problem.x, tokens, "cuda") else "gemm_epilogue"}
 
 
 DECODE_TOKENS = (1, 16, 32)
@@ -246,7 +246,7 @@ def _table(result: dict) -> str:
         base, best = result["baselines"][t], result["best"][t]
         fused = min((r["T"][t]["us"] for r in result["configs"] if r["T"].get(t, {}).get("ok")), default=None)
         cfg = "—" if best is None else ", ".join(str(best[k]) for k in CONFIG_KEYS)
-        lines.append(f"| {t} | {base['gemm_only']:.1f} | {base['blas_epilogue']:.1f} | {base['dflash']:.1f} "
+        lines.append(f"| {t} | {base['gemm_only']:.1f} | {base['gemm_epilogue']:.1f} | {base['dflash']:.1f} "
                      f"({base['dflash_path']}) | {base['inductor']:.1f} | "
                      + ("— | — | — | — |" if fused is None else
                         f"{fused:.1f} | {fused / base['gemm_only']:.2f} | {base['inductor'] / fused:.2f} | {cfg} |"))

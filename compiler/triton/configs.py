@@ -121,12 +121,22 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     # 32/8 heads, hd 128, bf16): fused 26.8 µs vs vendor GEMM + epilogue 29.5 at T 32; at T 512 61.8 vs 45.4 and at
     # T 8192 727 vs 632 (GEMM alone 540), so the fused kernel serves only T <= 32. medium/large keep the sweep's
     # best fused tiles for forced-fused runs. rocm rows: untuned, vendor GEMM + epilogue everywhere.
-    # decode (T <= 16: AR steps, one verify/draft block): the fused kernel with K in 2 slices (partials summed by
-    # the head's last slice), `python -m torch_dflash.benchmarks.sweep_qkv_gemm --decode` (H100, 2026-11-22,
-    # weights rotating over 4 × 50 MB, µs per call): T 1 22.7 vs 23.9 for the small row's tiles, T 16 22.9 vs
-    # 23.3; at T 32 two slices lose (24.2 vs 22.8), so the small row keeps one. cuBLAS alone: 21.2 / 21.3 µs.
+    # ar (T = 1: the AR step): the fused kernel with K in 2 slices (partials summed by the head's last slice).
+    # decode (T <= 16: one verify/draft block): fused 0 — the skinny GEMM + the head epilogue, since programmatic
+    # dependent launch (launch.py) hides the second launch. H100, the runtime's steps built both ways and timed
+    # interleaved (docs/kernels/projections.md): verify −41 µs, draft −13 µs (with kv_materialize's GEMM on the
+    # skinny kernel too), AR +13 µs — so T 1 keeps the fused kernel. Kernel alone, `python -m
+    # torch_dflash.benchmarks.sweep_qkv_gemm --decode` (2026-11-22, weights rotating over 4 × 50 MB, µs per call,
+    # before PDL): fused with 2 slices T 1 22.7, T 16 22.9 (cuBLAS alone 21.2 / 21.3); at T 32 two slices lose
+    # (24.2 vs 22.8), so the small row keeps one. The decode row's tiles serve forced fused runs.
+    "qkv_gemm.ar": {
+        "cuda": {"max_t": 1, "fused": 1, "block_m": 16, "block_k": 128, "group_m": 4, "one_dot": 0,
+                 "num_warps": 4, "num_stages": 3, "split_k": 2},
+        "rocm": {"max_t": 1, "fused": 0, "block_m": 64, "block_k": 64, "group_m": 8, "one_dot": 0,
+                 "num_warps": 4, "num_stages": 2, "split_k": 1},
+    },
     "qkv_gemm.decode": {
-        "cuda": {"max_t": 16, "fused": 1, "block_m": 16, "block_k": 128, "group_m": 4, "one_dot": 0,
+        "cuda": {"max_t": 16, "fused": 0, "block_m": 16, "block_k": 128, "group_m": 4, "one_dot": 0,
                  "num_warps": 4, "num_stages": 3, "split_k": 2},
         "rocm": {"max_t": 16, "fused": 0, "block_m": 64, "block_k": 64, "group_m": 8, "one_dot": 0,
                  "num_warps": 4, "num_stages": 2, "split_k": 1},

@@ -1,9 +1,11 @@
 """dflash.kv_materialize on CUDA/ROCm, per layer and for all draft layers at once.
 
-Per layer:  ctx[B,C,H] ─ F.linear(ctx, w_kv, b_kv) ─ norm_rope_heads_kernel with n_q = 0 (k-norm, k-rope, v copy).
+Per layer:  ctx[B,C,H] ─ linear(ctx, w_kv, b_kv) ─ norm_rope_heads_kernel with n_q = 0 (k-norm, k-rope, v copy).
 All layers: ONE GEMM over the stacked weights viewed as [L·2·n_kv·hd, H] ─ proj[B·C, L·2·n_kv·hd]
             ─ ONE epilogue launch, grid (token blocks, 2·n_kv heads, L) → k/v [L, B, C, n_kv, hd] or straight
             into stacked caches [L, B, n_kv, S_max, hd] at cache_positions[B, C].
+The GEMM is dflash.linear's (linear.py): the skinny GEMM for the few context rows of a decode turn, else the
+vendor's.
 """
 
 from collections.abc import Sequence
@@ -14,6 +16,7 @@ from torch import Tensor
 from ...errors import InputError
 from ..providers import Provider, register
 from .aot import KernelSpec
+from .linear import linear
 from .norm_rope import (batch_and_seq, device_reason, dtype_reason, first_reason, head_dim_reason, heads_spec,
                         launch_norm_rope_heads, rope_reason, rope_table, shape_reason)
 from .qkv_norm_rope import cache_reason
@@ -39,7 +42,7 @@ def kv_materialize(ctx, w_kv, b_kv, k_norm_w, eps, cos, sin, n_kv, head_dim, *,
     lead = ctx.shape[:-1]
     B, S = batch_and_seq(lead)
     k, v = out if out is not None else (ctx.new_empty(*lead, n_kv, head_dim) for _ in range(2))
-    proj = torch.nn.functional.linear(ctx, w_kv, b_kv).reshape(-1, w_kv.shape[0])
+    proj = linear(ctx, w_kv, b_kv).reshape(-1, w_kv.shape[0])
     _launch(proj, ctx, k_norm_w, eps, cos, sin, n_kv, head_dim,
             (k.view(1, B, S, n_kv, head_dim), v.view(1, B, S, n_kv, head_dim)))
     return k, v
@@ -94,7 +97,7 @@ def kv_materialize_layers(ctx: Tensor, w_kv_stacked: Tensor, k_norm_w_stacked: T
         B, S = batch_and_seq(lead)
         k, v = out if out is not None else (ctx.new_empty(layers, *lead, n_kv, head_dim) for _ in range(2))
         kv_dst = (k.view(layers, B, S, n_kv, head_dim), v.view(layers, B, S, n_kv, head_dim))
-    proj = torch.nn.functional.linear(ctx, w_kv_stacked.view(layers * width, -1)).reshape(-1, layers * width)
+    proj = linear(ctx, w_kv_stacked.view(layers * width, -1), None).reshape(-1, layers * width)
     _launch(proj, ctx, k_norm_w_stacked, eps, cos, sin, n_kv, head_dim, kv_dst, cache_positions)
     return (k_caches, v_caches) if k_caches is not None else (k, v)
 

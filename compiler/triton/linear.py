@@ -15,8 +15,10 @@ from .aot import KernelSpec
 from .norm_rope import device_reason, dtype_reason, family_of, first_reason
 from .skinny_gemm import gemm_spec, serves, skinny_gemm
 
-# Qwen3-8B (H 4096, inter 12288, vocab 151936) and its 5-layer DFlash draft's fc: o, gate|up, down, lm_head, fc
-AOT_SHAPES = ((4096, 4096), (24576, 4096), (4096, 12288), (151936, 4096), (4096, 20480))
+# Qwen3-8B (H 4096, inter 12288, vocab 151936) and its 5-layer DFlash draft's fc: o, gate|up, down, lm_head, fc;
+# the GEMMs of qkv_norm_rope's and kv_materialize's epilogue paths: merged qkv, one layer's k|v, 5 layers' k|v
+AOT_SHAPES = ((4096, 4096), (24576, 4096), (4096, 12288), (151936, 4096), (4096, 20480), (6144, 4096),
+              (2048, 4096), (10240, 4096))
 
 
 def linear_supports(x: Tensor, w: Tensor, b: Tensor | None) -> str | None:
@@ -31,10 +33,11 @@ def linear_supports(x: Tensor, w: Tensor, b: Tensor | None) -> str | None:
 
 
 def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """The dflash.linear provider: skinny_gemm when skinny_gemm.serves the run-time row count, else F.linear."""
+    """The dflash.linear provider (and the GEMM of the qkv / kv epilogue paths): skinny_gemm for bf16/fp16 when
+    skinny_gemm.serves the run-time row count, else F.linear."""
     (n, k), lead = w.shape, x.shape[:-1]
     rows = lead.numel()
-    if not serves(rows, n, k, family_of(x)):
+    if x.dtype not in (torch.bfloat16, torch.float16) or not serves(rows, n, k, family_of(x)):
         return torch.nn.functional.linear(x, w, b)
     return skinny_gemm(x.reshape(rows, k), w, bias=b).view(*lead, n)
 

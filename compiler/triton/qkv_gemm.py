@@ -188,7 +188,7 @@ def _epilogue(lo, hi, rows, t, j, lo_col, hi_col, head, T, S, N_Q, N_KV, S_DST, 
 
 # ---- when the fused GEMM runs, and with which tiles ----
 
-ROWS = ("qkv_gemm.decode", "qkv_gemm.small", "qkv_gemm.medium", "qkv_gemm.large")
+ROWS = ("qkv_gemm.ar", "qkv_gemm.decode", "qkv_gemm.small", "qkv_gemm.medium", "qkv_gemm.large")
 
 
 def gemm_config(tokens: int, family: str) -> dict[str, int]:

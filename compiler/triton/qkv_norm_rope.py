@@ -2,7 +2,8 @@
 "qkv_gemm.*" rows, see qkv_gemm.fused_gemm_chosen):
 
 fused_gemm:    x[B,S,H] ─ qkv_gemm_norm_rope_kernel: the merged GEMM with per-head RMSNorm → rope in registers
-blas_epilogue: x[B,S,H] ─ F.linear(x, w_qkv, b_qkv) (cuBLAS / hipBLASLt) ─ proj[B·S, (n_q+2·n_kv)·hd]
+gemm_epilogue: x[B,S,H] ─ linear(x, w_qkv, b_qkv) (dflash.linear's GEMM: the skinny GEMM where it serves, else
+                        cuBLAS / hipBLASLt) ─ proj[B·S, (n_q+2·n_kv)·hd]
                         ─ norm_rope_heads_kernel: per head, RMSNorm (q, k; fp32) → rope (q, k) → store; v copied
 both           → q[B,S,n_q,hd], k/v[B,S,n_kv,hd]  or  k/v written into caches [B, n_kv, S_max, hd] at positions[B,S].
 The choice is made on the concrete token count of each call (a graph with a dynamic T keeps one provider).
@@ -14,12 +15,13 @@ from torch import Tensor
 from ...errors import InputError
 from ..providers import Provider, register
 from .aot import KernelSpec
+from .linear import linear
 from .norm_rope import (batch_and_seq, device_reason, dtype_reason, family_of, first_reason, head_dim_reason,
                         heads_spec, launch_norm_rope_heads, rope_reason, rope_table, shape_reason)
 from .qkv_gemm import aot_specs as gemm_aot_specs
 from .qkv_gemm import fused_gemm_chosen, gemm_config, launch_qkv_gemm
 
-PATHS = ("fused_gemm", "blas_epilogue")
+PATHS = ("fused_gemm", "gemm_epilogue")
 
 
 def qkv_norm_rope_supports(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim) -> str | None:
@@ -48,7 +50,7 @@ def _run(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim
         launch_qkv_gemm(_unit_rows(x.reshape(-1, hidden)), _unit_rows(w_qkv), b_qkv, cos, sin, q_norm_w, k_norm_w,
                         eps, n_q, n_kv, head_dim, q, kv_dst, positions, gemm_config(tokens, family))
     else:
-        proj = torch.nn.functional.linear(x, w_qkv, b_qkv).reshape(-1, w_qkv.shape[0])
+        proj = linear(x, w_qkv, b_qkv).reshape(-1, w_qkv.shape[0])
         launch_norm_rope_heads(proj, cos, sin, q_norm_w, k_norm_w, eps, n_q, n_kv, head_dim, q,
                                (kv_dst[0].unsqueeze(0), kv_dst[1].unsqueeze(0)), positions)
 
@@ -57,7 +59,7 @@ def qkv_norm_rope(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv,
                   out: tuple[Tensor, Tensor, Tensor] | None = None,
                   path: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The dflash.qkv_norm_rope provider; `out` = preallocated contiguous (q, k, v) of the op's output shapes;
-    `path` forces "fused_gemm" or "blas_epilogue" (default: the table's choice for this token count)."""
+    `path` forces "fused_gemm" or "gemm_epilogue" (default: the table's choice for this token count)."""
     lead = x.shape[:-1]
     B, S = batch_and_seq(lead)
     q, k, v = out if out is not None else (x.new_empty(*lead, n, head_dim) for n in (n_q, n_kv, n_kv))
@@ -117,9 +119,11 @@ def qkv_norm_rope_cache(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q,
 
 
 def aot_specs(family: str = "cuda") -> list[KernelSpec]:
-    """bf16, head_dim 128, full rotary, `family`'s launch configs. blas_epilogue: q/k norm into plain outputs; no
-    norm into caches. fused_gemm: qkv_gemm.aot_specs (q/k norm, plain and into caches, per fused table row)."""
+    """bf16, head_dim 128, full rotary, `family`'s launch configs. gemm_epilogue (its GEMM: linear.aot_specs): q/k
+    norm into plain outputs and into caches, no norm into caches. fused_gemm: qkv_gemm.aot_specs (q/k norm, plain
+    and into caches, per fused table row)."""
     return [heads_spec(torch.bfloat16, 128, 128, q_norm=True, k_norm=True, cache=False, family=family),
+            heads_spec(torch.bfloat16, 128, 128, q_norm=True, k_norm=True, cache=True, family=family),
             heads_spec(torch.bfloat16, 128, 128, q_norm=False, k_norm=False, cache=True, family=family),
             *gemm_aot_specs(family)]
 

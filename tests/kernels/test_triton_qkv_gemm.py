@@ -16,6 +16,7 @@ from torch_dflash.compiler.ops import qkv_norm_rope_reference
 from torch_dflash.compiler.triton import configs, qkv_gemm
 from torch_dflash.compiler.triton import norm_rope as nr
 from torch_dflash.compiler.triton import qkv_norm_rope as qnr
+from torch_dflash.compiler.triton import skinny_gemm as sg
 from torch_dflash.errors import InputError
 
 
@@ -135,7 +136,7 @@ def test_fused_gemm_skips_cache_positions_outside_the_cache():
 
 @pytest.fixture
 def paths(monkeypatch):
-    """Records the path of each qkv_norm_rope call: 'fused_gemm' or 'blas_epilogue'."""
+    """Records the path of each qkv_norm_rope call: 'fused_gemm' or 'gemm_epilogue'."""
     taken = []
 
     def record(name, fn):
@@ -145,15 +146,14 @@ def paths(monkeypatch):
         return wrapper
 
     monkeypatch.setattr(qnr, "launch_qkv_gemm", record("fused_gemm", qnr.launch_qkv_gemm))
-    monkeypatch.setattr(qnr, "launch_norm_rope_heads", record("blas_epilogue", qnr.launch_norm_rope_heads))
+    monkeypatch.setattr(qnr, "launch_norm_rope_heads", record("gemm_epilogue", qnr.launch_norm_rope_heads))
     return taken
 
 
-@pytest.mark.parametrize("dtype,tokens,path", [(torch.bfloat16, 3, "blas_epilogue"), (torch.bfloat16, 9, "fused_gemm"),
-                                               (torch.float32, 9, "blas_epilogue")], ids=param_id)
+@pytest.mark.parametrize("dtype,tokens,path", [(torch.bfloat16, 3, "gemm_epilogue"), (torch.bfloat16, 9, "fused_gemm"),
+                                               (torch.float32, 9, "gemm_epilogue")], ids=param_id)
 def test_the_table_picks_the_path_by_token_count(monkeypatch, paths, dtype, tokens, path):
-    """Rows: T ≤ 4 → the vendor GEMM + epilogue, larger T → the fused kernel; fp32 always takes the vendor
-    GEMM."""
+    """Rows: T ≤ 4 → the GEMM + epilogue, larger T → the fused kernel; fp32 always takes the GEMM + epilogue."""
     for family in ("cuda", "rocm"):
         for row, change in (("qkv_gemm.decode", {"max_t": 4, "fused": 0}),
                             ("qkv_gemm.small", {"max_t": 4, "fused": 0}), ("qkv_gemm.medium", {"fused": 1})):
@@ -165,10 +165,32 @@ def test_the_table_picks_the_path_by_token_count(monkeypatch, paths, dtype, toke
     assert paths == [path]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=param_id)
+def test_the_epilogue_paths_take_dflash_linears_gemm(monkeypatch, dtype):
+    """The GEMM of qkv_norm_rope's gemm_epilogue path and of kv_materialize is linear.linear's: the skinny kernel
+    for a few bf16 rows, F.linear for fp32 (which the skinny kernel refuses); numerics as the reference."""
+    from torch_dflash.compiler.ops import kv_materialize_reference
+    from torch_dflash.compiler.triton import kv_materialize as kvm
+    from torch_dflash.compiler.triton import linear as lin
+
+    skinny = []
+    monkeypatch.setattr(lin, "skinny_gemm", lambda *a, **k: skinny.append(a[1].shape) or sg.skinny_gemm(*a, **k))
+    inp = make_inputs(1, 3, 32, 2, 1, 64, 64, False, True, dtype)
+    args = _args(inp, 2, 1, 64)
+    for g, r in zip(qnr.qkv_norm_rope(*args, path="gemm_epilogue"), qkv_norm_rope_reference(*args)):
+        assert_close(g, r, dtype)
+    kv_args = (inp["x"], inp["w"][64 * 2:], None, inp["k_norm"], EPS, inp["cos"], inp["sin"], 1, 64)
+    for g, r in zip(kvm.kv_materialize(*kv_args), kv_materialize_reference(*kv_args)):
+        assert_close(g, r, dtype)
+    assert skinny == ([(256, 32), (128, 32)] if dtype == torch.bfloat16 else [])
+
+
 def test_rows_are_picked_by_max_t():
     rows = {row: configs.TABLE[row]["cuda"] for row in qkv_gemm.ROWS}
     assert rows["qkv_gemm.large"]["max_t"] == 0
-    assert qkv_gemm.gemm_config(1, "cuda") is rows["qkv_gemm.decode"]
+    assert qkv_gemm.gemm_config(1, "cuda") is rows["qkv_gemm.ar"]
+    assert qkv_gemm.gemm_config(2, "cuda") is rows["qkv_gemm.decode"]
+    assert qkv_gemm.gemm_config(rows["qkv_gemm.decode"]["max_t"], "cuda") is rows["qkv_gemm.decode"]
     assert qkv_gemm.gemm_config(rows["qkv_gemm.decode"]["max_t"] + 1, "cuda") is rows["qkv_gemm.small"]
     assert qkv_gemm.gemm_config(rows["qkv_gemm.small"]["max_t"], "cuda") is rows["qkv_gemm.small"]
     assert qkv_gemm.gemm_config(rows["qkv_gemm.small"]["max_t"] + 1, "cuda") is rows["qkv_gemm.medium"]
