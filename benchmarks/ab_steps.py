@@ -1,0 +1,139 @@
+"""A/B of launch-config variants inside the runtime's own steps, interleaved (GPU; ≈ 1 min per variant on an H100).
+
+    python -m torch_dflash.benchmarks.ab_steps --variant off:programmatic_launch.on=0 --variant on: [--steps ar]
+    python -m torch_dflash.benchmarks.ab_steps --variant fused:qkv_gemm.decode.fused=1 --variant shipped:
+
+A variant is `NAME:ROW.KEY=VALUE[,ROW.KEY=VALUE…]` — overrides of compiler/triton/configs.TABLE for this device's
+family (nothing after the colon: the table as shipped). For each variant, in the order given, the runtime's
+steps are built with its table (benchmarks/e2e.py's models and turn: DFlashEngine with its default, CUDA-graphed
+steps after a 1024-token prompt and one turn; AR = the target's one-token step through the same path), so each
+captured graph holds that variant's kernels and launches. Then every step of every variant is timed in
+alternation — `--rounds` rounds, the variant order reversed every other round, each a median of `--reps` replays
+(profile_steps.timed_us) — so drift between builds and over time falls on all variants alike; one machine
+moved a step by 3 % between two builds of the same variant timed apart. Printed and written to
+DIR/ab_steps.json: per step and variant the median over rounds [min..max], the paired per-round difference to the
+first variant with how many rounds were faster, and whether the step's outputs are bitwise equal to the first
+variant's. Each variant holds its own engine and AR program (≈ 9 GB of merged weights each at the Qwen3-8B
+shape): two variants with all three steps fit an 80 GB GPU. `--small` runs tiny shapes on CPU (a smoke test:
+nothing meaningful timed).
+"""
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from torch_dflash.compiler.step_compiler import pipeline_compile_step
+from torch_dflash.compiler.triton import configs
+
+from . import e2e, harness
+from .profile_steps import timed_us
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, dict[str, int]]]:
+    """'name:row.key=value,…' → (name, {row: {key: value}}); ValueError for a row or key the table lacks."""
+    name, colon, spec = text.partition(":")
+    if not name or not colon:
+        raise ValueError(f"variant {text!r}: give NAME:ROW.KEY=VALUE,… (nothing after ':' = the table as shipped)")
+    changes: dict[str, dict[str, int]] = {}
+    for item in filter(None, spec.split(",")):
+        path, _, value = item.partition("=")
+        row, _, key = path.rpartition(".")
+        if row not in configs.TABLE or not value or all(key not in fam for fam in configs.TABLE[row].values()):
+            raise ValueError(f"variant {name!r}: {item!r} names no ROW.KEY=VALUE of configs.TABLE")
+        changes.setdefault(row, {})[key] = int(value)
+    return name, changes
+
+
+@contextmanager
+def table_with(changes: dict[str, dict[str, int]], family: str):
+    saved = copy.deepcopy(configs.TABLE)
+    for row, fields in changes.items():
+        configs.TABLE[row][family] = {**configs.TABLE[row][family], **fields}
+    try:
+        yield
+    finally:
+        configs.TABLE.clear()
+        configs.TABLE.update(saved)
+
+
+def build_steps(pair, prompt, device, kinds) -> dict:
+    """kind -> a no-argument call of that step of a fresh engine (and AR program) built under the current table."""
+    target, draft, _, cfg = pair
+    engine, snapshot, _ = e2e._engine_after_one_turn(target, draft, prompt, cfg["block_size"])
+    draft_args, verify_args = e2e._turn_inputs(engine, snapshot)
+    calls = {"draft": lambda: engine.steps.draft(*draft_args), "verify": lambda: engine.steps.verify(*verify_args)}
+    if "ar" in kinds:
+        ar = e2e._ar_step(target, device, pipeline_compile_step(e2e.device_target(device)))
+        calls["ar"] = lambda: ar(verify_args[0][:, :1], verify_args[1][:, :1])
+    return {kind: calls[kind] for kind in kinds}
+
+
+def first_output(out) -> torch.Tensor:
+    return (out[0] if isinstance(out, (tuple, list)) else out).detach().float().clone()
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variant", action="append", required=True, help="NAME:ROW.KEY=VALUE,… (at least two)")
+    parser.add_argument("--steps", default="draft,verify,ar")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--reps", type=int, default=40)
+    parser.add_argument("--out", default=os.environ.get("OUT", "ab-out"))
+    parser.add_argument("--small", action="store_true", help="tiny shapes on CPU (smoke)")
+    args = parser.parse_args(argv)
+    variants = dict(parse_variant(v) for v in args.variant)
+    if len(variants) < 2:
+        parser.error("give at least two variants with different names")
+    kinds = args.steps.split(",")
+    device = "cpu" if args.small else "cuda"
+    family = "rocm" if device == "cuda" and torch.version.hip else "cuda"
+    began = time.perf_counter()
+    with torch.no_grad():
+        pair = e2e._pair(device, torch.float32 if args.small else torch.bfloat16, args.small)
+        prompt = torch.randint(0, pair[0].config.vocab_size - 1, (1, 12 if args.small else 1024),
+                               generator=torch.Generator(device).manual_seed(0), device=device)
+        steps, outputs = {}, {}
+        for name, changes in variants.items():
+            with table_with(changes, family):
+                steps[name] = build_steps(pair, prompt, device, kinds)
+                outputs[name] = {kind: first_output(call()) for kind, call in steps[name].items()}
+            print(f"built {name} {changes} [{time.perf_counter() - began:.0f} s]", flush=True)
+        names = list(variants)
+        times = {name: {kind: [] for kind in kinds} for name in names}
+        for rnd in range(args.rounds):
+            for name in names if rnd % 2 == 0 else names[::-1]:
+                for kind, call in steps[name].items():
+                    times[name][kind].append(timed_us(call, device, args.reps))
+    base = names[0]
+    result = {"env": harness.environment(device), "command": "python -m torch_dflash.benchmarks.ab_steps "
+              + " ".join(argv or []), "variants": variants, "steps": {}}
+    for kind in kinds:
+        rows = result["steps"][kind] = {}
+        for name in names:
+            t = times[name][kind]
+            diffs = [x - y for x, y in zip(t, times[base][kind])]
+            rows[name] = {"median_us": statistics.median(t), "min_us": min(t), "max_us": max(t), "rounds_us": t,
+                          "paired_diff_us": statistics.median(diffs), "rounds_faster": sum(d < 0 for d in diffs),
+                          "bitwise_equal": bool(torch.equal(outputs[name][kind], outputs[base][kind]))}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ab_steps.json").write_text(json.dumps(result, indent=1))
+    print(f"{result['env']}; {args.rounds} rounds × median of {args.reps}, µs per replay; difference to {base!r} "
+          "paired per round" + (" (CPU smoke: nothing meaningful timed)" if args.small else ""))
+    for kind, rows in result["steps"].items():
+        for name, r in rows.items():
+            print(f"  {kind:<7} {name:<16} {r['median_us']:9.1f} [{r['min_us']:.0f}..{r['max_us']:.0f}]"
+                  + ("" if name == base else f"  {r['paired_diff_us']:+8.1f} ({r['rounds_faster']}/{args.rounds} "
+                     f"rounds faster), outputs {'bitwise equal' if r['bitwise_equal'] else 'differ'}"))
+    return result
+
+
+if __name__ == "__main__":
+    main()
