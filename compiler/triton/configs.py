@@ -8,8 +8,8 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     # rows are added by the kernel modules' authors: "kernel_name": {"cuda": {...}, "rocm": {...}},
     # launch.py: programmatic dependent launch of every kernel on GPUs of compute capability >= min_sm (each kernel
     # may start while the previous one finishes and waits for it before touching memory); `on` 0 turns it off.
-    # H100, runtime steps interleaved over 6 rounds (docs/kernels/launch.md): verify 6.41 → 6.24 ms, draft
-    # 1.51 → 1.48 ms
+    # H100, the runtime's steps built both ways and timed interleaved (benchmarks/ab_steps.py,
+    # docs/kernels/launch.md): verify −0.16 to −0.22 ms, AR −0.18 to −0.20 ms, draft −0.03 ms
     "programmatic_launch": {
         "cuda": {"on": 1, "min_sm": 90},
         "rocm": {"on": 0, "min_sm": 0},
