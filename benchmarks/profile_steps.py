@@ -18,6 +18,10 @@ Everything goes to DIR/profile_steps.json (default $OUT or ./profile-out), rewri
 default steps — captured, pass pipeline, lowered, CUDA-graphed — after a 1024-token prompt and one turn; AR = the
 target's one-token step through the same path), backend "runtime".
 `--small` runs tiny shapes on CPU (nothing meaningful timed; CPU op times stand in for kernels).
+With programmatic dependent launch (docs/kernels/launch.md: on by default on sm_90+) a kernel's profiled interval
+starts at its early launch and includes its wait for the previous grid, so per-kernel times overlap and their sum
+exceeds the step; `--no-pdl` builds the steps without it, for per-kernel GPU times (the step time is then that of
+the slower, serialized launch).
 """
 
 import argparse
@@ -257,7 +261,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--runtime", action="store_true", help="the runtime's default steps (backend 'runtime')")
     parser.add_argument("--small", action="store_true", help="tiny shapes on CPU (smoke)")
+    parser.add_argument("--no-pdl", action="store_true", help="build the steps without programmatic dependent "
+                        "launch: per-kernel times that do not overlap")
     args = parser.parse_args(argv)
+    from torch_dflash.compiler.triton import configs, launch
+
+    if args.no_pdl:
+        configs.TABLE["programmatic_launch"] = {fam: {**row, "on": 0}
+                                                for fam, row in configs.TABLE["programmatic_launch"].items()}
     device = "cpu" if args.small else "cuda"
     kinds, backends = args.steps.split(","), args.backends.split(",")
     out = Path(args.out)
@@ -268,7 +279,10 @@ def main(argv=None) -> dict:
     ceilings = harness.measure_ceilings(device)
     result["ceilings"] = ceilings.__dict__
     save = lambda: (out / "profile_steps.json").write_text(json.dumps(result, indent=1))  # noqa: E731
-    print(f"{result['env']}; copy bandwidth {ceilings.copy_bytes_per_s / 1e12:.2f} TB/s")
+    result["programmatic_launch"] = launch.programmatic_launch(torch.device(device))["PDL"]
+    pdl = "on: kernel intervals overlap (--no-pdl for per-kernel times)" if result["programmatic_launch"] else "off"
+    print(f"{result['env']}; copy bandwidth {ceilings.copy_bytes_per_s / 1e12:.2f} TB/s; programmatic dependent "
+          f"launch {pdl}")
     if args.runtime:
         for kind, (call, floor) in runtime_cases(device, args.small, kinds).items():
             row = profile_step(kind, None, lambda _: call(), floor, "runtime", None, device, args.reps, ceilings,
