@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-from torch_dflash.compiler.step_compiler import pipeline_compile_step
 from torch_dflash.compiler.triton import configs
 
 from . import e2e, harness
@@ -63,18 +62,6 @@ def table_with(changes: dict[str, dict[str, int]], family: str):
         configs.TABLE.update(saved)
 
 
-def build_steps(pair, prompt, device, kinds) -> dict:
-    """kind -> a no-argument call of that step of a fresh engine (and AR program) built under the current table."""
-    target, draft, _, cfg = pair
-    engine, snapshot, _ = e2e._engine_after_one_turn(target, draft, prompt, cfg["block_size"])
-    draft_args, verify_args = e2e._turn_inputs(engine, snapshot)
-    calls = {"draft": lambda: engine.steps.draft(*draft_args), "verify": lambda: engine.steps.verify(*verify_args)}
-    if "ar" in kinds:
-        ar = e2e._ar_step(target, device, pipeline_compile_step(e2e.device_target(device)))
-        calls["ar"] = lambda: ar(verify_args[0][:, :1], verify_args[1][:, :1])
-    return {kind: calls[kind] for kind in kinds}
-
-
 def first_output(out) -> torch.Tensor:
     return (out[0] if isinstance(out, (tuple, list)) else out).detach().float().clone()
 
@@ -96,13 +83,12 @@ def main(argv=None) -> dict:
     family = "rocm" if device == "cuda" and torch.version.hip else "cuda"
     began = time.perf_counter()
     with torch.no_grad():
-        pair = e2e._pair(device, torch.float32 if args.small else torch.bfloat16, args.small)
-        prompt = torch.randint(0, pair[0].config.vocab_size - 1, (1, 12 if args.small else 1024),
-                               generator=torch.Generator(device).manual_seed(0), device=device)
+        target, draft, _, cfg = e2e._pair(device, torch.float32 if args.small else torch.bfloat16, args.small)
+        prompt = e2e.random_prompt(target, device, args.small)
         steps, outputs = {}, {}
         for name, changes in variants.items():
             with table_with(changes, family):
-                steps[name] = build_steps(pair, prompt, device, kinds)
+                steps[name] = e2e.runtime_steps(target, draft, prompt, cfg["block_size"], device, kinds)[0]
                 outputs[name] = {kind: first_output(call()) for kind, call in steps[name].items()}
             print(f"built {name} {changes} [{time.perf_counter() - began:.0f} s]", flush=True)
         names = list(variants)

@@ -221,6 +221,26 @@ def _ar_step(target, device, compile_step):
     return CUDAGraphStep(step, graph_pool()) if is_cuda(device) else step
 
 
+def random_prompt(target, device, small: bool) -> torch.Tensor:
+    """The cases' prompt: [1, 1024] (12 when small) seeded token ids below the target's vocab size."""
+    return torch.randint(0, target.config.vocab_size - 1, (1, 12 if small else 1024),
+                         generator=torch.Generator(device).manual_seed(0), device=device)
+
+
+def runtime_steps(target, draft, prompt, block_size, device, kinds=("draft", "verify", "ar")):
+    """The runtime's steps as the cases run them, for the tools that time them alone (profile_steps --runtime,
+    ab_steps): kind -> a no-argument call of the engine's draft / verify step on the inputs of a real turn after
+    `prompt` and one turn, or of the target's AR step through the same compile path (built only if asked); and
+    the context length those blocks start at. Built under the launch configs in force now."""
+    engine, snapshot, _ = _engine_after_one_turn(target, draft, prompt, block_size)
+    draft_args, verify_args = _turn_inputs(engine, snapshot)
+    calls = {"draft": lambda: engine.steps.draft(*draft_args), "verify": lambda: engine.steps.verify(*verify_args)}
+    if "ar" in kinds:
+        ar = _ar_step(target, device, pipeline_compile_step(device_target(device)))
+        calls["ar"] = lambda: ar(verify_args[0][:, :1], verify_args[1][:, :1])
+    return {kind: calls[kind] for kind in kinds}, int(snapshot.rows.start[0])
+
+
 def _tensors(x):
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
@@ -294,9 +314,8 @@ def cases(device="cuda", small=False, variants=VARIANTS):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tol_draft, tol_target = (1e-4, 1e-4) if dtype == torch.float32 else (2e-2, 1e-1)
     target, draft, target_cfg, cfg = _pair(device, dtype, small)
-    b, n = cfg["block_size"], 12 if small else 1024
-    g = torch.Generator(device).manual_seed(0)
-    prompt = torch.randint(0, target.config.vocab_size - 1, (1, n), generator=g, device=device)
+    b = cfg["block_size"]
+    prompt = random_prompt(target, device, small)
     engine, snapshot, first = _engine_after_one_turn(target, draft, prompt, b)
     draft_args, verify_args = _turn_inputs(engine, snapshot)
     ar_args = (verify_args[0][:, :1], verify_args[1][:, :1])

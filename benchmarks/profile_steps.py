@@ -135,26 +135,17 @@ def step_cases(device: str, small: bool, kinds) -> dict:
 
 def runtime_cases(device: str, small: bool, kinds) -> dict:
     """kind -> (the engine's CUDA-graphed step on a real turn's inputs, floor bytes), e2e.py's set-up."""
-    from torch_dflash.compiler.step_compiler import pipeline_compile_step
-
     from . import e2e
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     target, draft, target_cfg, cfg = e2e._pair(device, dtype, small)
-    b, n = cfg["block_size"], 12 if small else 1024
-    prompt = torch.randint(0, target.config.vocab_size - 1, (1, n), generator=torch.Generator(device).manual_seed(0),
-                           device=device)
-    engine, snapshot, _ = e2e._engine_after_one_turn(target, draft, prompt, b)
-    draft_args, verify_args = e2e._turn_inputs(engine, snapshot)
-    ar = e2e._ar_step(target, device, pipeline_compile_step(e2e.device_target(device)))
-    ctx = int(snapshot.rows.start[0])
-    calls = {"draft": (lambda: engine.steps.draft(*draft_args), steps.weight_bytes(draft)
-                       + steps.weight_bytes(target.lm_head) + steps.kv_bytes(cfg, ctx + b, dtype)),
-             "verify": (lambda: engine.steps.verify(*verify_args),
-                        steps.weight_bytes(target) + steps.kv_bytes(target_cfg, ctx + b, dtype)),
-             "ar": (lambda: ar(verify_args[0][:, :1], verify_args[1][:, :1]),
-                    steps.weight_bytes(target) + steps.kv_bytes(target_cfg, ctx + 1, dtype))}
-    return {kind: calls[kind] for kind in kinds}
+    b = cfg["block_size"]
+    calls, ctx = e2e.runtime_steps(target, draft, e2e.random_prompt(target, device, small), b, device, kinds)
+    floors = {"draft": steps.weight_bytes(draft) + steps.weight_bytes(target.lm_head)
+              + steps.kv_bytes(cfg, ctx + b, dtype),
+              "verify": steps.weight_bytes(target) + steps.kv_bytes(target_cfg, ctx + b, dtype),
+              "ar": steps.weight_bytes(target) + steps.kv_bytes(target_cfg, ctx + 1, dtype)}
+    return {kind: (call, floors[kind]) for kind, call in calls.items()}
 
 
 def profile_step(kind, model, step, floor_bytes, backend, compiled, device, reps, ceilings, graphed=False) -> dict:

@@ -16,7 +16,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .configs import launch_config
+from . import launch
 
 ARCHS = {
     "sm_80": GPUTarget("cuda", 80, 32),
@@ -59,10 +59,10 @@ def family(arch: str) -> str:
 
 
 def programmatic(arch: str) -> bool:
-    """Whether kernels for `arch` are built for programmatic dependent launch (launch.programmatic_launch's
-    rule, configs.TABLE["programmatic_launch"]): the PDL constexpr a spec does not set itself."""
-    row = launch_config("programmatic_launch", family(arch))
-    return family(arch) == "cuda" and bool(row["on"]) and ARCHS[arch].arch >= row["min_sm"]
+    """Whether kernels for `arch` are built for programmatic dependent launch (launch.programmatic's rule): the
+    PDL constexpr a spec does not set itself."""
+    fam = family(arch)
+    return launch.programmatic(fam, ARCHS[arch].arch if fam == "cuda" else 0)
 
 
 def for_arch(spec: KernelSpec, arch: str) -> KernelSpec:

@@ -44,16 +44,21 @@ def _sm(index: int) -> int:
     return 10 * major + minor
 
 
+def programmatic(family: str, sm: int) -> bool:
+    """The rule (configs.TABLE["programmatic_launch"]): NVIDIA ('cuda' family) at compute capability >= min_sm,
+    with the row on."""
+    row = launch_config("programmatic_launch", family)
+    return family == "cuda" and bool(row["on"]) and sm >= row["min_sm"]
+
+
 def programmatic_launch(device: torch.device) -> dict:
-    """The launch arguments for `device`: {"PDL": True, "launch_pdl": True} on an NVIDIA GPU at or above the
-    table's min_sm while nothing traces (torch's traceable launch takes no launch options), else {"PDL": False}
-    (ROCm, older GPUs, the CPU interpreter)."""
+    """The launch arguments for `device`: {"PDL": True, "launch_pdl": True} where `programmatic` allows it and
+    nothing traces (torch's traceable launch takes no launch options), else {"PDL": False} (ROCm, older GPUs,
+    the CPU interpreter)."""
     if device.type != "cuda" or torch.version.hip or traced():
         return {"PDL": False}
-    row = launch_config("programmatic_launch", "cuda")
-    on = bool(row["on"]) and _sm(device.index if device.index is not None else torch.cuda.current_device()) \
-        >= row["min_sm"]
-    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return {"PDL": True, "launch_pdl": True} if programmatic("cuda", _sm(index)) else {"PDL": False}
 
 
 @triton.jit
