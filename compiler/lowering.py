@@ -109,8 +109,8 @@ def _with_signature(impl, schema):
               for arg in schema.arguments]
     returns = [torch.Tensor for _ in schema.returns]
     wrapper = functools.wraps(impl)(lambda *args, **kwargs: impl(*args, **kwargs))
-    wrapper.__signature__ = inspect.Signature(
-        params, return_annotation=returns[0] if len(returns) == 1 else tuple[tuple(returns)])
+    returned = None if not returns else returns[0] if len(returns) == 1 else tuple[tuple(returns)]
+    wrapper.__signature__ = inspect.Signature(params, return_annotation=returned)
     return wrapper
 
 

@@ -315,6 +315,42 @@ def test_other_ops_match_graph(dtype, tol):
     assert_outputs_close(load_generated(source, emulation, gm)(*args), gm(*args), tol)
 
 
+class CacheWrites(nn.Module):
+    """The draft's cache-writing pair (pass kv_cache_writes): the context's k/v, then the block's, into caches."""
+
+    def forward(self, x, w_qkv, ctx, w_kv, norm_w, cos, sin, k_cache, v_cache, ctx_positions, block_positions):
+        c = ctx.shape[1]
+        torch.ops.dflash.kv_materialize_cache(ctx, w_kv, None, norm_w, 1e-6, cos[:, :c], sin[:, :c], 2, 16,
+                                              k_cache, v_cache, ctx_positions)
+        return torch.ops.dflash.qkv_norm_rope_cache(x, w_qkv, None, norm_w, norm_w, 1e-6, cos[:, c:], sin[:, c:],
+                                                    4, 2, 16, k_cache, v_cache, block_positions)
+
+
+def test_cache_writing_ops_match_the_reference_ops():
+    """Both cache-writing ops lowered (npu_rotary_mul for the context, split_qkv_rmsnorm_rope for the block, then
+    index assignments into the caches): q and both caches equal the reference ops' on the emulation (bf16)."""
+    gen, dtype = torch.Generator().manual_seed(5), torch.bfloat16
+    angles = torch.rand(2, 5, 8, generator=gen) * 3
+    cos, sin = (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+    positions = torch.stack([torch.randperm(12, generator=gen)[:5] for _ in range(2)])
+    args = (_randn(gen, 2, 3, 24, dtype=dtype), _randn(gen, 128, 24, dtype=dtype, scale=0.3),
+            _randn(gen, 2, 2, 24, dtype=dtype), _randn(gen, 64, 24, dtype=dtype, scale=0.3),
+            1 + _randn(gen, 16, dtype=dtype, scale=0.1), cos, sin, *(torch.zeros(2, 2, 12, 16, dtype=dtype)
+                                                                     for _ in range(2)),
+            positions[:, :2], positions[:, 2:])
+    gm = fx.symbolic_trace(CacheWrites())
+    source = generate_ascend_module(gm, args)
+    assert "npu.npu_rotary_mul(" in source and "npu.split_qkv_rmsnorm_rope(" in source
+    assert source.count("written into the caches by index_put") == 2
+    got, want = list(args), list(args)
+    for caches in (got, want):
+        caches[7:9] = (torch.zeros(2, 2, 12, 16, dtype=dtype) for _ in range(2))
+    q_got = load_generated(source, emulation, gm)(*got)
+    q_want = CacheWrites()(*want)
+    assert_outputs_close((q_got, *got[7:9]), (q_want, *want[7:9]), BF16)
+    assert (want[7] != 0).any(-1).sum() == 2 * 2 * 5    # every slot of both rows and heads written
+
+
 # ------------------------------------------------------------------------------------------------- emulation
 
 

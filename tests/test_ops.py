@@ -292,6 +292,7 @@ class Sample:
     make: Callable[..., tuple]        # (generator, batch, seq, keys) -> the op's full argument tuple
     dynamic: Callable[..., tuple]     # (B, S, K) Dims -> the dynamic_shapes entry of each tensor argument
     fp32_outputs: tuple[int, ...] = ()  # outputs that are fp32 by contract whatever the activation dtype
+    mutated: tuple[int, ...] = ()       # arguments the op writes (KV caches): compared like outputs
 
 
 def _tables(g, b, s, rot_dim):
@@ -339,12 +340,19 @@ SAMPLES = {
                             1 + randn(g, 8), EPS, *_tables(g, b, s, 8), 4, 2, 8, randn(g, b, 2, k, 8),
                             randn(g, b, 2, k, 8), torch.stack([torch.randperm(k, generator=g)[:s] for _ in range(b)])),
         lambda B, S, K: ({0: B, 1: S}, None, None, None, None, {0: B, 1: S}, {0: B, 1: S}, {0: B, 2: K},
-                         {0: B, 2: K}, {0: B, 1: S})),
+                         {0: B, 2: K}, {0: B, 1: S}), mutated=(11, 12)),
     "kv_materialize": Sample(
         ops.kv_materialize,
         lambda g, b, s, k: (randn(g, b, s, 16), randn(g, 32, 16, scale=0.25), None, 1 + randn(g, 8), EPS,
                             *_tables(g, b, s, 8), 2, 8),
         lambda B, S, K: ({0: B, 1: S}, None, None, {0: B, 1: S}, {0: B, 1: S})),
+    "kv_materialize_cache": Sample(  # the context's k/v into caches of `keys` slots, distinct positions per row
+        ops.kv_materialize_cache,
+        lambda g, b, s, k: (randn(g, b, s, 16), randn(g, 32, 16, scale=0.25), None, 1 + randn(g, 8), EPS,
+                            *_tables(g, b, s, 8), 2, 8, randn(g, b, 2, k, 8), randn(g, b, 2, k, 8),
+                            torch.stack([torch.randperm(k, generator=g)[:s] for _ in range(b)])),
+        lambda B, S, K: ({0: B, 1: S}, None, None, {0: B, 1: S}, {0: B, 1: S}, {0: B, 2: K}, {0: B, 2: K},
+                         {0: B, 1: S}), mutated=(9, 10)),
     "mhc_pre": Sample(
         ops.mhc_pre, lambda g, b, s, k: (randn(g, b, s, 4, 8), *_mhc_weights(g, 4, 8), EPS, EPS, 20),
         lambda B, S, K: ({0: B, 1: S}, None, None, None), fp32_outputs=(1, 2)),
@@ -377,6 +385,16 @@ def as_tuple(out) -> tuple:
     return out if isinstance(out, tuple) else (out,)
 
 
+def results(sample: Sample, args: tuple) -> tuple:
+    """What sample's op computes: its outputs, then the arguments it writes."""
+    out = sample.op(*args)
+    return (*(o for o in as_tuple(out) if o is not None), *(args[i] for i in sample.mutated))
+
+
+def clones(args: tuple) -> tuple:
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+
 def floats_as(dtype: torch.dtype, args: tuple) -> tuple:
     return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
@@ -392,7 +410,7 @@ def test_bf16_stores_activation_dtype_within_tolerance_of_fp32(name):
     """bf16 inputs vs the fp32 op on the same (bf16-representable) values: the op's own rounding only."""
     sample = SAMPLES[name]
     args16 = floats_as(torch.bfloat16, sample_args(name, SECOND))
-    ref, got = as_tuple(sample.op(*floats_as(torch.float32, args16))), as_tuple(sample.op(*args16))
+    ref, got = results(sample, floats_as(torch.float32, args16)), results(sample, args16)
     for i, (out, expected) in enumerate(zip(got, ref, strict=True)):
         assert out.dtype == (torch.float32 if i in sample.fp32_outputs else torch.bfloat16), (i, out.dtype)
         assert_relative(out, expected, BF16_REL)
@@ -415,11 +433,12 @@ def test_opcheck(name):
 
 
 class OpCall(torch.nn.Module):
-    """Calls an op with the tensors given to forward in the tensor slots of `template`; the rest stay fixed."""
+    """Calls sample's op with the tensors given to forward in the tensor slots of `template`; the rest stay fixed.
+    Returns `results`: the outputs, then the arguments the op writes."""
 
-    def __init__(self, op, template: tuple):
+    def __init__(self, sample: Sample, template: tuple):
         super().__init__()
-        self.op = op
+        self.sample = sample
         self.slots = [i for i, a in enumerate(template) if isinstance(a, torch.Tensor)]
         self.template = [None if isinstance(a, torch.Tensor) else a for a in template]
 
@@ -427,7 +446,7 @@ class OpCall(torch.nn.Module):
         args = list(self.template)
         for slot, t in zip(self.slots, tensors):
             args[slot] = t
-        return self.op(*args)
+        return results(self.sample, tuple(args))
 
 
 def tensors_of(args: tuple) -> tuple:
@@ -444,11 +463,11 @@ def test_export_with_dynamic_batch_and_sequence(name):
     """Exported once at FIRST; runs at other batch/seq/key counts, down to 1, equal to eager."""
     sample, first = SAMPLES[name], sample_args(name, FIRST)
     dims = Dim("batch", min=1, max=8), Dim("seq", min=1, max=64), Dim("keys", min=1, max=256)
-    module = OpCall(sample.op, first)
-    program = torch.export.export(module, tensors_of(first), dynamic_shapes=(sample.dynamic(*dims),))
+    module = OpCall(sample, first)
+    program = torch.export.export(module, clones(tensors_of(first)), dynamic_shapes=(sample.dynamic(*dims),))
     for shape in (SECOND, SMALLEST):
         args = tensors_of(sample_args(name, shape, seed=3))
-        assert_same(program.module()(*args), module(*args))
+        assert_same(program.module()(*clones(args)), module(*clones(args)))
 
 
 @pytest.mark.parametrize("name", TRACED)
@@ -456,12 +475,12 @@ def test_compile_dynamic_traces_once_through_fake(name):
     """aot_eager with dynamic=True, one graph and no recompile for a second shape: the fake ran symbolically."""
     torch._dynamo.reset()
     sample = SAMPLES[name]
-    module = OpCall(sample.op, sample_args(name, FIRST))
+    module = OpCall(sample, sample_args(name, FIRST))
     compiled = torch.compile(module, backend="aot_eager", dynamic=True, fullgraph=True)
     for shape in (FIRST, SECOND):
         args = tensors_of(sample_args(name, shape, seed=4))
         with torch._dynamo.config.patch(error_on_recompile=shape != FIRST):
-            assert_same(compiled(*args), module(*args))
+            assert_same(compiled(*clones(args)), module(*clones(args)))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -233,27 +233,47 @@ def _qkv_norm_rope_cache(op: str, a: dict[str, Operand]) -> Lowered:
     if isinstance(lowered, str):
         return reference(op, a, lowered)
     what, lines, (q, k, v) = lowered
-    x, positions = a["x"].src, a["cache_positions"].src
     return Lowered(f"dflash.qkv_norm_rope_cache -> {what}; k, v written into the caches by index_put",
-                   (*lines, f"rows = torch.arange({x}.shape[0], device={x}.device)[:, None]",
-                    f"{a['k_cache'].src}[rows, :, {positions}] = {k}",
-                    f"{a['v_cache'].src}[rows, :, {positions}] = {v}", f"return {q}"))
+                   (*lines, *_cache_writes(a["x"].src, a, k, v), f"return {q}"))
 
 
-def _kv_materialize(op: str, a: dict[str, Operand]) -> Lowered:
+def _cache_writes(x: str, a: dict[str, Operand], k: str = "k", v: str = "v") -> tuple[str, ...]:
+    """Row b of k, v into cache row b at slots cache_positions[b] (the reference op's index assignment)."""
+    positions = a["cache_positions"].src
+    return (f"rows = torch.arange({x}.shape[0], device={x}.device)[:, None]",
+            f"{a['k_cache'].src}[rows, :, {positions}] = {k}", f"{a['v_cache'].src}[rows, :, {positions}] = {v}")
+
+
+def _kv_lines(a: dict[str, Operand]) -> tuple[str, ...] | str:
+    """The kv_materialize body up to k (normed, roped) and v (a view of the projection), or why it cannot be."""
     head_dim, n_kv = a["head_dim"].value, a["n_kv"].value
     dims = _rope_dims(a["ctx"], a["cos"], head_dim)
     if isinstance(dims, str):
-        return reference(op, a, dims)
-    body = (
+        return dims
+    return (
         f"kv = torch.nn.functional.linear({a['ctx'].src}, {a['w_kv'].src}, {a['b_kv'].src})",
         f"k, v = kv.unflatten(-1, ({2 * n_kv}, {head_dim})).split([{n_kv}, {n_kv}], dim=-2)",
         *_norm_line("k", a["k_norm_w"], a["eps"]),
         *_rope_lines(("k",), a["cos"], a["sin"], *dims),
-        "return k, v.contiguous()",
     )
-    return Lowered("dflash.kv_materialize -> npu_rms_norm + npu_rotary_mul (no q: split_qkv_rmsnorm_rope does "
-                   "not apply)", body)
+
+
+_KV_WHAT = "npu_rms_norm + npu_rotary_mul (no q: split_qkv_rmsnorm_rope does not apply)"
+
+
+def _kv_materialize(op: str, a: dict[str, Operand]) -> Lowered:
+    lines = _kv_lines(a)
+    if isinstance(lines, str):
+        return reference(op, a, lines)
+    return Lowered(f"dflash.kv_materialize -> {_KV_WHAT}", (*lines, "return k, v.contiguous()"))
+
+
+def _kv_materialize_cache(op: str, a: dict[str, Operand]) -> Lowered:
+    lines = _kv_lines(a)
+    if isinstance(lines, str):
+        return reference(op, a, lines)
+    return Lowered(f"dflash.kv_materialize_cache -> {_KV_WHAT}; k, v written into the caches by index_put",
+                   (*lines, *_cache_writes(a["ctx"].src, a), "return None"))
 
 
 # ---------------------------------------------------------------------------------------------- linear
@@ -295,6 +315,7 @@ _LOWERINGS = {
     "qkv_norm_rope": _qkv_norm_rope,
     "qkv_norm_rope_cache": _qkv_norm_rope_cache,
     "kv_materialize": _kv_materialize,
+    "kv_materialize_cache": _kv_materialize_cache,
     "mhc_pre": _traced_reference,
     "mhc_post": _traced_reference,
     "mhc_post_pre": _traced_reference,

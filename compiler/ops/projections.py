@@ -1,10 +1,11 @@
-"""dflash.qkv_norm_rope, dflash.qkv_norm_rope_cache and dflash.kv_materialize — projection + per-head RMSNorm
-+ rope in one op.
+"""dflash.qkv_norm_rope, dflash.kv_materialize and their cache-writing forms — projection + per-head RMSNorm + rope
+in one op.
 
 qkv_norm_rope:  x[B,S,H] ─ x@w_qkvᵀ(+b) ─ split q|k|v ─ per-head rms_norm(q), rms_norm(k) ─ rope(q), rope(k)
 qkv_norm_rope_cache: the same, k and v written into k_cache/v_cache [B_max, n_kv, S_max, hd] at
                 cache_positions [B, S] (row b of x into cache row b) instead of returned; returns q
 kv_materialize: the draft's context path: ctx[B,C,H] ─ ctx@w_kvᵀ(+b) ─ split k|v ─ rms_norm(k) ─ rope(k)
+kv_materialize_cache: the same, k and v written into k_cache/v_cache at cache_positions [B, C]; returns nothing
 Norm weights are optional (Llama has none); eps is shared by q and k (a pass refuses to fuse otherwise).
 """
 
@@ -35,9 +36,7 @@ def qkv_norm_rope_reference(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, 
 def qkv_norm_rope_cache_reference(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim,
                                   k_cache, v_cache, cache_positions):
     q, k, v = qkv_norm_rope_reference(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim)
-    rows = torch.arange(x.shape[0], device=x.device)[:, None]
-    k_cache[rows, :, cache_positions] = k
-    v_cache[rows, :, cache_positions] = v
+    _write_cache(k_cache, v_cache, k, v, cache_positions)
     return q
 
 
@@ -46,6 +45,19 @@ def kv_materialize_reference(ctx, w_kv, b_kv, k_norm_w, eps, cos, sin, n_kv, hea
     kv = torch.nn.functional.linear(ctx, w_kv, b_kv)
     k, v = kv.unflatten(-1, (2 * n_kv, head_dim)).split([n_kv, n_kv], dim=-2)
     return _norm_rope(k, k_norm_w, eps, cos, sin), _fresh(v)
+
+
+def kv_materialize_cache_reference(ctx, w_kv, b_kv, k_norm_w, eps, cos, sin, n_kv, head_dim, k_cache, v_cache,
+                                   cache_positions) -> None:
+    k, v = kv_materialize_reference(ctx, w_kv, b_kv, k_norm_w, eps, cos, sin, n_kv, head_dim)
+    _write_cache(k_cache, v_cache, k, v, cache_positions)
+
+
+def _write_cache(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_positions: Tensor) -> None:
+    """Row b of k/v [B, S, n_kv, hd] into cache row b [n_kv, S_max, hd] at slots cache_positions[b]."""
+    rows = torch.arange(k.shape[0], device=k.device)[:, None]
+    k_cache[rows, :, cache_positions] = k
+    v_cache[rows, :, cache_positions] = v
 
 
 def _fresh(v: Tensor) -> Tensor:
@@ -100,3 +112,16 @@ def _(ctx, w_kv, b_kv, k_norm_w, eps, cos, sin, n_kv, head_dim):
     _check_width(w_kv, 2 * n_kv, head_dim, "kv_materialize")
     lead = ctx.shape[:-1]
     return ctx.new_empty(*lead, n_kv, head_dim), ctx.new_empty(*lead, n_kv, head_dim)
+
+
+@torch.library.custom_op("dflash::kv_materialize_cache", mutates_args=("k_cache", "v_cache"))
+def kv_materialize_cache(ctx: Tensor, w_kv: Tensor, b_kv: Tensor | None, k_norm_w: Tensor | None, eps: float,
+                         cos: Tensor, sin: Tensor, n_kv: int, head_dim: int, k_cache: Tensor, v_cache: Tensor,
+                         cache_positions: Tensor) -> None:
+    kv_materialize_cache_reference(ctx, w_kv, b_kv, k_norm_w, eps, cos, sin, n_kv, head_dim, k_cache, v_cache,
+                                   cache_positions)
+
+
+@kv_materialize_cache.register_fake
+def _(ctx, w_kv, b_kv, k_norm_w, eps, cos, sin, n_kv, head_dim, k_cache, v_cache, cache_positions):
+    _check_width(w_kv, 2 * n_kv, head_dim, "kv_materialize_cache")

@@ -1,6 +1,7 @@
-"""dflash.kv_materialize on CUDA/ROCm, per layer and for all draft layers at once.
+"""dflash.kv_materialize (and _cache) on CUDA/ROCm, per layer and for all draft layers at once.
 
-Per layer:  ctx[B,C,H] ─ linear(ctx, w_kv, b_kv) ─ norm_rope_heads_kernel with n_q = 0 (k-norm, k-rope, v copy).
+Per layer:  ctx[B,C,H] ─ linear(ctx, w_kv, b_kv) ─ norm_rope_heads_kernel with n_q = 0 (k-norm, k-rope, v copy)
+            into fresh k/v, or (kv_materialize_cache) into the caches' rows at cache_positions.
 All layers: ONE GEMM over the stacked weights viewed as [L·2·n_kv·hd, H] ─ proj[B·C, L·2·n_kv·hd]
             ─ ONE epilogue launch, grid (token blocks, 2·n_kv heads, L) → k/v [L, B, C, n_kv, hd] or straight
             into stacked caches [L, B, n_kv, S_max, hd] at cache_positions[B, C].
@@ -46,6 +47,23 @@ def kv_materialize(ctx, w_kv, b_kv, k_norm_w, eps, cos, sin, n_kv, head_dim, *,
     _launch(proj, ctx, k_norm_w, eps, cos, sin, n_kv, head_dim,
             (k.view(1, B, S, n_kv, head_dim), v.view(1, B, S, n_kv, head_dim)))
     return k, v
+
+
+def kv_materialize_cache_supports(ctx, w_kv, b_kv, k_norm_w, eps, cos, sin, n_kv, head_dim, k_cache, v_cache,
+                                  cache_positions) -> str | None:
+    return first_reason(
+        kv_materialize_supports(ctx, w_kv, b_kv, k_norm_w, eps, cos, sin, n_kv, head_dim),
+        cache_reason(ctx, k_cache[: ctx.shape[0]], v_cache[: ctx.shape[0]], cache_positions, n_kv, head_dim))
+
+
+def kv_materialize_cache(ctx, w_kv, b_kv, k_norm_w, eps, cos, sin, n_kv, head_dim, k_cache, v_cache,
+                         cache_positions) -> None:
+    """The dflash.kv_materialize_cache provider: ctx's batch rows are the caches' first rows. The lowering checked
+    kv_materialize_cache_supports; the call does not check again."""
+    rows = ctx.shape[0]
+    proj = linear(ctx, w_kv, b_kv).reshape(-1, w_kv.shape[0])
+    _launch(proj, ctx, k_norm_w, eps, cos, sin, n_kv, head_dim,
+            (k_cache[None, :rows].transpose(2, 3), v_cache[None, :rows].transpose(2, 3)), cache_positions)
 
 
 def stacked(caches: Tensor | Sequence[Tensor], name: str) -> Tensor:
@@ -111,3 +129,5 @@ def aot_specs(family: str = "cuda") -> list[KernelSpec]:
 
 register(Provider("kv_materialize", "triton", ("cuda", "rocm"), kv_materialize, priority=10,
                   supports=kv_materialize_supports, traceable=True))
+register(Provider("kv_materialize_cache", "triton", ("cuda", "rocm"), kv_materialize_cache, priority=10,
+                  supports=kv_materialize_cache_supports, traceable=True))

@@ -174,6 +174,24 @@ def test_qkv_norm_rope_cache_provider_writes_the_batch_rows_of_a_larger_cache(dt
     assert "cache_positions" in qnr.qkv_norm_rope_cache_supports(*args, k_cache, v_cache, pos[:, :2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=param_id)
+def test_kv_materialize_cache_provider_writes_the_batch_rows_of_a_larger_cache(dtype):
+    """The dflash.kv_materialize_cache provider: a context of 2 rows in caches of 3 rows — rows 0 and 1 take the
+    context k/v at their positions, every other slot and row 2 stay untouched; equal to the reference op."""
+    B, C, n_kv, hd, s_max = 2, 5, 2, 64, 12
+    inp = make_inputs(B, C, 32, 0, n_kv, hd, hd, False, True, dtype)
+    args = (inp["x"], inp["w"], None, inp["k_norm"], EPS, inp["cos"], inp["sin"], n_kv, hd)
+    k_cache, v_cache = poisoned(B + 1, n_kv, s_max, hd, dtype=dtype), poisoned(B + 1, n_kv, s_max, hd, dtype=dtype)
+    pos = cache_positions(B, C, s_max)
+    assert kvm.kv_materialize_cache_supports(*args, k_cache, v_cache, pos) is None
+    assert kvm.kv_materialize_cache(*args, k_cache, v_cache, pos) is None
+    k_ref, v_ref = kv_materialize_reference(*args)
+    check_cache(k_cache[:B], pos, k_ref, dtype)
+    check_cache(v_cache[:B], pos, v_ref, dtype)
+    assert k_cache[B].isnan().all() and v_cache[B].isnan().all()
+    assert "cache_positions" in kvm.kv_materialize_cache_supports(*args, k_cache, v_cache, pos[:, :2])
+
+
 def test_into_cache_skips_positions_outside_the_cache():
     B, S, n_kv, hd, s_max = 1, 4, 1, 64, 6
     inp = make_inputs(B, S, 32, 2, n_kv, hd, hd, False, True, torch.float32)
@@ -490,6 +508,11 @@ def test_gpu_kv_materialize_per_layer(tokens):
     refs = kv_materialize_reference(*args)
     for g, r in zip(kvm.kv_materialize(*args, out=tuple(poisoned(*r.shape, dtype=dtype) for r in refs)), refs):
         assert_close(g, r, dtype)
+    k_cache, v_cache = (poisoned(B + 1, n_kv, S + 16, hd, dtype=dtype) for _ in range(2))
+    pos = cache_positions(B, S, S + 16)
+    kvm.kv_materialize_cache(*args, k_cache, v_cache, pos)
+    check_cache(k_cache[:B], pos, refs[0], dtype)
+    check_cache(v_cache[:B], pos, refs[1], dtype)
 
 
 # ---- the benchmark module builds and runs its cases (tiny shapes; CPU through the interpreter) ----

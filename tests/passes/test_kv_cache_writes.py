@@ -4,6 +4,9 @@ Each test asserts the match count (or the refusal and its reason) and the numeri
 outputs AND the caches' contents equal the unrewritten graph's, in fp32, on two input shapes.
 """
 
+import operator
+
+import pytest
 import torch
 from pass_testing import assert_same_outputs, demo_verify_program, export_graph, run_passes
 
@@ -114,3 +117,105 @@ def test_the_verify_step_writes_every_layers_cache_from_its_qkv_op():
             got = program(*args)
         assert_same_outputs(want, got)
         assert_same_outputs(want_caches, caches)
+
+
+# ---- the draft's form: kv_materialize's context k/v and the block's joined by cat, written in one go ----
+
+KVM = torch.ops.dflash.kv_materialize
+CTX = 3
+
+
+class DraftContextProjection(CachedProjection):
+    """The draft's attention prologue after kv_materialize: k/v = cat([context, block], 1) written at
+    cat([context positions, block positions], 1) — or at that cat plus 0 (`joined_positions` False: positions that
+    are no cat) —; `extra`="ctx_k" also reads the context k elsewhere (what the guard refuses)."""
+
+    def __init__(self, joined_positions, extra=None):
+        super().__init__(extra)
+        g = torch.Generator().manual_seed(1)
+        self.w_kv = torch.nn.Parameter(torch.randn(2 * N_KV * HD, HIDDEN, generator=g) * 0.2)
+        self.joined_positions = joined_positions
+
+    def forward(self, x, ctx, ctx_positions, block_positions):
+        c = ctx.shape[1]
+        positions = torch.cat([ctx_positions, block_positions], 1)
+        positions = positions if self.joined_positions else positions + 0
+        angles = positions[..., None].float() * torch.linspace(0.1, 1.0, HD)
+        cos, sin = angles.cos(), angles.sin()
+        q, k, v = QKV(x, self.w, None, self.q_norm, self.k_norm, 1e-6, cos[:, c:], sin[:, c:], N_Q, N_KV, HD)
+        k_ctx, v_ctx = KVM(ctx, self.w_kv, None, self.k_norm, 1e-6, cos[:, :c], sin[:, :c], N_KV, HD)
+        rows = torch.arange(x.shape[0])[:, None]
+        self.k_cache[rows, :, positions] = torch.cat([k_ctx, k], 1)
+        self.v_cache[rows, :, positions] = torch.cat([v_ctx, v], 1)
+        out = q.sum(-1) + self.k_cache[: x.shape[0]].sum() + self.v_cache[: x.shape[0]].sum()
+        return (out, k_ctx * 2) if self.extra == "ctx_k" else out
+
+
+def draft_inputs(batch, seq, ctx, start, shared=False):
+    """x [batch, seq, H], context [batch, ctx, H], positions: ctx then seq consecutive slots from start + row;
+    `shared`: the block's last token goes to the context's first slot too (as the runtime's padded rows all write
+    one scratch slot) — the block's k/v must end up there, as the cat's single write leaves it."""
+    g = torch.Generator().manual_seed(batch * 10 + seq)
+    positions = start + torch.arange(batch)[:, None] + torch.arange(ctx + seq)
+    if shared:
+        positions[:, -1] = positions[:, 0]
+    return (torch.randn(batch, seq, HIDDEN, generator=g), torch.randn(batch, ctx, HIDDEN, generator=g),
+            positions[:, :ctx].contiguous(), positions[:, ctx:].contiguous())
+
+
+def run_draft(joined_positions, extra, expected):
+    """Export DraftContextProjection (dynamic batch, block and context lengths), run the pass, compare outputs and
+    caches with the unrewritten graph on two shapes; returns (rewritten graph, report)."""
+    module = DraftContextProjection(joined_positions, extra).eval()
+    batch = torch.export.Dim("batch", min=1, max=2)
+    seq, ctx = torch.export.Dim("seq", min=2, max=8), torch.export.Dim("ctx", min=1, max=6)
+    dims = ({0: batch, 1: seq}, {0: batch, 1: ctx}, {0: batch, 1: ctx}, {0: batch, 1: seq})
+    args = draft_inputs(2, 4, 3, 5)
+    before, after = export_graph(module, args, dims), export_graph(module, args, dims)
+    report = run_passes(after, [kv_cache_writes.PASS])
+    assert report.fusions().get(kv_cache_writes.NAME, 0) == expected
+    for batch, seq, ctx, start, shared in ((2, 4, 3, 5, False), (1, 6, 5, 11, False), (2, 3, 2, 4, True)):
+        results = []
+        for gm in (before, after):
+            for name in ("k_cache", "v_cache"):
+                getattr(gm, name).zero_()
+            with torch.no_grad():
+                out = gm(*draft_inputs(batch, seq, ctx, start, shared))
+            results.append((out, gm.k_cache.clone(), gm.v_cache.clone()))
+        assert_same_outputs(results[0], results[1])
+        slots = seq + ctx - shared
+        assert (results[1][1] != 0).any(-1).sum() == N_KV * slots * batch   # every new slot written
+    return after, report
+
+
+def ops_in(gm, op) -> int:
+    return sum(n.target is op.default for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("joined_positions", [True, False], ids=["positions_cat", "positions_input"])
+def test_the_drafts_context_and_block_writes_move_into_their_ops(joined_positions):
+    """Both halves of the cat go to the caches from the ops that compute them; the positions are the cat's operands
+    when they were a cat, else slices of the one input."""
+    gm, report = run_draft(joined_positions, None, expected=1)
+    assert not report.rejections()
+    assert (index_puts(gm), fused(gm), ops_in(gm, torch.ops.dflash.kv_materialize_cache), ops_in(gm, KVM)) == \
+        (0, 1, 1, 0)
+    assert not any(n.target is torch.ops.aten.cat.default and n.args[1] == 1 and len(n.args[0]) == 2 and
+                   all(getattr(a, "op", None) == "call_function" and a.target is operator.getitem for a in n.args[0])
+                   for n in gm.graph.nodes)
+    writes = [n for n in gm.graph.nodes if n.target in (torch.ops.dflash.qkv_norm_rope_cache.default,
+                                                         torch.ops.dflash.kv_materialize_cache.default)]
+    written_at = [n.kwargs["cache_positions"] for n in writes]
+    if joined_positions:
+        assert sorted(p.target for p in written_at) == ["block_positions", "ctx_positions"]
+    else:
+        assert all(p.target is torch.ops.aten.slice.Tensor and p.args[0].target is torch.ops.aten.add.Tensor
+                   for p in written_at)
+
+
+def test_a_context_k_read_elsewhere_keeps_the_drafts_writes():
+    gm, report = run_draft(True, "ctx_k", expected=0)
+    assert index_puts(gm) == 2 and ops_in(gm, KVM) == 1
+    assert [r.reason.split(": ", 1)[1] for r in report.rejections()] == \
+        ["its k is not joined only as cat([context k of %kv_materialize (kv_materialize.default), block k], dim 1), "
+         "read by nothing else"]

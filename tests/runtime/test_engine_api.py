@@ -36,13 +36,13 @@ def test_default_steps_are_pipeline_compiled_and_report():
     engine = td.DFlashEngine(target, draft, max_batch=1, max_seq_len=48)
     draft_report, verify_report = engine.reports["draft"], engine.reports["verify"]
     assert draft_report.target == verify_report.target == "cpu" and not verify_report.rejections
-    assert {k: draft_report.fusions.get(k) for k in ("kv_materialize", "attention.non_causal")} == \
-        {"kv_materialize": 1, "attention.non_causal": 1}
+    assert {k: draft_report.fusions.get(k) for k in ("kv_materialize", "attention.non_causal", "kv_cache_writes")} \
+        == {"kv_materialize": 1, "attention.non_causal": 1, "kv_cache_writes": 1}
     assert {k: verify_report.fusions.get(k) for k in ("qkv_norm_rope", "attention.causal")} == \
         {"qkv_norm_rope": 2, "attention.causal": 2}
-    assert dflash_ops(engine.steps.draft) == ["dflash::add_rms_norm", "dflash::attention", "dflash::kv_materialize",
-                                              "dflash::linear", "dflash::qkv_norm_rope", "dflash::rms_norm",
-                                              "dflash::silu_mul"]
+    assert dflash_ops(engine.steps.draft) == ["dflash::add_rms_norm", "dflash::attention",
+                                              "dflash::kv_materialize_cache", "dflash::linear",
+                                              "dflash::qkv_norm_rope_cache", "dflash::rms_norm", "dflash::silu_mul"]
     assert dflash_ops(engine.steps.verify) == ["dflash::add_rms_norm", "dflash::attention", "dflash::linear",
                                                "dflash::qkv_norm_rope_cache", "dflash::rms_norm", "dflash::silu_mul"]
     committed = []
