@@ -2,10 +2,12 @@
 
     python -m torch_dflash.benchmarks.ab_steps --variant off:programmatic_launch.on=0 --variant on: [--steps ar]
     python -m torch_dflash.benchmarks.ab_steps --variant fused:qkv_gemm.decode.fused=1 --variant shipped:
+    python -m torch_dflash.benchmarks.ab_steps --variant shipped: --variant writes_off:-kv_cache_writes
 
-A variant is `NAME:ROW.KEY=VALUE[,ROW.KEY=VALUE…]` — overrides of compiler/triton/configs.TABLE for this device's
-family (nothing after the colon: the table as shipped). For each variant, in the order given, the runtime's
-steps are built with its table (benchmarks/e2e.py's models and turn: DFlashEngine with its default, CUDA-graphed
+A variant is `NAME:ITEM[,ITEM…]`, each item `ROW.KEY=VALUE` — an override of compiler/triton/configs.TABLE for
+this device's family — or `-PASS` — a pass of the pipeline left out (nothing after the colon: the table and the
+pipeline as shipped). For each variant, in the order given, the runtime's steps are built with its table and
+passes (benchmarks/e2e.py's models and turn: DFlashEngine with its default, CUDA-graphed
 steps after a 1024-token prompt and one turn; AR = the target's one-token step through the same path), so each
 captured graph holds that variant's kernels and launches. Then every step of every variant is timed in
 alternation — `--rounds` rounds, the variant order reversed every other round, each a median of `--reps` replays
@@ -30,24 +32,32 @@ from pathlib import Path
 import torch
 
 from torch_dflash.compiler.triton import configs
+from torch_dflash.passes.pipeline import PASS_NAMES
 
 from . import e2e, harness
 from .profile_steps import timed_us
 
 
-def parse_variant(text: str) -> tuple[str, dict[str, dict[str, int]]]:
-    """'name:row.key=value,…' → (name, {row: {key: value}}); ValueError for a row or key the table lacks."""
+def parse_variant(text: str) -> tuple[str, dict[str, dict[str, int]], tuple[str, ...]]:
+    """'name:row.key=value,-pass,…' → (name, {row: {key: value}}, passes left out); ValueError for a row or key the
+    table lacks or a pass the pipeline lacks."""
     name, colon, spec = text.partition(":")
     if not name or not colon:
-        raise ValueError(f"variant {text!r}: give NAME:ROW.KEY=VALUE,… (nothing after ':' = the table as shipped)")
+        raise ValueError(f"variant {text!r}: give NAME:ROW.KEY=VALUE,-PASS,… (nothing after ':' = as shipped)")
     changes: dict[str, dict[str, int]] = {}
+    disabled = []
     for item in filter(None, spec.split(",")):
+        if item.startswith("-"):
+            if item[1:] not in PASS_NAMES:
+                raise ValueError(f"variant {name!r}: {item!r} names no pass; passes: {', '.join(PASS_NAMES)}")
+            disabled.append(item[1:])
+            continue
         path, _, value = item.partition("=")
         row, _, key = path.rpartition(".")
         if row not in configs.TABLE or not value or all(key not in fam for fam in configs.TABLE[row].values()):
             raise ValueError(f"variant {name!r}: {item!r} names no ROW.KEY=VALUE of configs.TABLE")
         changes.setdefault(row, {})[key] = int(value)
-    return name, changes
+    return name, changes, tuple(disabled)
 
 
 @contextmanager
@@ -75,7 +85,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=os.environ.get("OUT", "ab-out"))
     parser.add_argument("--small", action="store_true", help="tiny shapes on CPU (smoke)")
     args = parser.parse_args(argv)
-    variants = dict(parse_variant(v) for v in args.variant)
+    variants = {name: (changes, disabled) for name, changes, disabled in map(parse_variant, args.variant)}
     if len(variants) < 2:
         parser.error("give at least two variants with different names")
     kinds = args.steps.split(",")
@@ -86,11 +96,13 @@ def main(argv=None) -> dict:
         target, draft, _, cfg = e2e._pair(device, torch.float32 if args.small else torch.bfloat16, args.small)
         prompt = e2e.random_prompt(target, device, args.small)
         steps, outputs = {}, {}
-        for name, changes in variants.items():
+        for name, (changes, disabled) in variants.items():
             with table_with(changes, family):
-                steps[name] = e2e.runtime_steps(target, draft, prompt, cfg["block_size"], device, kinds)[0]
+                steps[name] = e2e.runtime_steps(target, draft, prompt, cfg["block_size"], device, kinds,
+                                                disabled)[0]
                 outputs[name] = {kind: first_output(call()) for kind, call in steps[name].items()}
-            print(f"built {name} {changes} [{time.perf_counter() - began:.0f} s]", flush=True)
+            print(f"built {name} {changes} without passes {list(disabled)} [{time.perf_counter() - began:.0f} s]",
+                  flush=True)
         names = list(variants)
         times = {name: {kind: [] for kind in kinds} for name in names}
         for rnd in range(args.rounds):
@@ -98,8 +110,9 @@ def main(argv=None) -> dict:
                 for kind, call in steps[name].items():
                     times[name][kind].append(timed_us(call, device, args.reps))
     base = names[0]
-    result = {"env": harness.environment(device), "command": "python -m torch_dflash.benchmarks.ab_steps "
-              + " ".join(argv or []), "variants": variants, "steps": {}}
+    result = {"env": harness.environment(device), "command": harness.command_line("ab_steps", argv),
+              "variants": {name: {"table": changes, "passes_off": list(disabled)}
+                           for name, (changes, disabled) in variants.items()}, "steps": {}}
     for kind in kinds:
         rows = result["steps"][kind] = {}
         for name in names:

@@ -39,6 +39,7 @@ from torch_dflash.compiler.step_compiler import (device_target, inductor_compile
                                                  plain_compile_step)
 from torch_dflash.models import DecoderConfig, DecoderLM, DFlashDraft, DFlashDraftConfig
 from torch_dflash.runtime import DFlashEngine, GenerateStats
+from torch_dflash.runtime.checks import PIPELINE
 from torch_dflash.runtime.device import Clock, CUDAGraphStep, graph_pool, is_cuda
 
 from . import harness
@@ -181,9 +182,11 @@ def _compile_steps(device) -> dict:
             PEER: lambda: plain_compile_step(backend)}
 
 
-def _engine_after_one_turn(target, draft, prompt, b):
-    """The engine with its default steps, the prompt prefilled and one turn run: (engine, state, tokens committed)."""
-    engine = DFlashEngine(target, draft, max_batch=1, max_seq_len=prompt.shape[1] + 3 * b + 1)
+def _engine_after_one_turn(target, draft, prompt, b, compile_step=PIPELINE):
+    """The engine with its default steps (or through `compile_step`), the prompt prefilled and one turn run:
+    (engine, state, tokens committed)."""
+    engine = DFlashEngine(target, draft, max_batch=1, max_seq_len=prompt.shape[1] + 3 * b + 1,
+                          compile_step=compile_step)
     decode = engine.begin(prompt[0], max_new_tokens=3 * b)
     first = engine.iterate(decode)[0]
     return engine, decode, first
@@ -227,16 +230,18 @@ def random_prompt(target, device, small: bool) -> torch.Tensor:
                          generator=torch.Generator(device).manual_seed(0), device=device)
 
 
-def runtime_steps(target, draft, prompt, block_size, device, kinds=("draft", "verify", "ar")):
+def runtime_steps(target, draft, prompt, block_size, device, kinds=("draft", "verify", "ar"), disabled=()):
     """The runtime's steps as the cases run them, for the tools that time them alone (profile_steps --runtime,
     ab_steps): kind -> a no-argument call of the engine's draft / verify step on the inputs of a real turn after
     `prompt` and one turn, or of the target's AR step through the same compile path (built only if asked); and
-    the context length those blocks start at. Built under the launch configs in force now."""
-    engine, snapshot, _ = _engine_after_one_turn(target, draft, prompt, block_size)
+    the context length those blocks start at. Built under the launch configs in force now, without the passes
+    named in `disabled`."""
+    compile_step = pipeline_compile_step(device_target(device), disabled) if disabled else PIPELINE
+    engine, snapshot, _ = _engine_after_one_turn(target, draft, prompt, block_size, compile_step)
     draft_args, verify_args = _turn_inputs(engine, snapshot)
     calls = {"draft": lambda: engine.steps.draft(*draft_args), "verify": lambda: engine.steps.verify(*verify_args)}
     if "ar" in kinds:
-        ar = _ar_step(target, device, pipeline_compile_step(device_target(device)))
+        ar = _ar_step(target, device, pipeline_compile_step(device_target(device), disabled))
         calls["ar"] = lambda: ar(verify_args[0][:, :1], verify_args[1][:, :1])
     return {kind: calls[kind] for kind in kinds}, int(snapshot.rows.start[0])
 

@@ -14,6 +14,7 @@ import itertools
 import json
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -256,6 +257,11 @@ def markdown(rows: list[Row], ceilings: Ceilings, header: str, not_run: tuple[st
         lines.append(f"| {r.suite} | {r.case} | {r.variant} | {fmt(r.median_us, '.1f')} | {fmt(r.floor_us, '.1f')} | "
                      f"{fmt(r.vs_floor, '.2f')} | {fmt(r.vs_inductor, '.2f')} | {'yes' if r.graph else 'no'} | {notes} |")
     return "\n".join(lines)
+
+
+def command_line(module: str, argv) -> str:
+    """How a benchmark module was run: its -m line with the arguments given (argv None: the process's own)."""
+    return f"python -m torch_dflash.benchmarks.{module} " + " ".join(sys.argv[1:] if argv is None else argv)
 
 
 def environment(device: str) -> dict:

@@ -265,8 +265,8 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
-    result = {"env": harness.environment(device), "command": "python -m torch_dflash.benchmarks.profile_steps "
-              + " ".join(argv or []), "steps": [], "attention": []}
+    result = {"env": harness.environment(device), "command": harness.command_line("profile_steps", argv),
+              "steps": [], "attention": []}
     ceilings = harness.measure_ceilings(device)
     result["ceilings"] = ceilings.__dict__
     save = lambda: (out / "profile_steps.json").write_text(json.dumps(result, indent=1))  # noqa: E731

@@ -10,14 +10,14 @@ from torch_dflash.compiler.triton import configs
 
 
 def test_variants_parse_into_table_overrides():
-    assert ab_steps.parse_variant("off:programmatic_launch.on=0") == ("off", {"programmatic_launch": {"on": 0}})
-    assert ab_steps.parse_variant("shipped:") == ("shipped", {})
-    assert ab_steps.parse_variant("x:qkv_gemm.decode.fused=1,skinny_gemm.max_split=4") == (
-        "x", {"qkv_gemm.decode": {"fused": 1}, "skinny_gemm": {"max_split": 4}})
+    assert ab_steps.parse_variant("off:programmatic_launch.on=0") == ("off", {"programmatic_launch": {"on": 0}}, ())
+    assert ab_steps.parse_variant("shipped:") == ("shipped", {}, ())
+    assert ab_steps.parse_variant("x:qkv_gemm.decode.fused=1,skinny_gemm.max_split=4,-kv_cache_writes") == (
+        "x", {"qkv_gemm.decode": {"fused": 1}, "skinny_gemm": {"max_split": 4}}, ("kv_cache_writes",))
 
 
 @pytest.mark.parametrize("text", ["off", ":programmatic_launch.on=0", "x:no_such_row.on=0",
-                                  "x:programmatic_launch.no_such_key=1", "x:programmatic_launch.on"])
+                                  "x:programmatic_launch.no_such_key=1", "x:programmatic_launch.on", "x:-no_pass"])
 def test_a_variant_the_table_cannot_take_is_refused(text):
     with pytest.raises(ValueError):
         ab_steps.parse_variant(text)
@@ -31,13 +31,15 @@ def test_overrides_hold_while_building_only():
 
 
 def test_small_run_times_every_step_of_every_variant(tmp_path):
-    result = ab_steps.main(["--small", "--variant", "a:", "--variant", "b:programmatic_launch.on=0",
+    result = ab_steps.main(["--small", "--variant", "a:", "--variant", "b:programmatic_launch.on=0,-kv_cache_writes",
                             "--rounds", "2", "--reps", "1", "--out", str(tmp_path)])
+    assert result["variants"]["b"] == {"table": {"programmatic_launch": {"on": 0}}, "passes_off": ["kv_cache_writes"]}
     assert json.loads((tmp_path / "ab_steps.json").read_text())["steps"].keys() == {"draft", "verify", "ar"}
     for kind, rows in result["steps"].items():
         assert rows.keys() == {"a", "b"}
         assert all(len(r["rounds_us"]) == 2 and r["median_us"] > 0 for r in rows.values())
-        # on CPU the table changes nothing the reference lowering runs: the same outputs
+        # on CPU the table changes nothing the reference lowering runs, and the cache writes move, not change: the
+        # same outputs
         assert rows["b"]["bitwise_equal"], kind
     with pytest.raises(SystemExit):
         ab_steps.main(["--small", "--variant", "a:"])
