@@ -40,7 +40,7 @@ from torch_dflash.compiler.step_compiler import (device_target, inductor_compile
 from torch_dflash.models import DecoderConfig, DecoderLM, DFlashDraft, DFlashDraftConfig
 from torch_dflash.runtime import DFlashEngine, GenerateStats
 from torch_dflash.runtime.checks import PIPELINE
-from torch_dflash.runtime.device import Clock, CUDAGraphStep, graph_pool, is_cuda
+from torch_dflash.runtime.device import Clock, CUDAGraphStep, PhaseClock, graph_pool, is_cuda
 
 from . import harness
 from .case import Case
@@ -286,12 +286,13 @@ def _step_check(calls, eager, args, tol, device):
 
 
 def _stats_note(engine, snapshot, turns):
-    """The engine's own per-phase times (GenerateStats: synchronised perf_counter laps) over `turns` turns."""
+    """The engine's own per-phase times (GenerateStats: PhaseClock's event laps) over `turns` turns."""
     stats = GenerateStats(engine.block_size)
     for _ in range(turns):
-        clock = Clock(engine.device)
+        clock = PhaseClock(engine.device)
         engine.iterate(replace(snapshot.fork(), stats=stats, clock=clock))
-        stats.overhead_s += clock.lap()  # acceptance + commit: the loop laps them at the start of the next turn
+        clock.charge(stats, "overhead_s")  # acceptance + commit: the loop charges them at the next turn's start
+        clock.settle()
     per_turn = ", ".join(f"{name} {getattr(stats, name + '_s') / stats.steps * 1e3:.2f} ms"
                          for name in ("draft", "verify", "overhead"))
     return f"engine stats per turn: {per_turn} (GenerateStats over {stats.steps} turns)"

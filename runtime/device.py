@@ -1,4 +1,5 @@
-"""Everything device-specific in the runtime: synchronised timing and CUDA-graph replay."""
+"""Everything device-specific in the runtime: timing (a synchronised stopwatch, the loop's event-based phase clock)
+and CUDA-graph replay."""
 
 import time
 
@@ -26,6 +27,42 @@ class Clock:
         now = self.now()
         elapsed, self.last = now - self.last, now
         return elapsed
+
+
+class PhaseClock:
+    """The engine loop's phase times, charged to GenerateStats fields. On CUDA each boundary is an event recorded
+    on the current stream and the laps are read off the GPU's timeline at `settle`, which the loop calls after the
+    synchronisation it makes anyway (the turn's `.tolist()`): timing the phases adds no host synchronisation, so
+    the host queues the next phase while the GPU runs this one. On CPU, perf_counter laps."""
+
+    def __init__(self, device):
+        self.cuda = is_cuda(device)
+        self.last = self._mark()
+        self.pending = ()   # (stats, field, start event, end event) charged, not yet added; a tuple: forks copy it
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def charge(self, stats, field: str) -> None:
+        """Add the time since the previous boundary (or the clock's creation) to stats.<field>: now on CPU, at the
+        next `settle` on CUDA."""
+        now = self._mark()
+        if self.cuda:
+            self.pending = (*self.pending, (stats, field, self.last, now))
+        else:
+            setattr(stats, field, getattr(stats, field) + now - self.last)
+        self.last = now
+
+    def settle(self) -> None:
+        """Add the pending laps (waiting for the last boundary's event if the caller has not synchronised)."""
+        for stats, field, start, end in self.pending:
+            end.synchronize()
+            setattr(stats, field, getattr(stats, field) + start.elapsed_time(end) / 1e3)
+        self.pending = ()
 
 
 class CUDAGraphStep:

@@ -28,7 +28,7 @@ from torch_dflash.errors import InputError
 from .block import block_layout, to_logical
 from .checks import (PIPELINE, check_block_size, check_capacity, check_engine, check_pair, check_sampling,
                      check_stop_tokens, new_token_counts, read_prompts)
-from .device import Clock
+from .device import PhaseClock
 from .executors import Steps, build_steps, with_cuda_graphs
 from .sampling import accept_greedy, accept_rejection, choose, sampling_probs
 from .stats import GenerateStats
@@ -75,7 +75,7 @@ class Decode:
     tokens: torch.Tensor   # [n, max_seq_len] every sequence's tokens so far (its prompt first)
     sampling: Sampling
     stats: GenerateStats
-    clock: Clock
+    clock: PhaseClock
     seq_host: list         # host copies of rows.seq / rows.start and whether each row has finished
     start_host: list
     done_host: list
@@ -148,7 +148,7 @@ class DFlashEngine:
         generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         sampling = Sampling(float(temperature), top_p, top_k, stops, generator)
         n, dev = len(prompts), self.device
-        stats, clock = GenerateStats(self.block_size), Clock(dev)
+        stats, clock = GenerateStats(self.block_size), PhaseClock(dev)
         tokens = torch.full((n, self.max_seq_len), self.mask_token_id, dtype=torch.long, device=dev)
         for i, prompt in enumerate(prompts):
             tokens[i, : len(prompt)] = prompt.to(dev)
@@ -160,9 +160,11 @@ class DFlashEngine:
         rows = Rows(seq, lengths, torch.tensor(limits, device=dev), first, context, context_pos)
         done = torch.isin(first, sampling.stops) | (rows.start + 1 >= rows.limit)
         stats.new_tokens = n
-        stats.prefill_s = clock.lap()
-        return Decode(rows, tokens, sampling, stats, clock, list(range(n)), [len(p) for p in prompts], done.tolist(),
-                      [[] for _ in range(n)], [0] * n)
+        clock.charge(stats, "prefill_s")
+        decode = Decode(rows, tokens, sampling, stats, clock, list(range(n)), [len(p) for p in prompts],
+                        done.tolist(), [[] for _ in range(n)], [0] * n)
+        clock.settle()
+        return decode
 
     @torch.no_grad()
     def iterate(self, decode: Decode) -> list[int] | None:
@@ -178,6 +180,7 @@ class DFlashEngine:
             return None
         decode.rows, produced, done = self._step(decode)
         produced, decode.done_host, decode.start_host = torch.stack([produced, done.long(), decode.rows.start]).tolist()
+        decode.clock.settle()
         for r, count in enumerate(produced):
             decode.acceptance[decode.seq_host[r]].append(count)
         decode.stats.steps += 1
@@ -188,7 +191,8 @@ class DFlashEngine:
         if decode.seq_host:
             raise InputError("finish() needs a decode whose sequences have all finished (iterate returned None).")
         stats = decode.stats
-        stats.overhead_s += decode.clock.lap()
+        decode.clock.charge(stats, "overhead_s")
+        decode.clock.settle()
         stats.acceptance_lengths = [a for per_seq in decode.acceptance for a in per_seq]
         stats.new_tokens += sum(stats.acceptance_lengths)
         tokens = decode.tokens.cpu()
@@ -224,13 +228,13 @@ class DFlashEngine:
         col, positions, real = block_layout(rows.start, rows.limit, b, self.scratch)
         block = torch.full_like(positions, self.mask_token_id)
         block[:, 0] = rows.last
-        stats.overhead_s += clock.lap()
+        clock.charge(stats, "overhead_s")
         draft_logits = self._draft(rows.context, rows.context_pos, block, positions)
-        stats.draft_s += clock.lap()
+        clock.charge(stats, "draft_s")
         block[:, 1:], draft_probs = sampling.choose(draft_logits)
-        stats.overhead_s += clock.lap()
+        clock.charge(stats, "overhead_s")
         logits, features = self._verify(block, positions)
-        stats.verify_s += clock.lap()
+        clock.charge(stats, "verify_s")
         logits, features, block = to_logical(logits, col), to_logical(features, col), block.gather(1, col)
         gamma = real - 1
         if sampling.temperature == 0:

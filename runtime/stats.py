@@ -7,7 +7,8 @@ import torch
 
 @dataclass
 class GenerateStats:
-    """Acceptance and time of one generate call (times in seconds, synchronised on CUDA).
+    """Acceptance and time of one generate call (times in seconds; on CUDA read off the GPU's timeline with events,
+    so timing the phases costs the loop no synchronisation: runtime/device.PhaseClock).
 
     acceptance_lengths: tokens committed by each (sequence, step) pair, sequence by sequence — accepted drafts + the
     bonus, cut by the length limit and at a stop token (z-lab's `acceptance_lengths`); the first token, sampled

@@ -2,6 +2,7 @@
 draft window; finished rows leave the batch; CUDA graphs on == off (GPU)."""
 
 import copy
+import time
 
 import pytest
 import torch
@@ -125,3 +126,24 @@ def test_cuda_graphs_equal_no_graphs(executor):
         assert with_graphs.acceptance_lengths == without.acceptance_lengths
     for i, (prompt, n) in enumerate(zip(prompts, news)):
         assert runs[True][0].sequences[i].tolist() == ar_greedy(target, prompt, n)
+
+
+@pytest.mark.gpu
+def test_cuda_phase_times_add_up_to_the_wall_time_without_syncing_between_phases(monkeypatch):
+    """On CUDA the loop's phase times come from events (PhaseClock): each positive, their sum within 10 % of the
+    call's wall time, and one host synchronisation per turn — the turn's own `.tolist()` — not one per phase."""
+    target, draft = (m.cuda() for m in small_pair())
+    engine = td.DFlashEngine(target, draft, max_batch=1, max_seq_len=96)
+    prompt = prompts_of([9], 64, seed=4)[0]
+    engine.generate(prompt, max_new_tokens=40)    # CUDA graphs captured
+    syncs = []
+    real_sync = torch.cuda.synchronize
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: (syncs.append(1), real_sync(*a, **k))[1])
+    real_sync()
+    began = time.perf_counter()
+    out = engine.generate(prompt, max_new_tokens=40)
+    wall = time.perf_counter() - began
+    s = out.stats
+    assert min(s.prefill_s, s.draft_s, s.verify_s, s.overhead_s) > 0
+    assert s.total_s == pytest.approx(wall, rel=0.1)
+    assert not syncs, f"{len(syncs)} torch.cuda.synchronize calls in a generate call"
