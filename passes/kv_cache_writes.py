@@ -32,11 +32,11 @@ import torch.fx as fx
 
 from .fx_utils import infer_meta, is_call, meta_val, node_arg, same_sizes
 from .head_chains import describe
+from .kv_materialize import END
 from .manager import GraphPass, PassContext
 
 NAME = "kv_cache_writes"
 aten = torch.ops.aten
-END = 2**63 - 1   # a slice end meaning "to the end", as torch.export prints it
 
 
 def _leading_ones_dropped(shape) -> list:
