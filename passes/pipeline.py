@@ -1,9 +1,10 @@
 """The default pipeline: canonicalize → fuse (kv_materialize, qkv_norm_rope, mhc_post_pre) → merge sibling
-projections → select attention masks → k/v cache writes into the qkv op → the remaining RMSNorms, with the
-residual adds before them → SwiGLU products → cleanup → decode-sized weight linears. Order matters: kv_materialize
-takes the DFlash draft's context+block sites whole before qkv_norm_rope sees their block half;
-merge_sibling_projections runs after them, so it only merges the linears they left (gate/up); attention_masks runs
-after the fusions so their outputs feed it; kv_cache_writes takes the q/k/v ops qkv_norm_rope made; rms_norms runs
+projections → select attention masks → k/v cache writes into the qkv (and kv_materialize) ops → the remaining
+RMSNorms, with the residual adds before them → SwiGLU products → cleanup → decode-sized weight linears. Order
+matters: kv_materialize takes the DFlash draft's context+block sites whole before qkv_norm_rope sees their block
+half; merge_sibling_projections runs after them, so it only merges the linears they left (gate/up);
+attention_masks runs after the fusions so their outputs feed it; kv_cache_writes takes the q/k/v and context k/v
+ops the fusions made; rms_norms runs
 after the fusions, so it takes only the norms they left, and add_rms_norm extends those; weight_linears runs last,
 so it takes only the live linears left (o, gate|up, down, lm_head, fc, mHC's hc_head) — after cleanup has dropped
 the ones the fusions replaced and the no-op casts on weights.
