@@ -233,13 +233,15 @@ def random_prompt(target, device, small: bool) -> torch.Tensor:
 def runtime_steps(target, draft, prompt, block_size, device, kinds=("draft", "verify", "ar"), disabled=()):
     """The runtime's steps as the cases run them, for the tools that time them alone (profile_steps --runtime,
     ab_steps): kind -> a no-argument call of the engine's draft / verify step on the inputs of a real turn after
-    `prompt` and one turn, or of the target's AR step through the same compile path (built only if asked); and
-    the context length those blocks start at. Built under the launch configs in force now, without the passes
-    named in `disabled`."""
+    `prompt` and one turn, of the target's AR step through the same compile path (built only if asked), or of
+    the whole second turn ("turn": `iterate` on a fork of the state, as the turn case times it); and the context
+    length those blocks start at. Built under the launch configs in force now, without the passes named in
+    `disabled`."""
     compile_step = pipeline_compile_step(device_target(device), disabled) if disabled else PIPELINE
     engine, snapshot, _ = _engine_after_one_turn(target, draft, prompt, block_size, compile_step)
     draft_args, verify_args = _turn_inputs(engine, snapshot)
-    calls = {"draft": lambda: engine.steps.draft(*draft_args), "verify": lambda: engine.steps.verify(*verify_args)}
+    calls = {"draft": lambda: engine.steps.draft(*draft_args), "verify": lambda: engine.steps.verify(*verify_args),
+             "turn": lambda: engine.iterate(snapshot.fork())}
     if "ar" in kinds:
         ar = _ar_step(target, device, pipeline_compile_step(device_target(device), disabled))
         calls["ar"] = lambda: ar(verify_args[0][:, :1], verify_args[1][:, :1])
