@@ -206,15 +206,12 @@ def _resuming_engine(engine, compile_step):
 
 @torch.no_grad()
 def _turn_inputs(engine, snapshot):
-    """The arguments of the next turn's draft step and verify step (a full block at the row's start)."""
-    rows, b = snapshot.rows, engine.block_size
-    positions = rows.start[:, None] + torch.arange(b, device=engine.device)
-    block = torch.full_like(positions, engine.mask_token_id)
-    block[:, 0] = rows.last
-    draft_args = (rows.context, rows.context_pos, block, positions)
-    drafted = block.clone()
+    """The arguments of the next turn's draft step and verify step (the block the rows have queued)."""
+    rows = snapshot.rows
+    draft_args = (rows.context, rows.context_pos, rows.block, rows.positions)
+    drafted = rows.block.clone()
     drafted[:, 1:] = engine.steps.draft(*draft_args).argmax(-1)
-    return draft_args, (drafted, positions)
+    return draft_args, (drafted, rows.positions)
 
 
 def _ar_step(target, device, compile_step):

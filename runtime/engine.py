@@ -42,7 +42,9 @@ class GenerateOutput(NamedTuple):
 
 @dataclass
 class Rows:
-    """State of the active rows (row r = cache row r)."""
+    """State of the active rows (row r = cache row r), with the next step's block layout (runtime/block.py)
+    already queued: it is made where the rows are (after the previous commit, before the turn's one host sync),
+    so the host has nothing to launch between that sync and the draft step but the step itself."""
 
     seq: torch.Tensor          # [n] index of the row's sequence in the call
     start: torch.Tensor        # [n] position of the last committed token
@@ -50,6 +52,10 @@ class Rows:
     last: torch.Tensor         # [n] the last committed token
     context: torch.Tensor      # [n, b, F] target features of committed tokens the draft has not read yet
     context_pos: torch.Tensor  # [n, b] their positions (scratch for unused entries)
+    col: torch.Tensor          # [n, b] the next block's column of each logical offset
+    positions: torch.Tensor    # [n, b] its cache positions, column order
+    real: torch.Tensor         # [n] its real entries
+    block: torch.Tensor        # [n, b] its tokens before drafting: [last, MASK, …]
 
     def take(self, index):
         return Rows(*(getattr(self, f.name)[index] for f in fields(self)))
@@ -157,7 +163,7 @@ class DFlashEngine:
         first, _ = sampling.choose(first_logits)
         seq = torch.arange(n, device=dev)
         tokens[seq, lengths] = first
-        rows = Rows(seq, lengths, torch.tensor(limits, device=dev), first, context, context_pos)
+        rows = self._rows(seq, lengths, torch.tensor(limits, device=dev), first, context, context_pos)
         done = torch.isin(first, sampling.stops) | (rows.start + 1 >= rows.limit)
         stats.new_tokens = n
         clock.charge(stats, "prefill_s")
@@ -224,14 +230,13 @@ class DFlashEngine:
 
     def _step(self, decode):
         """One draft + verify + accept over the active rows -> (rows after the commit, produced [n], done [n])."""
-        b, rows, sampling, stats, clock = self.block_size, decode.rows, decode.sampling, decode.stats, decode.clock
-        col, positions, real = block_layout(rows.start, rows.limit, b, self.scratch)
-        block = torch.full_like(positions, self.mask_token_id)
-        block[:, 0] = rows.last
+        rows, sampling, stats, clock = decode.rows, decode.sampling, decode.stats, decode.clock
+        col, positions, real = rows.col, rows.positions, rows.real
         clock.charge(stats, "overhead_s")
-        draft_logits = self._draft(rows.context, rows.context_pos, block, positions)
+        draft_logits = self._draft(rows.context, rows.context_pos, rows.block, positions)
         clock.charge(stats, "draft_s")
-        block[:, 1:], draft_probs = sampling.choose(draft_logits)
+        drafts, draft_probs = sampling.choose(draft_logits)
+        block = torch.cat([rows.block[:, :1], drafts], dim=1)
         clock.charge(stats, "overhead_s")
         logits, features = self._verify(block, positions)
         clock.charge(stats, "verify_s")
@@ -257,9 +262,16 @@ class DFlashEngine:
         kept = offsets < produced[:, None]
         tokens[rows.seq[:, None], torch.where(kept, rows.start[:, None] + 1 + offsets, self.scratch)] = new
         start = rows.start + produced
-        rows = Rows(rows.seq, start, rows.limit, new.gather(1, (produced - 1)[:, None])[:, 0], features,
-                    torch.where(kept, rows.start[:, None] + offsets, self.scratch))
+        rows = self._rows(rows.seq, start, rows.limit, new.gather(1, (produced - 1)[:, None])[:, 0], features,
+                          torch.where(kept, rows.start[:, None] + offsets, self.scratch))
         return rows, produced, stopped | (start + 1 >= rows.limit)
+
+    def _rows(self, seq, start, limit, last, context, context_pos) -> Rows:
+        """Rows with their next block: [last, MASK…] laid out at start.. (block_layout)."""
+        col, positions, real = block_layout(start, limit, self.block_size, self.scratch)
+        block = torch.full_like(positions, self.mask_token_id)
+        block[:, 0] = last
+        return Rows(seq, start, limit, last, context, context_pos, col, positions, real, block)
 
     def _compact(self, rows, done, seq_host, start_host):
         """Drop finished rows: live rows from the tail move into the holes (their cache slots below start are
