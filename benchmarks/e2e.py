@@ -30,6 +30,7 @@ context (here 1, at τ 6.5 about 6.5), so its turn is slightly cheaper at low ac
 """
 
 import functools
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -40,7 +41,7 @@ from torch_dflash.compiler.step_compiler import (device_target, inductor_compile
 from torch_dflash.models import DecoderConfig, DecoderLM, DFlashDraft, DFlashDraftConfig
 from torch_dflash.runtime import DFlashEngine, GenerateStats
 from torch_dflash.runtime.checks import PIPELINE
-from torch_dflash.runtime.device import Clock, CUDAGraphStep, PhaseClock, graph_pool, is_cuda
+from torch_dflash.runtime.device import CUDAGraphStep, PhaseClock, graph_pool, is_cuda
 
 from . import harness
 from .case import Case
@@ -182,6 +183,25 @@ def _compile_steps(device) -> dict:
             PEER: lambda: plain_compile_step(backend)}
 
 
+class Stopwatch:
+    """Seconds of set-up and first calls: perf_counter laps, each reading on CUDA first waiting for the queued work."""
+
+    def __init__(self, device):
+        self.cuda = is_cuda(device)
+        self.last = self.now()
+
+    def now(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self):
+        """Seconds since the previous lap (or the stopwatch's creation)."""
+        now = self.now()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+
 def _engine_after_one_turn(target, draft, prompt, b, compile_step=PIPELINE):
     """The engine with its default steps (or through `compile_step`), the prompt prefilled and one turn run:
     (engine, state, tokens committed)."""
@@ -257,7 +277,7 @@ def _first_calls(calls, device):
     -> ({variant: its result}, the note)."""
     results, seconds = {}, []
     for variant, call in list(calls.items()):
-        clock = Clock(device)
+        clock = Stopwatch(device)
         try:
             results[variant] = call()
         except Exception as error:  # noqa: BLE001 — reported in the notes and the table has no row of it
@@ -315,7 +335,7 @@ def cases(device="cuda", small=False, variants=VARIANTS):
     engines and steps, the AR programs, z-lab's loop — is built on its first call, inside the check of the first
     case that runs it: each case's compile lands in its own check (its notes give the first calls' seconds),
     and a case the budget skips compiles nothing."""
-    clock = Clock(device)
+    clock = Stopwatch(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tol_draft, tol_target = (1e-4, 1e-4) if dtype == torch.float32 else (2e-2, 1e-1)
     target, draft, target_cfg, cfg = _pair(device, dtype, small)

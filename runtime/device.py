@@ -1,5 +1,4 @@
-"""Everything device-specific in the runtime: timing (a synchronised stopwatch, the loop's event-based phase clock)
-and CUDA-graph replay."""
+"""Everything device-specific in the runtime: the loop's event-based phase clock and CUDA-graph replay."""
 
 import time
 
@@ -8,25 +7,6 @@ import torch
 
 def is_cuda(device: torch.device) -> bool:
     return torch.device(device).type == "cuda"
-
-
-class Clock:
-    """perf_counter laps; on CUDA each reading first waits for the queued work, so a lap is the step's time."""
-
-    def __init__(self, device):
-        self.cuda = is_cuda(device)
-        self.last = self.now()
-
-    def now(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def lap(self):
-        """Seconds since the previous lap (or the clock's creation)."""
-        now = self.now()
-        elapsed, self.last = now - self.last, now
-        return elapsed
 
 
 class PhaseClock:
