@@ -34,7 +34,7 @@ log = logging.getLogger("torch_dflash")
 
 PROVIDER_PACKAGES = {"cuda": "triton", "rocm": "triton", "ascend": "ascend"}
 PROVIDER_MODULES = {
-    "triton": ("qkv_norm_rope", "kv_materialize", "norm_rope", "mlp", "mhc", "attention", "linear"),
+    "triton": ("qkv_norm_rope", "kv_materialize", "context_qkv", "norm_rope", "mlp", "mhc", "attention", "linear"),
     "ascend": ("providers",),
 }
 

@@ -6,6 +6,7 @@ before:  k = cat(linear(ctx, Wk), linear(block, Wk), seq) ─ view(B,C+b,nkv,hd)
          q = linear(block, Wq) ─ view ─ RMSNorm(q_norm_w) ─ [transpose] ─ rope(cos, sin of the last b positions)
 after:   q, k_blk, v_blk = dflash.qkv_norm_rope(block, W_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos[:, C:], sin[:, C:], …)
          k_ctx, v_ctx    = dflash.kv_materialize(ctx, W_kv, b_kv, k_norm_w, eps, cos[:, :C], sin[:, :C], nkv, hd)
+         where W_kv = W_qkv[nq·hd:] (b_kv alike) when the context's k/v projections are the block's (z-lab's)
          k = cat(k_ctx, k_blk, seq), v = cat(v_ctx, v_blk, seq)   (+ transpose(1, 2) where the consumers had it)
 
 Records both "kv_materialize" and "qkv_norm_rope" per site. Runs before qkv_norm_rope, so a draft site is
@@ -50,6 +51,20 @@ def block_table_guard(q: Chain, k: Chain, ctx_x: fx.Node, block_x: fx.Node) -> s
     return None
 
 
+def _context_weights(emit: Emitter, k: Chain, v: Chain, kv_rows: int, ctx_x: fx.Node, w_qkv: fx.Node,
+                     b_qkv: fx.Node | None, q_rows: int) -> tuple[fx.Node, fx.Node | None]:
+    """kv_materialize's w_kv and b_kv: the k|v rows of the merged w_qkv / b_qkv (views: no second copy, and the
+    sharing stays visible to context_qkv) when the context's k and v projections are the block's — z-lab's
+    k_proj(ctx), k_proj(x) —, else their own merged weights."""
+    ctx_projs, rows = [k.source.ctx, v.source.ctx], [kv_rows] * 2
+    if all(proj_parts(ctx_projs, rows, which) == proj_parts([k.source.block, v.source.block], rows, which)
+           for which in ("weight", "bias")):
+        return emit.call(aten.slice.Tensor, w_qkv, 0, q_rows, END), \
+            None if b_qkv is None else emit.call(aten.slice.Tensor, b_qkv, 0, q_rows, END)
+    return (emit.merged("kv_weight", proj_parts(ctx_projs, rows, "weight"), ctx_x),
+            emit.merged("kv_bias", proj_parts(ctx_projs, rows, "bias"), ctx_x))
+
+
 def fuse_site(gm: fx.GraphModule, ctx: PassContext, k: Chain, roped: list[Chain]) -> None:
     src: ConcatProj = k.source
     ctx_x, block_x = src.ctx.x, src.block.x
@@ -77,8 +92,7 @@ def fuse_site(gm: fx.GraphModule, ctx: PassContext, k: Chain, roped: list[Chain]
     rows = [q.heads * q.head_dim, kv_rows, kv_rows]
     w_qkv = emit.merged("qkv_weight", proj_parts(projs, rows, "weight"), block_x)
     b_qkv = emit.merged("qkv_bias", proj_parts(projs, rows, "bias"), block_x)
-    w_kv = emit.merged("kv_weight", proj_parts([k.source.ctx, v.source.ctx], [kv_rows] * 2, "weight"), ctx_x)
-    b_kv = emit.merged("kv_bias", proj_parts([k.source.ctx, v.source.ctx], [kv_rows] * 2, "bias"), ctx_x)
+    w_kv, b_kv = _context_weights(emit, k, v, kv_rows, ctx_x, w_qkv, b_qkv, q.heads * q.head_dim)
     c = emit.size(ctx_x, 1)
     cos, sin = emit.table(k.cos, src.out), emit.table(k.sin, src.out)
     cos_ctx, sin_ctx = (emit.call(aten.slice.Tensor, t, 1, 0, c) for t in (cos, sin))

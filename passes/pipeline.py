@@ -4,7 +4,7 @@ RMSNorms, with the residual adds before them → SwiGLU products → cleanup →
 matters: kv_materialize takes the DFlash draft's context+block sites whole before qkv_norm_rope sees their block
 half; merge_sibling_projections runs after them, so it only merges the linears they left (gate/up);
 attention_masks runs after the fusions so their outputs feed it; kv_cache_writes takes the q/k/v and context k/v
-ops the fusions made; rms_norms runs
+ops the fusions made, and context_qkv joins the draft's two cache-writing ops per layer into one; rms_norms runs
 after the fusions, so it takes only the norms they left, and add_rms_norm extends those; weight_linears runs last,
 so it takes only the live linears left (o, gate|up, down, lm_head, fc, mHC's hc_head) — after cleanup has dropped
 the ones the fusions replaced and the no-op casts on weights.
@@ -18,16 +18,16 @@ import it. Those callers skip them (`skipped_before_export`, `skipped_before_ind
 
 from torch_dflash.errors import InputError
 
-from . import (add_rms_norm, attention_masks, canonicalize, cleanup, kv_cache_writes, kv_materialize, mhc_post_pre,
-               qkv_norm_rope, rms_norms, sibling_projections, silu_mul, weight_linears)
+from . import (add_rms_norm, attention_masks, canonicalize, cleanup, context_qkv, kv_cache_writes, kv_materialize,
+               mhc_post_pre, qkv_norm_rope, rms_norms, sibling_projections, silu_mul, weight_linears)
 from .manager import PassManager
 
 DEFAULT_PASSES = (canonicalize.PASS, kv_materialize.PASS, qkv_norm_rope.PASS, mhc_post_pre.PASS,
-                  sibling_projections.PASS, attention_masks.PASS, kv_cache_writes.PASS, rms_norms.PASS,
-                  add_rms_norm.PASS, silu_mul.PASS, cleanup.PASS, weight_linears.PASS)
+                  sibling_projections.PASS, attention_masks.PASS, kv_cache_writes.PASS, context_qkv.PASS,
+                  rms_norms.PASS, add_rms_norm.PASS, silu_mul.PASS, cleanup.PASS, weight_linears.PASS)
 PASS_NAMES = tuple(p.name for p in DEFAULT_PASSES)
 INDUCTOR_FUSES = (rms_norms.NAME, add_rms_norm.NAME, silu_mul.NAME)
-IN_PLACE_ONLY = (kv_cache_writes.NAME,)
+IN_PLACE_ONLY = (kv_cache_writes.NAME, context_qkv.NAME)
 
 
 def _also(disabled, names) -> tuple[str, ...]:

@@ -351,6 +351,38 @@ def test_cache_writing_ops_match_the_reference_ops():
     assert (want[7] != 0).any(-1).sum() == 2 * 2 * 5    # every slot of both rows and heads written
 
 
+class JoinedCacheWrites(nn.Module):
+    """The same pair as one op (pass context_qkv): the context's k|v weight is the k|v rows of w_qkv."""
+
+    def forward(self, x, w_qkv, ctx, norm_w, cos, sin, k_cache, v_cache, positions):
+        return torch.ops.dflash.context_qkv_norm_rope_cache(ctx, x, w_qkv, None, norm_w, norm_w, 1e-6, cos, sin, 4, 2,
+                                                            16, k_cache, v_cache, positions)
+
+
+def test_context_qkv_op_matches_the_two_reference_ops():
+    """context_qkv_norm_rope_cache lowered (one linear and split_qkv_rmsnorm_rope over cat(ctx, x), the context's
+    index assignments first): q and both caches equal kv_materialize_cache + qkv_norm_rope_cache's (bf16), also
+    for a slot both halves name (the block's k/v stays, as in the two ops)."""
+    gen, dtype = torch.Generator().manual_seed(6), torch.bfloat16
+    angles = torch.rand(2, 5, 8, generator=gen) * 3
+    cos, sin = (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+    positions = torch.stack([torch.randperm(12, generator=gen)[:5] for _ in range(2)])
+    positions[1, 0] = positions[1, 4]
+    x, w_qkv, ctx = (_randn(gen, 2, 3, 24, dtype=dtype), _randn(gen, 128, 24, dtype=dtype, scale=0.3),
+                     _randn(gen, 2, 2, 24, dtype=dtype))
+    norm_w = 1 + _randn(gen, 16, dtype=dtype, scale=0.1)
+    caches = [torch.zeros(2, 2, 12, 16, dtype=dtype) for _ in range(4)]
+    args = (x, w_qkv, ctx, norm_w, cos, sin, *caches[:2], positions)
+    gm = fx.symbolic_trace(JoinedCacheWrites())
+    source = generate_ascend_module(gm, args)
+    assert source.count("npu.split_qkv_rmsnorm_rope(") == 1 and "the context's first" in source
+    q_got = load_generated(source, emulation, gm)(*args)
+    q_want = CacheWrites()(x, w_qkv, ctx, w_qkv[64:], norm_w, cos, sin, *caches[2:], positions[:, :2],
+                           positions[:, 2:])
+    assert_outputs_close((q_got, *caches[:2]), (q_want, *caches[2:]), BF16)
+    assert (caches[2] != 0).any(-1).sum() == 2 * (2 * 5 - 1)    # every named slot written
+
+
 # ------------------------------------------------------------------------------------------------- emulation
 
 

@@ -59,7 +59,7 @@ def test_draft_step_fuses_every_layer(pair):
                               "merge_sibling_projections": layers, "weight_linears": 3 * layers + 2,  # + fc, lm_head
                               "rms_norms": 2 * layers + 2,  # + the final norm and the context's hidden_norm
                               "add_rms_norm": 2 * layers,  # all but the first input norm and hidden_norm read an add
-                              "silu_mul": layers, "kv_cache_writes": layers}
+                              "silu_mul": layers, "kv_cache_writes": layers, "context_qkv": layers}
     assert not report.rejections
     C = 5  # the capture's example was batch 2, context 3
     for B in (1, max_batch):

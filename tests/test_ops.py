@@ -353,6 +353,14 @@ SAMPLES = {
                             torch.stack([torch.randperm(k, generator=g)[:s] for _ in range(b)])),
         lambda B, S, K: ({0: B, 1: S}, None, None, {0: B, 1: S}, {0: B, 1: S}, {0: B, 2: K}, {0: B, 2: K},
                          {0: B, 1: S}), mutated=(9, 10)),
+    "context_qkv_norm_rope_cache": Sample(  # a 3-row context in front of the block; positions repeat when k < s + 3
+        ops.context_qkv_norm_rope_cache,
+        lambda g, b, s, k: (randn(g, b, 3, 16), randn(g, b, s, 16), randn(g, 64, 16, scale=0.25), randn(g, 64),
+                            1 + randn(g, 8), 1 + randn(g, 8), EPS, *_tables(g, b, s + 3, 8), 4, 2, 8,
+                            randn(g, b, 2, k, 8), randn(g, b, 2, k, 8),
+                            torch.stack([torch.randperm(max(k, s + 3), generator=g)[:s + 3] % k for _ in range(b)])),
+        lambda B, S, K: ({0: B}, {0: B, 1: S}, None, None, None, None, {0: B, 1: S + 3}, {0: B, 1: S + 3},
+                         {0: B, 2: K}, {0: B, 2: K}, {0: B, 1: S + 3}), mutated=(12, 13)),
     "mhc_pre": Sample(
         ops.mhc_pre, lambda g, b, s, k: (randn(g, b, s, 4, 8), *_mhc_weights(g, 4, 8), EPS, EPS, 20),
         lambda B, S, K: ({0: B, 1: S}, None, None, None), fp32_outputs=(1, 2)),

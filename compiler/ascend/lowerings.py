@@ -276,6 +276,24 @@ def _kv_materialize_cache(op: str, a: dict[str, Operand]) -> Lowered:
                    (*lines, *_cache_writes(a["ctx"].src, a), "return None"))
 
 
+def _context_qkv_norm_rope_cache(op: str, a: dict[str, Operand]) -> Lowered:
+    """The context and block rows through one projection (qkv_norm_rope's lowering over cat([ctx, x], 1); the
+    context rows' q is computed and dropped), then the context's k/v into the caches before the block's."""
+    lowered = _qkv_lines({**a, "x": Operand("rows", a["x"].value, True)})
+    if isinstance(lowered, str):
+        return reference(op, a, lowered)
+    what, lines, (q, k, v) = lowered
+    ctx, x, positions = a["ctx"].src, a["x"].src, a["cache_positions"].src
+    k_cache, v_cache = a["k_cache"].src, a["v_cache"].src
+    writes = [f"{cache}[batch_rows, :, {positions}[:, {half}]] = {value}[:, {half}]"
+              for half in (":c", "c:") for cache, value in ((k_cache, "k"), (v_cache, "v"))]
+    return Lowered(f"dflash.context_qkv_norm_rope_cache -> over cat(ctx, x): {what}; k, v written into the caches "
+                   "by index_put, the context's first",
+                   (f"rows, c = torch.cat([{ctx}, {x}], 1), {ctx}.shape[1]", *lines, f"k, v = {k}, {v}",
+                    f"batch_rows = torch.arange({x}.shape[0], device={x}.device)[:, None]", *writes,
+                    f"return {q}[:, c:].contiguous()"))
+
+
 # ---------------------------------------------------------------------------------------------- linear
 
 
@@ -316,6 +334,7 @@ _LOWERINGS = {
     "qkv_norm_rope_cache": _qkv_norm_rope_cache,
     "kv_materialize": _kv_materialize,
     "kv_materialize_cache": _kv_materialize_cache,
+    "context_qkv_norm_rope_cache": _context_qkv_norm_rope_cache,
     "mhc_pre": _traced_reference,
     "mhc_post": _traced_reference,
     "mhc_post_pre": _traced_reference,

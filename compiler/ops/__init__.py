@@ -7,8 +7,8 @@ from .linear import linear_reference
 from .mhc import mhc_post_pre_reference, mhc_post_reference, mhc_pre_reference
 from .mlp import silu_mul_reference
 from .norm_rope import add_rms_norm_reference, rms_norm_reference, rope_reference, rotate_half
-from .projections import (kv_materialize_cache_reference, kv_materialize_reference, qkv_norm_rope_cache_reference,
-                          qkv_norm_rope_reference)
+from .projections import (context_qkv_norm_rope_cache_reference, kv_materialize_cache_reference,
+                          kv_materialize_reference, qkv_norm_rope_cache_reference, qkv_norm_rope_reference)
 
 REFERENCES = {
     "rms_norm": rms_norm_reference,
@@ -19,6 +19,7 @@ REFERENCES = {
     "qkv_norm_rope_cache": qkv_norm_rope_cache_reference,
     "kv_materialize": kv_materialize_reference,
     "kv_materialize_cache": kv_materialize_cache_reference,
+    "context_qkv_norm_rope_cache": context_qkv_norm_rope_cache_reference,
     "mhc_pre": mhc_pre_reference,
     "mhc_post": mhc_post_reference,
     "mhc_post_pre": mhc_post_pre_reference,

@@ -6,6 +6,10 @@ qkv_norm_rope_cache: the same, k and v written into k_cache/v_cache [B_max, n_kv
                 cache_positions [B, S] (row b of x into cache row b) instead of returned; returns q
 kv_materialize: the draft's context path: ctx[B,C,H] ─ ctx@w_kvᵀ(+b) ─ split k|v ─ rms_norm(k) ─ rope(k)
 kv_materialize_cache: the same, k and v written into k_cache/v_cache at cache_positions [B, C]; returns nothing
+context_qkv_norm_rope_cache: the draft's [context ; block] rows through ONE projection when the context's k|v
+                weights are the block's (z-lab's draft: k_proj(ctx), k_proj(x)) — kv_materialize_cache(ctx, the k|v
+                rows of w_qkv, …, cos/sin/cache_positions[:, :C]) then qkv_norm_rope_cache(x, …, [:, C:]); returns
+                the block's q [B, S, n_q, hd] (a slot both halves name keeps the block's k/v)
 Norm weights are optional (Llama has none); eps is shared by q and k (a pass refuses to fuse otherwise).
 """
 
@@ -51,6 +55,15 @@ def kv_materialize_cache_reference(ctx, w_kv, b_kv, k_norm_w, eps, cos, sin, n_k
                                    cache_positions) -> None:
     k, v = kv_materialize_reference(ctx, w_kv, b_kv, k_norm_w, eps, cos, sin, n_kv, head_dim)
     _write_cache(k_cache, v_cache, k, v, cache_positions)
+
+
+def context_qkv_norm_rope_cache_reference(ctx, x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv,
+                                          head_dim, k_cache, v_cache, cache_positions):
+    c, q_rows = ctx.shape[1], n_q * head_dim
+    kv_materialize_cache_reference(ctx, w_qkv[q_rows:], None if b_qkv is None else b_qkv[q_rows:], k_norm_w, eps,
+                                   cos[:, :c], sin[:, :c], n_kv, head_dim, k_cache, v_cache, cache_positions[:, :c])
+    return qkv_norm_rope_cache_reference(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos[:, c:], sin[:, c:], n_q, n_kv,
+                                         head_dim, k_cache, v_cache, cache_positions[:, c:])
 
 
 def _write_cache(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_positions: Tensor) -> None:
@@ -125,3 +138,18 @@ def kv_materialize_cache(ctx: Tensor, w_kv: Tensor, b_kv: Tensor | None, k_norm_
 @kv_materialize_cache.register_fake
 def _(ctx, w_kv, b_kv, k_norm_w, eps, cos, sin, n_kv, head_dim, k_cache, v_cache, cache_positions):
     _check_width(w_kv, 2 * n_kv, head_dim, "kv_materialize_cache")
+
+
+@torch.library.custom_op("dflash::context_qkv_norm_rope_cache", mutates_args=("k_cache", "v_cache"))
+def context_qkv_norm_rope_cache(ctx: Tensor, x: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, q_norm_w: Tensor | None,
+                                k_norm_w: Tensor | None, eps: float, cos: Tensor, sin: Tensor, n_q: int, n_kv: int,
+                                head_dim: int, k_cache: Tensor, v_cache: Tensor, cache_positions: Tensor) -> Tensor:
+    return context_qkv_norm_rope_cache_reference(ctx, x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv,
+                                                 head_dim, k_cache, v_cache, cache_positions)
+
+
+@context_qkv_norm_rope_cache.register_fake
+def _(ctx, x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim, k_cache, v_cache,
+      cache_positions):
+    _check_width(w_qkv, n_q + 2 * n_kv, head_dim, "context_qkv_norm_rope_cache")
+    return x.new_empty(*x.shape[:-1], n_q, head_dim)

@@ -30,11 +30,11 @@ MAX_ROW = 32768     # widest rms_norm row: one tile of next_pow2(N) fp32 values 
 @triton.jit
 def norm_rope_heads_kernel(
         proj_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, q_ptr, k_ptr, v_ptr, pos_ptr,
-        T, S, N_Q, N_KV, S_DST, eps,
+        T, S, N_Q, N_KV, S_DST, FRONT, eps,
         stride_proj_l, stride_proj_t, stride_cos_b, stride_cos_s, stride_k_norm_l,
         stride_kv_l, stride_kv_b, stride_kv_s, stride_kv_h,
         HD: tl.constexpr, ROT: tl.constexpr, HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr,
-        CACHE: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr):
+        CACHE: tl.constexpr, JOINED: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr):
     eps = tl.cast(eps, tl.float32)  # fp32 as eager Triton types Python floats (Inductor passes fp64)
     await_previous_grid(PDL)
     head = tl.program_id(1)
@@ -54,6 +54,19 @@ def norm_rope_heads_kernel(
     else:
         s_dst = s
         mask_dst = mask
+    if JOINED:  # the first FRONT rows of each batch row are context rows: no q, and a slot that a block row of
+        # the same batch row also names keeps the block's k/v (the order of the reference's two writes)
+        block_row = s >= FRONT
+        q_row = t - (b + 1) * FRONT
+        j = tl.arange(0, BLOCK_J)
+        later = tl.load(pos_ptr + b[:, None] * S + FRONT + j[None, :], mask=rows[:, None] & (j < S - FRONT)[None, :],
+                        other=-1)
+        shadowed = tl.sum((later == s_dst[:, None]).to(tl.int32), axis=1) > 0
+        mask_dst = mask_dst & (block_row | ~shadowed)[:, None]
+        mask_q = mask & block_row[:, None]
+    else:
+        q_row = t
+        mask_q = mask
     kv_dst = layer * stride_kv_l + b[:, None] * stride_kv_b + s_dst[:, None] * stride_kv_s + d[None, :]
     if head < N_Q + N_KV:
         HALF: tl.constexpr = ROT // 2
@@ -73,7 +86,7 @@ def norm_rope_heads_kernel(
         sn = tl.load(sin_ptr + table, mask=rot, other=0.0).to(tl.float32)
         y = (x * c + tl.where((d < HALF)[None, :], -xp, xp) * sn).to(k_ptr.dtype.element_ty)
         if head < N_Q:
-            tl.store(q_ptr + t[:, None] * (N_Q * HD) + head * HD + d[None, :], y, mask=mask)
+            tl.store(q_ptr + q_row[:, None] * (N_Q * HD) + head * HD + d[None, :], y, mask=mask_q)
         else:
             tl.store(k_ptr + kv_dst + (head - N_Q) * stride_kv_h, y, mask=mask_dst)
     else:
@@ -195,13 +208,15 @@ def _heads_block(cfg: dict, head_dim: int, tokens: int, heads: int, layers: int)
 def launch_norm_rope_heads(proj: Tensor, cos: Tensor, sin: Tensor, q_norm_w: Tensor | None,
                            k_norm_w: Tensor | None, eps: float, n_q: int, n_kv: int, head_dim: int,
                            q_out: Tensor | None, kv_dst: tuple[Tensor, Tensor] | None,
-                           positions: Tensor | None = None) -> None:
+                           positions: Tensor | None = None, front: int = 0) -> None:
     """One launch of the head epilogue.
 
     proj [B·S, L·(n_q+2·n_kv)·hd] (row-major GEMM output); cos/sin [B, S, rot]; q_norm_w [hd]; k_norm_w [hd] or
     [L, hd]; q_out [B, S, n_q, hd] contiguous (n_q > 0 needs L = 1); kv_dst (k, v), each [L, B, S_dst, n_kv, hd]
     with unit last stride — a plain output (S_dst = S) or a cache permuted to that order, written at
     s_dst = positions[b, s] (rows outside [0, S_dst) are dropped, never written out of bounds).
+    front > 0 (with positions): the first `front` rows of each batch row are context rows — k/v only, q_out is
+    [B, S - front, n_q, hd], and a context row's slot that a later row of its batch row names is left to that row.
     """
     B, S = cos.shape[0], cos.shape[1]
     layers = 1 if kv_dst is None else kv_dst[0].shape[0]
@@ -210,6 +225,7 @@ def launch_norm_rope_heads(proj: Tensor, cos: Tensor, sin: Tensor, q_norm_w: Ten
         return
     assert proj.shape == (B * S, layers * heads * head_dim) and proj.stride(1) == 1
     assert n_q == 0 or (layers == 1 and q_out is not None and q_out.is_contiguous())
+    assert front == 0 or (positions is not None and 0 < front < S)
     if kv_dst is None:
         k_dst = v_dst = q_out
         kv_strides = (0, 0, 0, 0)
@@ -224,10 +240,11 @@ def launch_norm_rope_heads(proj: Tensor, cos: Tensor, sin: Tensor, q_norm_w: Ten
     wrap_triton(norm_rope_heads_kernel)[grid](
         proj, cos, sin, proj if q_norm_w is None else q_norm_w, proj if k_norm_w is None else k_norm_w,
         k_dst if q_out is None else q_out, k_dst, v_dst, proj if positions is None else positions.contiguous(),
-        B * S, S, n_q, n_kv, k_dst.shape[2] if kv_dst is not None else 0, eps,
+        B * S, S, n_q, n_kv, k_dst.shape[2] if kv_dst is not None else 0, front, eps,
         heads * head_dim, proj.stride(0), cos.stride(0), cos.stride(1), k_norm_stride, *kv_strides,
         HD=head_dim, ROT=cos.shape[-1], HAS_Q_NORM=q_norm_w is not None, HAS_K_NORM=k_norm_w is not None,
-        CACHE=positions is not None, BLOCK_T=block_t, num_warps=_num_warps(cfg, block_t * head_dim),
+        CACHE=positions is not None, JOINED=front > 0, BLOCK_J=triton.next_power_of_2(S - front) if front else 1,
+        BLOCK_T=block_t, num_warps=_num_warps(cfg, block_t * head_dim),
         **programmatic_launch(proj.device))
 
 
@@ -317,18 +334,20 @@ HEADS_ALIGNED_INTS = ("stride_proj_l", "stride_proj_t", "stride_k_norm_l", "stri
 
 
 def heads_spec(dtype: torch.dtype, head_dim: int, rot: int, q_norm: bool, k_norm: bool, cache: bool,
-               family: str = "cuda") -> KernelSpec:
+               family: str = "cuda", block_j: int = 0) -> KernelSpec:
     """The epilogue configured like `launch_norm_rope_heads` would for a large token count, with 16-byte aligned
-    pointers and the strides that are multiples of hd (and of rot, for the rope tables) divisible by 16."""
+    pointers and the strides that are multiples of hd (and of rot, for the rope tables) divisible by 16;
+    block_j > 0: context rows in front of block rows of up to block_j tokens (front > 0)."""
     dt = "*" + DTYPES[dtype]
     cfg = launch_config("norm_rope_heads", family)
     block_t = max(1, cfg["elems"] // head_dim)
     constexprs = {"HD": head_dim, "ROT": rot, "HAS_Q_NORM": q_norm, "HAS_K_NORM": k_norm, "CACHE": cache,
-                  "BLOCK_T": block_t}
+                  "JOINED": block_j > 0, "BLOCK_J": max(block_j, 1), "BLOCK_T": block_t}
     pointers = {n: dt for n in ("proj_ptr", "cos_ptr", "sin_ptr", "q_norm_ptr", "k_norm_ptr", "q_ptr", "k_ptr",
                                 "v_ptr")} | {"pos_ptr": "*i64"}
     fn = _compilable(norm_rope_heads_kernel)
-    flags = "".join(f for f, on in ((",qnorm", q_norm), (",knorm", k_norm), (",cache", cache)) if on)
+    flags = "".join(f for f, on in ((",qnorm", q_norm), (",knorm", k_norm), (",cache", cache),
+                                    (f",front{block_j}", block_j)) if on)
     signature = _signature(fn, pointers, ("eps",), constexprs)
     ints = (HEADS_ALIGNED_INTS if head_dim % 16 == 0 else ()) + (
         ("stride_cos_b", "stride_cos_s") if rot % 16 == 0 else ())

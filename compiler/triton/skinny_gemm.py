@@ -31,8 +31,10 @@ MAX_M = 32
 
 @triton.jit
 def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                       front_ptr, ROWS, FRONT, stride_xb, stride_fb, stride_fm,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                       EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, WIDEN_DOT: tl.constexpr, PDL: tl.constexpr):
+                       EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, JOINED: tl.constexpr, WIDEN_DOT: tl.constexpr,
+                       PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     sl = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -43,7 +45,14 @@ def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, s
     k_end = tl.minimum(k_start + span, K)
     await_previous_grid(PDL)
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + (k_start + rk)[None, :]
-    x_ptrs = x_ptr + rm[None, :] * stride_xm + (k_start + rk)[:, None]
+    if JOINED:  # row r = (b, t) of cat([front, x], 1): t < FRONT from front[b, t], else x[b, t - FRONT]
+        b = rm // ROWS
+        t = rm - b * ROWS
+        from_front = (t < FRONT)[None, :]
+        x_ptrs = tl.where(from_front, front_ptr + (b * stride_fb + t * stride_fm)[None, :],
+                          x_ptr + (b * stride_xb + (t - FRONT) * stride_xm)[None, :]) + (k_start + rk)[:, None]
+    else:
+        x_ptrs = x_ptr + rm[None, :] * stride_xm + (k_start + rk)[:, None]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
         k_ok = (k + rk) < K
@@ -81,8 +90,17 @@ def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, s
             tl.store(count_ptr + pid_n, 0)  # leave the ticket ready for the next launch
 
 
-def unsupported(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> str | None:
-    """Why the kernel cannot compute x [M, K] @ w [N, K]ᵀ (+ bias [N]), or None."""
+def unsupported(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                front: torch.Tensor | None = None) -> str | None:
+    """Why the kernel cannot compute x [M, K] @ w [N, K]ᵀ (+ bias [N]) — or, with `front`, cat([front [B, C, K],
+    x [B, S, K]], 1) @ wᵀ — or None."""
+    if front is not None:
+        if front.dim() != 3 or x.dim() != 3 or front.shape[0] != x.shape[0] or front.shape[2] != x.shape[2]:
+            return (f"skinny_gemm: front and x must be [B, C, K] and [B, S, K], got {tuple(front.shape)} and "
+                    f"{tuple(x.shape)}.")
+        if front.dtype != x.dtype or front.device != x.device:
+            return "skinny_gemm: front and x must share dtype and device."
+        x = x.new_empty(front.shape[0] * (front.shape[1] + x.shape[1]), x.shape[2], device="meta")
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         return f"skinny_gemm: x must be [M, K] and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}."
     if not 1 <= x.shape[0] <= MAX_M:
@@ -91,9 +109,10 @@ def unsupported(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
         return f"skinny_gemm: x and w must both be bf16 or fp16, got {x.dtype} and {w.dtype}."
     if bias is not None and (tuple(bias.shape) != (w.shape[0],) or bias.dtype != x.dtype):
         return f"skinny_gemm: bias must be [{w.shape[0]}] in {x.dtype}, got {tuple(bias.shape)} in {bias.dtype}."
-    tensors = (x, w) if bias is None else (x, w, bias)
-    if any(t.device != x.device for t in tensors) or (
-            x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"):
+    device = x.device if front is None else front.device
+    tensors = (w,) if bias is None else (w, bias)
+    if any(t.device != device for t in tensors) or (
+            device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"):
         return "skinny_gemm: x, w and bias must be on one GPU (CPU tensors only under TRITON_INTERPRET=1)."
     return None
 
@@ -137,33 +156,63 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, config: dict | None = None,
     reason = unsupported(x, w, bias)
     if reason:
         raise InputError(reason)
-    x, w = x.contiguous(), w.contiguous()
-    (m, k), n = x.shape, w.shape[0]
-    cfg = {**gemm_config(n, k, family_of(x)), **(config or {})}
+    x = x.contiguous()
+    return _launch(x, w, bias, x.shape[0], (x.stride(0), 0, 0, 0, 0), None, config, out)
+
+
+def skinny_gemm_joined(front: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                       config: dict | None = None) -> torch.Tensor:
+    """y [B·(C+S), N] = cat([front [B, C, K], x [B, S, K]], 1).flatten(0, 1) @ wᵀ (+ bias), B·(C+S) ≤ 32, without
+    the cat: each row's x tile is loaded from front or x (the draft's context and block rows through one weight
+    stream)."""
+    reason = unsupported(x, w, bias, front=front)
+    if reason:
+        raise InputError(reason)
+    front, x = _unit_rows(front), _unit_rows(x)
+    (batch, c, _), s = front.shape, x.shape[1]
+    return _launch(x, w, bias, batch * (c + s), (x.stride(1), x.stride(0), front.stride(0), front.stride(1), c + s),
+                   front, config, None)
+
+
+def _unit_rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _launch(x, w, bias, m, strides, front, config, out) -> torch.Tensor:
+    """strides: (x's row, x's batch, front's batch, front's row, rows per batch) — the last four only with front."""
+    w = w.contiguous()
+    n, k = w.shape
+    cfg = {**gemm_config(n, k, family_of(w)), **(config or {})}
     meta = plan(m, n, k, cfg)
     y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     tiles, split = triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]
     ws = torch.empty(split * meta["BLOCK_M"] * n if split > 1 else 1, dtype=torch.float32, device=x.device)
     counters = _arrival_counters(x, tiles if split > 1 else 1)
+    stride_xm, stride_xb, stride_fb, stride_fm, rows = strides
     wrap_triton(skinny_gemm_kernel)[(tiles, split)](
-        x, w, x if bias is None else bias.contiguous(), y, ws, counters, m, n, k, x.stride(0), w.stride(0),
-        y.stride(0), **meta, HAS_BIAS=bias is not None, WIDEN_DOT=x.device.type != "cuda",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **programmatic_launch(x.device))
+        x, w, x if bias is None else bias.contiguous(), y, ws, counters, m, n, k, stride_xm, w.stride(0),
+        y.stride(0), x if front is None else front, rows, 0 if front is None else front.shape[1], stride_xb,
+        stride_fb, stride_fm, **meta, HAS_BIAS=bias is not None, JOINED=front is not None,
+        WIDEN_DOT=x.device.type != "cuda", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **programmatic_launch(x.device))
     return y
 
 
-def gemm_spec(dtype: torch.dtype, block_m: int, n: int, k: int, bias: bool = False, family: str = "cuda") -> KernelSpec:
-    """The build gemm_config(n, k, family) launches for up to block_m rows: N and K tile multiples (EVEN),
-    16-byte aligned pointers and strides divisible by 16."""
+def gemm_spec(dtype: torch.dtype, block_m: int, n: int, k: int, bias: bool = False, family: str = "cuda",
+              joined: bool = False) -> KernelSpec:
+    """The build gemm_config(n, k, family) launches for up to block_m rows (`joined`: from front and x): N and K
+    tile multiples (EVEN), 16-byte aligned pointers and strides divisible by 16."""
     config = gemm_config(n, k, family)
     split = plan(block_m, n, k, config)["SPLIT_K"]
     constexprs = dict(BLOCK_M=block_m, BLOCK_N=config["block_n"], BLOCK_K=config["block_k"], SPLIT_K=split,
-                      EVEN=True, HAS_BIAS=bias, WIDEN_DOT=False)
+                      EVEN=True, HAS_BIAS=bias, JOINED=joined, WIDEN_DOT=False)
     fn = _compilable(skinny_gemm_kernel)
     dt = "*" + DTYPES[dtype]
-    pointers = {"x_ptr": dt, "w_ptr": dt, "b_ptr": dt, "y_ptr": dt, "ws_ptr": "*fp32", "count_ptr": "*i32"}
+    pointers = {"x_ptr": dt, "w_ptr": dt, "b_ptr": dt, "y_ptr": dt, "ws_ptr": "*fp32", "count_ptr": "*i32",
+                "front_ptr": dt}
     signature = _signature(fn, pointers, (), constexprs)
+    strides = ("stride_xm", "stride_wn", "stride_ym") + (("stride_xb", "stride_fb", "stride_fm") if joined else ())
     return KernelSpec(f"skinny_gemm[{DTYPES[dtype]},m{block_m},n{config['block_n']},k{config['block_k']},"
-                      f"split{split}{',bias' if bias else ''},{family}]", fn, signature, constexprs,
-                      num_warps=config["num_warps"], num_stages=config["num_stages"],
-                      divisible_by_16=pointer_args(signature) + ("N", "K", "stride_xm", "stride_wn", "stride_ym"))
+                      f"split{split}{',bias' if bias else ''}{',joined' if joined else ''},{family}]", fn, signature,
+                      constexprs, num_warps=config["num_warps"], num_stages=config["num_stages"],
+                      divisible_by_16=pointer_args(signature) + ("N", "K") + strides)

@@ -98,18 +98,20 @@ def test_diff_why_and_a_self_contained_html_page(export_dir, tmp_path):
 
 def test_a_bare_pt2_is_run_through_the_pipeline(export_dir, tmp_path):
     """draft.pt2 alone (no report next to it): the pipeline runs on it; it was rewritten already, so the
-    fusions found in the export are now single dflash ops that stay as they are — but kv_cache_writes, which an
-    export skips (pipeline.IN_PLACE_ONLY) and the runtime runs, now moves each layer's cache writes into them."""
+    fusions found in the export are now single dflash ops that stay as they are — but kv_cache_writes and
+    context_qkv, which an export skips (pipeline.IN_PLACE_ONLY) and the runtime runs, now move each layer's cache
+    writes into them and join each layer's context and block projections into one op."""
     bare = tmp_path / "step.pt2"
     shutil.copyfile(export_dir / "draft.pt2", bare)
     out = _ok(run_cli("inspect", bare, "--json"))
     report = json.loads(out)["step"]
     assert list(report["report"]["passes"]) == list(PASS_NAMES)
     assert [s["kind"] for s in report["attention"]] == [s["kind"] for s in _report(export_dir)["draft"]["attention"]]
-    exported = _report(export_dir)["draft"]["report"]["providers"]
-    writing = {op.removesuffix("_cache"): choices for op, choices in report["report"]["providers"].items()}
-    assert writing == exported and report["report"]["fusions"]["kv_cache_writes"] == len(exported["kv_materialize"])
-    assert {"qkv_norm_rope_cache", "kv_materialize_cache"} <= set(report["report"]["providers"])
+    exported = dict(_report(export_dir)["draft"]["report"]["providers"])
+    providers, layers = dict(report["report"]["providers"]), len(exported["kv_materialize"])
+    assert providers.pop("context_qkv_norm_rope_cache") == exported.pop("qkv_norm_rope")
+    assert len(exported.pop("kv_materialize")) == layers and providers == exported
+    assert report["report"]["fusions"]["kv_cache_writes"] == report["report"]["fusions"]["context_qkv"] == layers
 
 
 def test_a_reader_that_goes_away_is_not_an_error(export_dir):

@@ -60,6 +60,29 @@ def test_refuses_what_it_cannot_run(x, w, b, match):
         sg.skinny_gemm(x.to(DEVICE), w.to(DEVICE), bias=None if b is None else b.to(DEVICE))
 
 
+@pytest.mark.parametrize("batch,front,rows,split", [(1, 16, 16, 1), (2, 3, 5, 2), (3, 1, 2, 4), (1, 5, 1, 1)])
+def test_joined_rows_match_mm_of_the_cat(batch, front, rows, split):
+    """skinny_gemm_joined(front, x, w) = cat([front, x], 1) @ wᵀ: batch rows of `front` then `rows` rows each
+    (32 rows in all at batch 1 with 16 + 16; partial BLOCK_M otherwise), x given non-contiguous in the batch dim."""
+    g = torch.Generator().manual_seed(batch + front + rows)
+    front_rows = torch.randn(batch, front, 96, generator=g).to(torch.bfloat16).to(DEVICE)
+    x = torch.randn(rows, batch, 96, generator=g).to(torch.bfloat16).to(DEVICE).transpose(0, 1)
+    w = (torch.randn(72, 96, generator=g) * 96 ** -0.5).to(torch.bfloat16).to(DEVICE)
+    b = torch.randn(72, generator=g).to(torch.bfloat16).to(DEVICE)
+    got = sg.skinny_gemm_joined(front_rows, x, w, b, config={"block_n": 32, "block_k": 32, "split_k": split})
+    want = _reference(torch.cat([front_rows, x], 1).reshape(-1, 96), w, b)
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_joined_rows_refuse_more_than_32_rows_and_mismatched_batches():
+    w, rows = torch.zeros(8, 16, dtype=torch.bfloat16, device=DEVICE), torch.zeros(2, 9, 16, dtype=torch.bfloat16,
+                                                                                   device=DEVICE)
+    with pytest.raises(InputError, match="34 rows; the kernel takes 1 to 32"):
+        sg.skinny_gemm_joined(rows, rows[:, :8], w)
+    with pytest.raises(InputError, match=r"front and x must be \[B, C, K\] and \[B, S, K\]"):
+        sg.skinny_gemm_joined(rows[:1], rows, w)
+
+
 # (N, K) -> the H100 sweep's best (block_n, block_k, split_k) at M 16 (docs/kernels/skinny_gemm.md) and what the
 # rule picks; down's best (64, 128, 4) measured 37.9 µs, the rule's (32, 128, 2) 38.1 (and best at M 32).
 RULE = {"qkv": ((6144, 4096), (32, 128, 1)), "o": ((4096, 4096), (32, 128, 2)),
@@ -110,15 +133,17 @@ AOT_SCRIPT = """
 import json, sys, torch
 from torch_dflash.compiler.triton import aot, linear, skinny_gemm
 fam = sys.argv[1]
-specs = linear.aot_specs(fam) + [skinny_gemm.gemm_spec(torch.bfloat16, 32, 24576, 4096, bias=True, family=fam)]
+specs = linear.aot_specs(fam) + [skinny_gemm.gemm_spec(torch.bfloat16, 32, 24576, 4096, bias=True, family=fam),
+                                 skinny_gemm.gemm_spec(torch.bfloat16, 32, 6144, 4096, family=fam, joined=True)]
 """
 
 
 def test_compiles_for_every_arch():
-    """The provider's specs (Qwen3-8B shapes, 16 rows: splits 1, 2 and 4, block_n 32 to 128) and a 32-row build
-    with bias, for sm_80, sm_90, gfx942 and gfx950, within each target's shared memory."""
+    """The provider's specs (Qwen3-8B shapes, 16 rows: splits 1, 2 and 4, block_n 32 to 128), a 32-row build
+    with bias and a 32-row joined build (the draft's context + block rows of the merged qkv weight), for sm_80,
+    sm_90, gfx942 and gfx950, within each target's shared memory."""
     results = run_aot_script(AOT_SCRIPT + COMPILE_SPECS)
-    assert len(results) == 4 * (5 + 1)   # 4 archs × (5 distinct provider specs + 1)
+    assert len(results) == 4 * (5 + 2)   # 4 archs × (5 distinct provider specs + 2)
     failed = {name: r for name, r in results.items() if not isinstance(r, list) or r[0] == 0}
     assert not failed, failed
     over = {name: shared for name, (_, shared) in results.items() if shared > SHARED_LIMIT[name.split("@")[1]]}

@@ -87,8 +87,8 @@ def compare_with_eager(model, run_eager, run_compiled):
 def test_exported_steps_write_the_cache_buffers_in_place():
     """capture → pipeline → lowering: every cache buffer is written in place, only the new rows, by the ops that
     compute them (pass kv_cache_writes: the q/k/v op's epilogue in both steps, kv_materialize's for the draft's
-    context) —, no index_put_, nothing copies a cache, and the verify and draft steps match eager on outputs and
-    cache contents."""
+    context; pass context_qkv: both of the draft's in one op per layer) —, no index_put_, nothing copies a cache,
+    and the verify and draft steps match eager on outputs and cache contents."""
     target, draft = tiny_target(feature_layer_ids=(0, 1)), tiny_draft()
     ids, positions = torch.randint(0, 64, (1, BLOCK)), CTX + torch.arange(BLOCK)[None]
     g = torch.Generator().manual_seed(4)
@@ -100,7 +100,7 @@ def test_exported_steps_write_the_cache_buffers_in_place():
              ("draft", draft, capture_draft(target, draft, max_batch=1), draft_args,
               lambda: DraftStep(target, draft)(*draft_args)))
     writers = {"verify": [torch.ops.dflash.qkv_norm_rope_cache.default],
-               "draft": [torch.ops.dflash.qkv_norm_rope_cache.default, torch.ops.dflash.kv_materialize_cache.default]}
+               "draft": [torch.ops.dflash.context_qkv_norm_rope_cache.default]}
     for kind, model, program, args, run_eager in steps:
         gm = compile_step(program.module(), kind)
         calls = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")]

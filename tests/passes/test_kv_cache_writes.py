@@ -11,7 +11,7 @@ import torch
 from pass_testing import assert_same_outputs, demo_verify_program, export_graph, run_passes
 
 from torch_dflash.compiler.capture import VerifyStep
-from torch_dflash.passes import kv_cache_writes
+from torch_dflash.passes import context_qkv, kv_cache_writes
 
 N_Q, N_KV, HD, HIDDEN, SLOTS = 4, 2, 16, 32, 24
 QKV = torch.ops.dflash.qkv_norm_rope
@@ -130,11 +130,11 @@ class DraftContextProjection(CachedProjection):
     cat([context positions, block positions], 1) — or at that cat plus 0 (`joined_positions` False: positions that
     are no cat) —; `extra`="ctx_k" also reads the context k elsewhere (what the guard refuses)."""
 
-    def __init__(self, joined_positions, extra=None):
+    def __init__(self, joined_positions, extra=None, shared_weight=False):
         super().__init__(extra)
         g = torch.Generator().manual_seed(1)
         self.w_kv = torch.nn.Parameter(torch.randn(2 * N_KV * HD, HIDDEN, generator=g) * 0.2)
-        self.joined_positions = joined_positions
+        self.joined_positions, self.shared_weight = joined_positions, shared_weight
 
     def forward(self, x, ctx, ctx_positions, block_positions):
         c = ctx.shape[1]
@@ -143,7 +143,8 @@ class DraftContextProjection(CachedProjection):
         angles = positions[..., None].float() * torch.linspace(0.1, 1.0, HD)
         cos, sin = angles.cos(), angles.sin()
         q, k, v = QKV(x, self.w, None, self.q_norm, self.k_norm, 1e-6, cos[:, c:], sin[:, c:], N_Q, N_KV, HD)
-        k_ctx, v_ctx = KVM(ctx, self.w_kv, None, self.k_norm, 1e-6, cos[:, :c], sin[:, :c], N_KV, HD)
+        w_kv = self.w[N_Q * HD:] if self.shared_weight else self.w_kv    # kv_materialize's form for z-lab's draft
+        k_ctx, v_ctx = KVM(ctx, w_kv, None, self.k_norm, 1e-6, cos[:, :c], sin[:, :c], N_KV, HD)
         rows = torch.arange(x.shape[0])[:, None]
         self.k_cache[rows, :, positions] = torch.cat([k_ctx, k], 1)
         self.v_cache[rows, :, positions] = torch.cat([v_ctx, v], 1)
@@ -163,16 +164,16 @@ def draft_inputs(batch, seq, ctx, start, shared=False):
             positions[:, :ctx].contiguous(), positions[:, ctx:].contiguous())
 
 
-def run_draft(joined_positions, extra, expected):
-    """Export DraftContextProjection (dynamic batch, block and context lengths), run the pass, compare outputs and
-    caches with the unrewritten graph on two shapes; returns (rewritten graph, report)."""
-    module = DraftContextProjection(joined_positions, extra).eval()
+def run_draft(joined_positions, extra, expected, shared_weight=False, passes=(kv_cache_writes.PASS,)):
+    """Export DraftContextProjection (dynamic batch, block and context lengths), run the passes, compare outputs
+    and caches with the unrewritten graph on three shapes; returns (rewritten graph, report)."""
+    module = DraftContextProjection(joined_positions, extra, shared_weight).eval()
     batch = torch.export.Dim("batch", min=1, max=2)
     seq, ctx = torch.export.Dim("seq", min=2, max=8), torch.export.Dim("ctx", min=1, max=6)
     dims = ({0: batch, 1: seq}, {0: batch, 1: ctx}, {0: batch, 1: ctx}, {0: batch, 1: seq})
     args = draft_inputs(2, 4, 3, 5)
     before, after = export_graph(module, args, dims), export_graph(module, args, dims)
-    report = run_passes(after, [kv_cache_writes.PASS])
+    report = run_passes(after, list(passes))
     assert report.fusions().get(kv_cache_writes.NAME, 0) == expected
     for batch, seq, ctx, start, shared in ((2, 4, 3, 5, False), (1, 6, 5, 11, False), (2, 3, 2, 4, True)):
         results = []
@@ -219,3 +220,32 @@ def test_a_context_k_read_elsewhere_keeps_the_drafts_writes():
     assert [r.reason.split(": ", 1)[1] for r in report.rejections()] == \
         ["its k is not joined only as cat([context k of %kv_materialize (kv_materialize.default), block k], dim 1), "
          "read by nothing else"]
+
+
+# ---- context_qkv: the pair kv_cache_writes leaves joins into one op when the context shares the k|v weight ----
+
+JOINED = torch.ops.dflash.context_qkv_norm_rope_cache
+
+
+@pytest.mark.parametrize("joined_positions", [True, False], ids=["positions_cat", "positions_input"])
+def test_the_drafts_cache_writing_pair_joins_into_one_op(joined_positions):
+    """z-lab's draft form (w_kv the k|v rows of w_qkv): kv_materialize_cache + qkv_norm_rope_cache → one
+    context_qkv_norm_rope_cache over the whole table and positions — the draft's cat, or the tensor both halves
+    slice —, outputs and caches equal (a slot both halves name included)."""
+    gm, report = run_draft(joined_positions, None, expected=1, shared_weight=True,
+                           passes=(kv_cache_writes.PASS, context_qkv.PASS))
+    assert report.fusions().get(context_qkv.NAME) == 1 and not report.rejections()
+    assert (ops_in(gm, JOINED), fused(gm), ops_in(gm, torch.ops.dflash.kv_materialize_cache), index_puts(gm)) == \
+        (1, 0, 0, 0)
+    joined = next(n for n in gm.graph.nodes if n.target is JOINED.default)
+    positions = joined.kwargs["cache_positions"]
+    assert positions.target is torch.ops.aten.cat.default if joined_positions else \
+        positions.target is torch.ops.aten.add.Tensor
+    assert list(gm.graph.find_nodes(op="get_attr", target="w")[0].users) == [joined]  # w_kv's slice went too
+
+
+def test_a_context_with_its_own_kv_weight_keeps_two_ops():
+    gm, report = run_draft(True, None, expected=1, passes=(kv_cache_writes.PASS, context_qkv.PASS))
+    assert report.fusions().get(context_qkv.NAME, 0) == 0 and ops_in(gm, JOINED) == 0 and fused(gm) == 1
+    assert [r.reason.split(": ", 1)[1] for r in report.rejections()] == \
+        ["the context's k|v weight is not the k|v rows of the block's merged weight"]

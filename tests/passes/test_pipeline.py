@@ -44,7 +44,8 @@ def zlab_draft():
 def test_pass_order_and_disabling():
     assert [p.name for p in DEFAULT_PASSES] == ["canonicalize", "kv_materialize", "qkv_norm_rope", "mhc_post_pre",
                                                 "merge_sibling_projections", "attention_masks", "kv_cache_writes",
-                                                "rms_norms", "add_rms_norm", "silu_mul", "cleanup", "weight_linears"]
+                                                "context_qkv", "rms_norms", "add_rms_norm", "silu_mul", "cleanup",
+                                                "weight_linears"]
     assert [p.name for p in default_pass_manager(disabled=("weight_linears",)).passes][-1] == "cleanup"
     with pytest.raises(InputError, match="Unknown pass"):
         default_pass_manager(disabled=("qkv_norm_rop",))
@@ -135,17 +136,17 @@ def forward(self, position_ids, noise_embedding, target_hidden):
     to_5 = wrap_with_set_grad_enabled[1];  wrap_with_set_grad_enabled = None
     rms_norm_default_2 = torch.ops.dflash.rms_norm.default(noise_embedding, layers_0_input_layernorm_weight, 1e-06);  layers_0_input_layernorm_weight = None
     dflash_qkv_weight_0 = self.dflash_qkv_weight_0
-    dflash_kv_weight_0 = self.dflash_kv_weight_0
+    slice_tensor = torch.ops.aten.slice.Tensor(dflash_qkv_weight_0, 0, 64, 9223372036854775807)
     sym_size_int = torch.ops.aten.sym_size.int(rms_norm_default_3, 1)
-    slice_tensor = torch.ops.aten.slice.Tensor(to_4, 1, 0, sym_size_int)
-    slice_tensor_1 = torch.ops.aten.slice.Tensor(to_5, 1, 0, sym_size_int)
-    slice_tensor_2 = torch.ops.aten.slice.Tensor(to_4, 1, sym_size_int, 9223372036854775807);  to_4 = None
-    slice_tensor_3 = torch.ops.aten.slice.Tensor(to_5, 1, sym_size_int, 9223372036854775807);  to_5 = sym_size_int = None
-    qkv_norm_rope_default = torch.ops.dflash.qkv_norm_rope.default(rms_norm_default_2, dflash_qkv_weight_0, None, layers_0_self_attn_q_norm_weight, layers_0_self_attn_k_norm_weight, 1e-06, slice_tensor_2, slice_tensor_3, 4, 2, 16);  rms_norm_default_2 = dflash_qkv_weight_0 = layers_0_self_attn_q_norm_weight = slice_tensor_2 = slice_tensor_3 = None
+    slice_tensor_1 = torch.ops.aten.slice.Tensor(to_4, 1, 0, sym_size_int)
+    slice_tensor_2 = torch.ops.aten.slice.Tensor(to_5, 1, 0, sym_size_int)
+    slice_tensor_3 = torch.ops.aten.slice.Tensor(to_4, 1, sym_size_int, 9223372036854775807);  to_4 = None
+    slice_tensor_4 = torch.ops.aten.slice.Tensor(to_5, 1, sym_size_int, 9223372036854775807);  to_5 = sym_size_int = None
+    qkv_norm_rope_default = torch.ops.dflash.qkv_norm_rope.default(rms_norm_default_2, dflash_qkv_weight_0, None, layers_0_self_attn_q_norm_weight, layers_0_self_attn_k_norm_weight, 1e-06, slice_tensor_3, slice_tensor_4, 4, 2, 16);  rms_norm_default_2 = dflash_qkv_weight_0 = layers_0_self_attn_q_norm_weight = slice_tensor_3 = slice_tensor_4 = None
     getitem = qkv_norm_rope_default[0]
     getitem_1 = qkv_norm_rope_default[1]
     getitem_2 = qkv_norm_rope_default[2];  qkv_norm_rope_default = None
-    kv_materialize_default = torch.ops.dflash.kv_materialize.default(rms_norm_default_3, dflash_kv_weight_0, None, layers_0_self_attn_k_norm_weight, 1e-06, slice_tensor, slice_tensor_1, 2, 16);  rms_norm_default_3 = dflash_kv_weight_0 = layers_0_self_attn_k_norm_weight = slice_tensor = slice_tensor_1 = None
+    kv_materialize_default = torch.ops.dflash.kv_materialize.default(rms_norm_default_3, slice_tensor, None, layers_0_self_attn_k_norm_weight, 1e-06, slice_tensor_1, slice_tensor_2, 2, 16);  rms_norm_default_3 = slice_tensor = layers_0_self_attn_k_norm_weight = slice_tensor_1 = slice_tensor_2 = None
     getitem_3 = kv_materialize_default[0]
     getitem_4 = kv_materialize_default[1];  kv_materialize_default = None
     transpose_int = torch.ops.aten.transpose.int(getitem, 1, 2);  getitem = None
@@ -163,9 +164,9 @@ def forward(self, position_ids, noise_embedding, target_hidden):
     getitem_6 = add_rms_norm_default[1];  add_rms_norm_default = None
     dflash_sibling_weight_0 = self.dflash_sibling_weight_0
     linear_default_3 = torch.ops.dflash.linear.default(getitem_5, dflash_sibling_weight_0, None);  getitem_5 = dflash_sibling_weight_0 = None
-    slice_tensor_4 = torch.ops.aten.slice.Tensor(linear_default_3, -1, 0, 128)
-    slice_tensor_5 = torch.ops.aten.slice.Tensor(linear_default_3, -1, 128, 256);  linear_default_3 = None
-    silu_mul_default = torch.ops.dflash.silu_mul.default(slice_tensor_4, slice_tensor_5);  slice_tensor_4 = slice_tensor_5 = None
+    slice_tensor_5 = torch.ops.aten.slice.Tensor(linear_default_3, -1, 0, 128)
+    slice_tensor_6 = torch.ops.aten.slice.Tensor(linear_default_3, -1, 128, 256);  linear_default_3 = None
+    silu_mul_default = torch.ops.dflash.silu_mul.default(slice_tensor_5, slice_tensor_6);  slice_tensor_5 = slice_tensor_6 = None
     linear_default_4 = torch.ops.dflash.linear.default(silu_mul_default, layers_0_mlp_down_proj_weight, None);  silu_mul_default = layers_0_mlp_down_proj_weight = None
     norm_weight = self.norm.weight
     add_rms_norm_default_1 = torch.ops.dflash.add_rms_norm.default(getitem_6, linear_default_4, norm_weight, 1e-06);  getitem_6 = linear_default_4 = norm_weight = None

@@ -41,8 +41,8 @@ def test_default_steps_are_pipeline_compiled_and_report():
     assert {k: verify_report.fusions.get(k) for k in ("qkv_norm_rope", "attention.causal")} == \
         {"qkv_norm_rope": 2, "attention.causal": 2}
     assert dflash_ops(engine.steps.draft) == ["dflash::add_rms_norm", "dflash::attention",
-                                              "dflash::kv_materialize_cache", "dflash::linear",
-                                              "dflash::qkv_norm_rope_cache", "dflash::rms_norm", "dflash::silu_mul"]
+                                              "dflash::context_qkv_norm_rope_cache", "dflash::linear",
+                                              "dflash::rms_norm", "dflash::silu_mul"]
     assert dflash_ops(engine.steps.verify) == ["dflash::add_rms_norm", "dflash::attention", "dflash::linear",
                                                "dflash::qkv_norm_rope_cache", "dflash::rms_norm", "dflash::silu_mul"]
     committed = []
