@@ -8,7 +8,8 @@ A variant is `NAME:ITEM[,ITEM…]`, each item `ROW.KEY=VALUE` — an override of
 this device's family — or `-PASS` — a pass of the pipeline left out (nothing after the colon: the table and the
 pipeline as shipped). For each variant, in the order given, the runtime's steps are built with its table and
 passes (benchmarks/e2e.py's models and turn: DFlashEngine with its default, CUDA-graphed
-steps after a 1024-token prompt and one turn; AR = the target's one-token step through the same path), so each
+steps after a 1024-token prompt and one turn; AR = the target's one-token step through the same path;
+draft_hidden = the draft step to its hidden states, no lm_head), so each
 captured graph holds that variant's kernels and launches. Then every step of every variant is timed in
 alternation — `--rounds` rounds, the variant order reversed every other round, each a median of `--reps` replays
 (profile_steps.timed_us) — so drift between builds and over time falls on all variants alike; one machine

@@ -17,6 +17,8 @@ turn     one `DFlashEngine.iterate` — draft step, verify step, acceptance, com
          the same weights (transformers' Qwen3ForCausalLM and z-lab's DFlashDraftModel holding our tensors),
          resumed the same way with z-lab's `_crop_to`.
 draft, verify   the engine's two step functions on that turn's inputs (graph replays, input copies included).
+draft to hidden states   the draft step without the lm_head (capture_draft(logits=False), each variant's
+         compile_step, CUDA graph): what the draft goal's weight floor covers.
 ar       the target's one-token step through the same path (capture_verify at block 1, the variant's
          compile_step, CUDA graph).
 Floors: weight bytes + KV bytes over the copy bandwidth, as steps.py; the draft step also reads the target's
@@ -35,7 +37,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from torch_dflash.compiler.capture import DraftStep, VerifyStep, capture_verify
+from torch_dflash.compiler.capture import DraftStep, VerifyStep, capture_draft, capture_verify
 from torch_dflash.compiler.step_compiler import (device_target, inductor_compile_step, pipeline_compile_step,
                                                  plain_compile_step)
 from torch_dflash.models import DecoderConfig, DecoderLM, DFlashDraft, DFlashDraftConfig
@@ -241,6 +243,14 @@ def _ar_step(target, device, compile_step):
     return CUDAGraphStep(step, graph_pool()) if is_cuda(device) else step
 
 
+def _draft_hidden_step(engine, device, compile_step):
+    """The draft step up to the hidden states (capture_draft with logits=False: no lm_head, no softcap) through
+    `compile_step`, a CUDA graph on CUDA — what the draft goal's 0.70 ms weight floor covers."""
+    program = capture_draft(engine.target, engine.draft, max_batch=1, block_size=engine.block_size, logits=False)
+    step = compile_step(program.module(), "draft")
+    return CUDAGraphStep(step, graph_pool()) if is_cuda(device) else step
+
+
 def random_prompt(target, device, small: bool) -> torch.Tensor:
     """The cases' prompt: [1, 1024] (12 when small) seeded token ids below the target's vocab size."""
     return torch.randint(0, target.config.vocab_size - 1, (1, 12 if small else 1024),
@@ -250,8 +260,9 @@ def random_prompt(target, device, small: bool) -> torch.Tensor:
 def runtime_steps(target, draft, prompt, block_size, device, kinds=("draft", "verify", "ar"), disabled=()):
     """The runtime's steps as the cases run them, for the tools that time them alone (profile_steps --runtime,
     ab_steps): kind -> a no-argument call of the engine's draft / verify step on the inputs of a real turn after
-    `prompt` and one turn, of the target's AR step through the same compile path (built only if asked), or of
-    the whole second turn ("turn": `iterate` on a fork of the state, as the turn case times it); and the context
+    `prompt` and one turn, of the target's AR step or the draft step to its hidden states ("draft_hidden": no
+    lm_head) through the same compile path (each built only if asked), or of the whole second turn ("turn":
+    `iterate` on a fork of the state, as the turn case times it); and the context
     length those blocks start at. Built under the launch configs in force now, without the passes named in
     `disabled`."""
     compile_step = pipeline_compile_step(device_target(device), disabled) if disabled else PIPELINE
@@ -262,6 +273,9 @@ def runtime_steps(target, draft, prompt, block_size, device, kinds=("draft", "ve
     if "ar" in kinds:
         ar = _ar_step(target, device, pipeline_compile_step(device_target(device), disabled))
         calls["ar"] = lambda: ar(verify_args[0][:, :1], verify_args[1][:, :1])
+    if "draft_hidden" in kinds:
+        hidden = _draft_hidden_step(engine, device, pipeline_compile_step(device_target(device), disabled))
+        calls["draft_hidden"] = lambda: hidden(*draft_args)
     return {kind: calls[kind] for kind in kinds}, int(snapshot.rows.start[0])
 
 
@@ -330,7 +344,7 @@ def core_cases(device="cuda", small=False):
 
 
 def cases(device="cuda", small=False, variants=VARIANTS):
-    """The four cases in turn (a generator), cheap and most wanted first, the AR step last. Before the first:
+    """The five cases in turn (a generator), cheap and most wanted first, the AR step last. Before the first:
     the shared part (models, prompt, the dflash engine after its first turn). Everything else — the peers'
     engines and steps, the AR programs, z-lab's loop — is built on its first call, inside the check of the first
     case that runs it: each case's compile lands in its own check (its notes give the first calls' seconds),
@@ -354,6 +368,7 @@ def cases(device="cuda", small=False, variants=VARIANTS):
     hooks = _compile_steps(device)
     engine_of = functools.cache(lambda v: engine if v == "dflash" else _resuming_engine(engine, hooks[v]()))
     ar_of = functools.cache(lambda v: _ar_step(target, device, hooks[v]()))
+    hidden_of = functools.cache(lambda v: _draft_hidden_step(engine, device, hooks[v]()))
 
     def step_calls(kind, args):
         return {v: no_grad(lambda v=v: getattr(engine_of(v).steps, kind)(*args)) for v in variants}
@@ -387,6 +402,12 @@ def cases(device="cuda", small=False, variants=VARIANTS):
                _step_check(calls, eager_draft, draft_args, tol_draft, device), floor_bytes=floor_draft,
                notes=f"{setup}; {where}; floor: draft weights {weight_bytes(draft) / 1e9:.2f} GB + the target's "
                      f"lm_head {weight_bytes(target.lm_head) / 1e9:.2f} GB (the draft's logits) + KV")
+    calls = {v: no_grad(lambda v=v: hidden_of(v)(*draft_args)) for v in variants}
+    yield Case("e2e", f"runtime draft step to hidden states (ctx {ctx}, {b}+{b} tokens)", calls,
+               _step_check(calls, DraftStep(target, draft, logits=False), draft_args, tol_draft, device),
+               floor_bytes=floor_draft - weight_bytes(target.lm_head),
+               notes=f"{where}; capture_draft(logits=False): the draft step without the lm_head, what the draft "
+                     f"goal's weight floor covers; floor: draft weights + KV")
     calls = step_calls("verify", verify_args)
     yield Case("e2e", f"runtime verify step ({b} tokens, ctx {ctx})", calls,
                _step_check(calls, eager_verify, verify_args, tol_target, device), floor_bytes=floor_verify,

@@ -38,18 +38,19 @@ class TargetIO(nn.Module):
 
 class DraftStep(nn.Module):
     """block ids [B, b] = [last committed token, MASK × (b−1)] + target features of the C new context tokens
-    → draft logits [B, b−1, V] for block positions 1..b−1; writes the context (and block) K/V to the draft cache."""
+    → draft logits [B, b−1, V] for block positions 1..b−1 (`logits=False`: their hidden states [B, b−1, H],
+    before the target's lm_head); writes the context (and block) K/V to the draft cache."""
 
-    def __init__(self, target: nn.Module, draft: nn.Module):
+    def __init__(self, target: nn.Module, draft: nn.Module, logits: bool = True):
         super().__init__()
-        self.target, self.draft = TargetIO(target), draft
+        self.target, self.draft, self.logits = TargetIO(target), draft, logits
 
     def forward(self, context_features, context_positions, block_ids, block_positions):
         context_features, context_positions, block_positions = one_batch_symbol(
             block_ids, context_features, context_positions, block_positions)
         embeds = self.draft.embed_block(block_ids, self.target)
         hidden = self.draft(context_features, embeds, context_positions, block_positions)
-        return self.draft.compute_logits(hidden[:, 1:], self.target)
+        return self.draft.compute_logits(hidden[:, 1:], self.target) if self.logits else hidden[:, 1:]
 
 
 class VerifyStep(nn.Module):
@@ -82,9 +83,11 @@ def _batch_dim(max_batch: int):
 
 
 def capture_draft(target: nn.Module, draft: nn.Module, *, max_batch: int, block_size: int | None = None,
-                  max_context: int | None = None, example_batch: int = 2, example_context: int = 3) -> ExportedProgram:
-    """Export one draft step. Dynamic: batch (1..max_batch), context tokens (1..max_context, default the
-    block size — DFLASH commits at most a block per step; prefill passes the prompt in chunks of that size)."""
+                  max_context: int | None = None, example_batch: int = 2, example_context: int = 3,
+                  logits: bool = True) -> ExportedProgram:
+    """Export one draft step (`logits=False`: to the hidden states, without the lm_head). Dynamic: batch
+    (1..max_batch), context tokens (1..max_context, default the block size — DFLASH commits at most a block per
+    step; prefill passes the prompt in chunks of that size)."""
     max_seq = _check_cache(draft, "capture_draft")
     block = block_size or draft.block_size
     max_context = max_context or block
@@ -100,7 +103,7 @@ def capture_draft(target: nn.Module, draft: nn.Module, *, max_batch: int, block_
     batch, ctx = _batch_dim(max_batch), Dim("context", min=1, max=max_context)
     shapes = ({0: batch, 1: ctx}, {0: batch, 1: ctx}, {0: batch}, {0: batch})
     with torch.no_grad():
-        return torch.export.export(DraftStep(target, draft), args, dynamic_shapes=shapes, strict=False)
+        return torch.export.export(DraftStep(target, draft, logits), args, dynamic_shapes=shapes, strict=False)
 
 
 def capture_verify(target: nn.Module, *, block_size: int, max_batch: int, example_batch: int = 2) -> ExportedProgram:

@@ -22,17 +22,20 @@ def run_each_case_once(device):
         rows += harness.run_case(case, harness.Ceilings(0, 0), device, reps=1, l2=0, clock=harness.Clock(),
                                  log=lambda *args: None)
         compiled.append(counters["stats"]["unique_graphs"])
-    # each case compiles its own steps (the two torch.compile variants: draft, verify, -, AR), nothing twice
-    assert compiled == [2, 4, 4, 6]
+    # each case compiles its own steps (the two torch.compile variants: draft, draft to hidden states, verify, -,
+    # AR), nothing twice
+    assert compiled == [2, 4, 6, 6, 8]
     names = list(dict.fromkeys(r.case.split(" (")[0] for r in rows))
-    assert names == ["runtime draft step", "runtime verify step", "spec-decode turn", "runtime AR step"]
+    assert names == ["runtime draft step", "runtime draft step to hidden states", "runtime verify step",
+                     "spec-decode turn", "runtime AR step"]
     assert all("FAILED" not in r.notes and r.median_us and r.vs_inductor for r in rows)  # checks and first calls
     variants = {name: {r.variant for r in rows if r.case.startswith(name)} for name in names}
     assert variants.pop("spec-decode turn") == STEPS | {"zlab"} and all(v == STEPS for v in variants.values())
     notes = {r.case.split(" (")[0]: r.notes for r in rows}
     for name in names:
         assert "first calls (capture, compile, CUDA graph where still to do): dflash " in notes[name]
-    for name in ("runtime draft step", "runtime verify step", "runtime AR step"):
+    for name in ("runtime draft step", "runtime draft step to hidden states", "runtime verify step",
+                 "runtime AR step"):
         assert "relative distance to eager: dflash: " in notes[name] and "; inductor: " in notes[name]
     turn = notes["spec-decode turn"]
     assert "timed turn committed" in turn and "engine stats per turn: draft" in turn
