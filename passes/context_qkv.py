@@ -22,9 +22,9 @@ from .fx_utils import infer_meta, is_call, node_arg, same_sizes
 from .head_chains import describe
 from .kv_cache_writes import order_in
 from .kv_materialize import END, reaches_end
+from .manager import GraphPass, PassContext
 from .projection_rewrite import erase_unused
 from .rope_patterns import shape
-from .manager import GraphPass, PassContext
 
 NAME = "context_qkv"
 aten = torch.ops.aten
@@ -70,8 +70,8 @@ def _halves_of(first, second, dim: int = 1):
     return first.args[0] if same_dim and split and _to_end(second, first.args[0], dim) else None
 
 
-def _why_not(kv: dict, qkv: dict, n_q: int) -> str | None:
-    q_rows = n_q * qkv["head_dim"]
+def _why_not(kv: dict, qkv: dict) -> str | None:
+    q_rows = qkv["n_q"] * qkv["head_dim"]
     if not _rows_from(kv["w_kv"], qkv["w_qkv"], q_rows):
         return "the context's k|v weight is not the k|v rows of the block's merged weight"
     if not (kv["b_kv"] is None and qkv["b_qkv"] is None) and not _rows_from(kv["b_kv"], qkv["b_qkv"], q_rows):
@@ -112,7 +112,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> None:
         qkv = _args(qkv_node, QKV_ARGS)
         between = [n for cache in (kv["k_cache"], kv["v_cache"]) for n in cache.users
                    if order(kv_node) < order(n) < order(qkv_node)]
-        why = _why_not(kv, qkv, qkv["n_q"]) or (
+        why = _why_not(kv, qkv) or (
             None if qkv["v_cache"] is kv["v_cache"] else "the two ops write different v caches") or (
             None if order(kv_node) < order(qkv_node) and not between else
             "the context op does not come first, or a cache is read between the two")

@@ -7,7 +7,9 @@ MMA's M operand ("swap AB"), so a 16-row x still fills a 64-row tensor-core tile
 keep every SM streaming even when N / BLOCK_N alone would not. With SPLIT_K > 1 each program stores its fp32
 partial tile to a workspace and takes an arrival ticket (the pattern of mhc.py); the last slice of an N tile to
 arrive sums the SPLIT_K partials in slice order (deterministic) and stores y — one launch, no memset, no atomics
-on the data. An optional bias is added in fp32 by whichever program stores y.
+on the data. An optional bias is added in fp32 by whichever program stores y. `skinny_gemm_joined` (constexpr
+JOINED) takes the rows of cat([front, x], 1) from the two tensors — each row's pointer chosen once, before the K
+loop — so the draft's context and block rows share one weight stream without a cat.
 
 `gemm_config(m, n, k, family)` derives the launch from configs.TABLE["skinny_gemm"] (the rule and the H100 sweep
 behind it: docs/kernels/skinny_gemm.md); compiler/triton/linear.py serves dflash.linear with it.
