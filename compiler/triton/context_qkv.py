@@ -1,7 +1,7 @@
 """dflash.context_qkv_norm_rope_cache on CUDA/ROCm: the draft's context and block rows through one weight stream.
 
-ctx[B,C,H], x[B,S,H] ─┬─ B·(C+S) ≤ 32, bf16/fp16: skinny_gemm_joined(ctx, x, w_qkv, b_qkv)  (each row's
-                      │                           tile from ctx or x: no cat)
+ctx[B,C,H], x[B,S,H] ─┬─ B·(C+S) ≤ 32, bf16/fp16: skinny_gemm.launch_joined(ctx, x, w_qkv, b_qkv)  (each
+                      │                           row's tile from ctx or x: no cat)
                       └─ otherwise: linear(cat([ctx, x], 1), w_qkv, b_qkv)
                       ─ proj[B·(C+S), (n_q+2·n_kv)·hd] ─ norm_rope_heads_kernel with front = C: k/v of every row
                         into the caches at cache_positions, q of the block rows only → q[B,S,n_q,hd]
@@ -20,7 +20,7 @@ from .aot import KernelSpec
 from .linear import linear
 from .norm_rope import first_reason, heads_spec, launch_norm_rope_heads, rope_reason, rope_table
 from .qkv_norm_rope import cache_reason, qkv_norm_rope_supports
-from .skinny_gemm import gemm_spec, skinny_gemm_joined, unsupported
+from .skinny_gemm import gemm_spec, launch_joined, unsupported
 
 
 def context_qkv_norm_rope_cache_supports(ctx, x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv,
@@ -29,7 +29,7 @@ def context_qkv_norm_rope_cache_supports(ctx, x, w_qkv, b_qkv, q_norm_w, k_norm_
         return f"ctx and x must be [B, C, H] and [B, S, H], got {tuple(ctx.shape)} and {tuple(x.shape)}"
     if ctx.dtype != x.dtype or ctx.device != x.device:
         return "ctx and x must share dtype and device"
-    joined = x.new_empty(1, 1, x.shape[2]).expand(x.shape[0], ctx.shape[1] + x.shape[1], -1)  # its shape only
+    joined = x[:, :1].expand(-1, ctx.shape[1] + x.shape[1], -1)  # a view of the joined rows' shape
     return first_reason(
         rope_reason(cos, sin, joined.shape[:-1], head_dim, x.device),
         qkv_norm_rope_supports(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos[..., ctx.shape[1]:, :],
@@ -43,7 +43,7 @@ def context_qkv_norm_rope_cache(ctx, x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, c
     checked context_qkv_norm_rope_cache_supports; the call does not check again."""
     batch, front, rows = x.shape[0], ctx.shape[1], ctx.shape[1] + x.shape[1]
     if unsupported(x, w_qkv, b_qkv, front=ctx) is None:
-        proj = skinny_gemm_joined(ctx, x, w_qkv, b_qkv)
+        proj = launch_joined(ctx, x, w_qkv, b_qkv)
     else:
         proj = linear(torch.cat([ctx, x], 1), w_qkv, b_qkv).reshape(batch * rows, -1)
     q = x.new_empty(*x.shape[:-1], n_q, head_dim)

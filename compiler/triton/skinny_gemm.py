@@ -102,11 +102,13 @@ def unsupported(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
                     f"{tuple(x.shape)}.")
         if front.dtype != x.dtype or front.device != x.device:
             return "skinny_gemm: front and x must share dtype and device."
-        x = x.new_empty(front.shape[0] * (front.shape[1] + x.shape[1]), x.shape[2], device="meta")
-    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
-        return f"skinny_gemm: x must be [M, K] and w [N, K], got {tuple(x.shape)} and {tuple(w.shape)}."
-    if not 1 <= x.shape[0] <= MAX_M:
-        return f"skinny_gemm: x has {x.shape[0]} rows; the kernel takes 1 to {MAX_M}."
+        rows = (front.shape[0] * (front.shape[1] + x.shape[1]), x.shape[2])
+    else:
+        rows = tuple(x.shape)
+    if len(rows) != 2 or w.dim() != 2 or rows[1] != w.shape[1]:
+        return f"skinny_gemm: x must be [M, K] and w [N, K], got {rows} and {tuple(w.shape)}."
+    if not 1 <= rows[0] <= MAX_M:
+        return f"skinny_gemm: x has {rows[0]} rows; the kernel takes 1 to {MAX_M}."
     if x.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype:
         return f"skinny_gemm: x and w must both be bf16 or fp16, got {x.dtype} and {w.dtype}."
     if bias is not None and (tuple(bias.shape) != (w.shape[0],) or bias.dtype != x.dtype):
@@ -170,6 +172,12 @@ def skinny_gemm_joined(front: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bi
     reason = unsupported(x, w, bias, front=front)
     if reason:
         raise InputError(reason)
+    return launch_joined(front, x, w, bias, config)
+
+
+def launch_joined(front: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                  config: dict | None = None) -> torch.Tensor:
+    """skinny_gemm_joined without its checks, for a caller that made them (`unsupported(..., front=front)`)."""
     front, x = _unit_rows(front), _unit_rows(x)
     (batch, c, _), s = front.shape, x.shape[1]
     return _launch(x, w, bias, batch * (c + s), (x.stride(1), x.stride(0), front.stride(0), front.stride(1), c + s),
