@@ -5,8 +5,9 @@ python -m torch_dflash.benchmarks.sweep_mhc [--out DIR] [--budget-s 170]   (CUDA
 DeepSeek-V4 boundary shapes (n 4, bf16 activations, fp32 fn, Sinkhorn 20 iters) at D 4096 / 7168 × T 16, 256,
 4096, 16384, fresh random inputs. Every run is first checked against the reference op (|out − ref| ≤ 2e-2 ·
 max |ref| + 2e-2 · |ref| on all four outputs, after NaN-filling nothing: the launcher allocates fresh outputs)
-and then timed as the lead timed the "before" numbers: triton.testing.do_bench_cudagraph for T ≤ 256, do_bench
-(L2 flushed between runs) above, medians in µs. Beside each number: the bytes floor (floor bytes / the copy
+and then timed with triton.testing.do_bench_cudagraph at every T (medians in µs; until session 9 T > 256 used
+do_bench, which timed the launcher's host time where it exceeds the GPU's: 311 µs for the medium row at T 1024
+against 108 µs replayed from a graph). Beside each number: the bytes floor (floor bytes / the copy
 bandwidth measured in this run) and the ratio to it.
 
 1. grid at D 4096 around the table row of each T (4 warps, num_stages 2): split (a runtime argument, no recompilation)
@@ -15,7 +16,9 @@ bandwidth measured in this run) and the ratio to it.
    T 16 also block_d 32 with split 64/128 and loop form × stages × warps; at T 4096 phase 2 inline (apply_launch 0,
    apply_d 256) vs a second launch (1, 128) vs the finish and the apply as launches of their own (2, 128: the main
    kernel without a ticket and a finisher), × (block_t, num_warps) 16/4, 32/4, 64/8 (the fn traffic from L2 per token
-   halves with each doubling of block_t) × splits 4/8/16. Each T gets its share of --budget-s (16: 20 %, 256: 20 %,
+   halves with each doubling of block_t) × splits 4/8/16, and mhc_rows' path (apply_launch 3: wide token tiles, a
+   finish launch and a whole-row apply launch) at WIDE_TILES × splits 4/8.
+   Each T gets its share of --budget-s (16: 20 %, 256: 20 %,
    4096: 35 %, 16384: 10 %, rescaled to the --tokens run); configs past it go to not_run.
 2. D 7168: the table row and the best D-4096 config of each T.
 3. ablations at D 4096 (best config of each T ≤ 4096): num_stages 1 (no cp.async prefetch), the other phase-1
@@ -34,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from triton.testing import do_bench, do_bench_cudagraph
+from triton.testing import do_bench_cudagraph
 
 from torch_dflash.compiler.ops.mhc import mhc_post_pre_reference
 from torch_dflash.compiler.triton import mhc
@@ -52,9 +55,11 @@ LARGE_T_MODES = ((0, 256), (1, 128), (2, 128))         # (apply_launch, apply_d)
 SMALL_T_LOOPS = ((64, 1, 2, 4), (64, 0, 1, 4), (64, 0, 2, 4), (64, 1, 1, 2), (64, 1, 1, 8), (32, 1, 1, 2),
                  (32, 0, 2, 4))                          # (block_d, flat_loop, num_stages, num_warps) at T 16
 LARGE_T_TILES = ((16, 4), (32, 4), (64, 8))            # (block_t, num_warps)
+WIDE_TILES = ((128, 32, 8, 4), (128, 32, 8, 3), (64, 32, 8, 3), (32, 32, 4, 2))  # apply_launch 3: (block_t, block_d,
+#                                                                                   num_warps, num_stages)
 SHARE = {16: 0.2, 256: 0.2, 4096: 0.35, 16384: 0.1}    # of --budget-s, cumulative deadlines; D 7168 gets the rest
-KEYS = ("block_t", "block_d", "split", "apply_launch", "apply_d", "fn_parts", "fn_presplit", "flat_loop",
-        "num_warps", "num_stages")
+KEYS = ("block_t", "block_d", "split", "apply_launch", "apply_d", "apply_rows", "layout_barrier", "fn_parts",
+        "fn_presplit", "flat_loop", "num_warps", "num_stages")
 
 
 class Problem:
@@ -85,9 +90,14 @@ class Problem:
     def time_us(self, fn) -> float:
         fn()
         torch.cuda.synchronize()
-        if self.tokens <= 256:
-            return do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e3
-        return do_bench(fn, warmup=5, rep=40, return_mode="median") * 1e3
+        return do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e3
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write), the floors' bandwidth."""
+    src = torch.randn(2 ** 28, device=DEVICE)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / (statistics.median(_cuda_time_ms(lambda: dst.copy_(src), 20)) * 1e-3)
 
 
 def _run(problem: Problem, cfg: dict, op="mhc_post_pre", iters=ITERS, launches=("main", "apply")) -> dict:
@@ -123,8 +133,10 @@ def _grid(tokens: int, rows: list[dict]) -> list[dict]:
         grid += [(dict(base, block_d=bd, flat_loop=flat, num_stages=stages, num_warps=warps), FN_MODES[1:2],
                   (64, 128)) for bd, flat, stages, warps in SMALL_T_LOOPS]
     elif tokens == 4096:
-        grid = [(dict(base, block_t=bt, apply_launch=al, apply_d=ad, num_warps=w), FN_MODES[::3], SPLITS[tokens])
-                for bt, w in LARGE_T_TILES for al, ad in LARGE_T_MODES]
+        grid = [(dict(base, block_t=bt, block_d=64, apply_launch=al, apply_d=ad, num_warps=w, num_stages=2),
+                  FN_MODES[::3], SPLITS[tokens]) for bt, w in LARGE_T_TILES for al, ad in LARGE_T_MODES]
+        grid += [(dict(base, block_t=bt, block_d=bd, apply_launch=3, num_warps=w, num_stages=st), FN_MODES[3:],
+                  (4, 8)) for bt, bd, w, st in WIDE_TILES]
     elif tokens > 4096:
         grid = [(_best(rows, HIDDEN[0], 4096) or base, FN_MODES, SPLITS[tokens])]
     return [dict(shape, split=sp, fn_parts=fp, fn_presplit=pre)
@@ -157,10 +169,7 @@ def main():
     tokens_run = [t for t in TOKENS if t in opts.tokens]
     shares = {t: SHARE[t] / sum(SHARE[u] for u in tokens_run) * 0.9 for t in tokens_run}
     start = time.perf_counter()
-    src = torch.randn(2 ** 28, device=DEVICE)
-    dst = torch.empty_like(src)
-    copy_bw = 2 * src.numel() * 4 / (statistics.median(_cuda_time_ms(lambda: dst.copy_(src), 20)) * 1e-3)
-    del src, dst
+    copy_bw = copy_bandwidth()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_GBps": round(copy_bw / 1e9),
               "keys": KEYS, "rows": [], "not_run": []}
     rows = result["rows"]
@@ -217,7 +226,7 @@ def _suggested_rows(best: dict) -> str:
     for bucket, tokens, max_t in (("mhc.small", 16, 64), ("mhc.medium", 256, 1024), ("mhc.large", 4096, 0)):
         cfg = best.get(tokens) or best.get(16384)
         if cfg:
-            row = {"max_t": max_t, **{k: cfg[k] for k in KEYS}}
+            row = {"max_t": max_t, **{k: cfg.get(k, 0) for k in KEYS}}
             lines.append(f'    "{bucket}": "cuda": {json.dumps(row)}')
     return "\n".join(lines)
 

@@ -23,7 +23,10 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     # 2 (16 bits, ≤ 2^-17 relative), split in every program (fn_presplit 0) or once per fn tensor by the launcher (1,
     # cached; 1.5× fn's bytes at 3 parts). flat_loop 1: phase 1 as one pipelined loop over (chunk, stream) steps
     # (round 2; wins at T 16); 0: round 1's chunk loop with an inner stream loop (2 stages; round 2's flat loop lost
-    # 1.2-2.9× to it at T >= 256). mhc.post (split 0 = one program per block_d chunk) serves mhc_post alone. cuda:
+    # 1.2-2.9× to it at T >= 256). apply_launch 3 (mhc_rows.py, session 9): phase 1 on wide token tiles (block_t up to
+    # 128) with no Gram matrix, a finish launch (one token per thread) and a rows launch (apply_rows tokens' whole rows
+    # per program: layer_in, its norm); layout_barrier 1 keeps new_res in one register layout (a PTX identity, cuda
+    # only). mhc.post (split 0 = one program per block_d chunk) serves mhc_post alone. cuda:
     # chosen from the traffic/latency analysis and the H100 sweep in docs/kernels/mhc.md (re-tune with
     # benchmarks/sweep_mhc.py); rocm: untuned (wavefront 64, narrower tiles).
     "mhc.small": {
@@ -43,11 +46,11 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
                  "num_warps": 4, "num_stages": 2},
     },
     "mhc.large": {
-        "cuda": {"max_t": 0, "block_t": 16, "block_d": 64, "split": 8, "apply_launch": 2, "apply_d": 128,
-                 "fn_parts": 2, "fn_presplit": 1, "flat_loop": 0,
-                 "num_warps": 4, "num_stages": 2},
-        "rocm": {"max_t": 0, "block_t": 16, "block_d": 32, "split": 16, "apply_launch": 0, "apply_d": 128,
-                 "fn_parts": 3, "fn_presplit": 0, "flat_loop": 0,
+        "cuda": {"max_t": 0, "block_t": 128, "block_d": 32, "split": 4, "apply_launch": 3, "apply_d": 0,
+                 "apply_rows": 1, "layout_barrier": 1, "fn_parts": 2, "fn_presplit": 1, "flat_loop": 0,
+                 "num_warps": 8, "num_stages": 3},
+        "rocm": {"max_t": 0, "block_t": 64, "block_d": 32, "split": 8, "apply_launch": 3, "apply_d": 0,
+                 "apply_rows": 1, "layout_barrier": 0, "fn_parts": 3, "fn_presplit": 1, "flat_loop": 0,
                  "num_warps": 4, "num_stages": 2},
     },
     "mhc.post": {

@@ -12,6 +12,8 @@ alone or the last sublayer's post alone. Grid (split, token blocks): a program o
   phase 2:             layer_in = Σ_k pre_k·new_res_k → its RMSNorm in ONE pass over new_res — either by the
                        finishing program right after the block's phase 1 (new_res still in L2: large T), or by
                        `_mhc_apply_kernel`, a second launch spread over (D chunks × token blocks) (small T).
+Rows with apply_launch 3 (many tokens) go to mhc_rows.py instead: wide token tiles without the Gram matrix, a
+finish launch and a whole-row norm launch.
 docs/kernels/mhc.md explains the grid, the memory traffic, the numerics and the configs.
 """
 
@@ -28,6 +30,8 @@ from ..providers import Provider, register
 from .aot import KernelSpec, pointer_args
 from .configs import launch_config
 from .launch import await_previous_grid, programmatic_launch, traced, wrap_triton
+from . import mhc_rows
+from .mhc_math import comb_sinkhorn, mix_partial, pre_post, slice_sum
 
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _TL_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -35,93 +39,6 @@ _MAX_STREAMS = 8
 
 
 # ----------------------------------------------------------------------------------------------- the kernels
-
-@triton.jit
-def _dot_bf16(a, b, acc, INTERPRETED: tl.constexpr):
-    """acc + a·b for bf16 a, b. The Triton interpreter multiplies bf16 dot operands as their raw uint16 bits
-    (triton 3.9), so there the same bf16 values go in as fp32: their products and fp32 sums are identical."""
-    if INTERPRETED:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        out = tl.dot(a, b, acc)
-    return out
-
-
-@triton.jit
-def _mix_partial(f, fn_ptr, d, d_ok, D, acc, N: tl.constexpr, NM: tl.constexpr, FN_PARTS: tl.constexpr,
-                 FN_PRESPLIT: tl.constexpr, INTERPRETED: tl.constexpr):
-    """acc + f [BLOCK_T, BLOCK_D] (one stream's chunk, fp32, zero where masked) · fn[:, d]ᵀ → [BLOCK_T, NM] on
-    tensor cores; fn_ptr points at this stream's columns. FN_PARTS 0 (fp16/fp32 activations): an IEEE fp32 dot.
-    2 or 3 (bf16 activations, exact in bf16): fn as bf16 parts hi + mid (+ lo), one bf16 dot each, smallest
-    first — 3 parts carry all 24 bits of an fp32 (the fp32 product), 2 parts 16 bits (each fn element within
-    2^-17 relative). FN_PRESPLIT: fn_ptr is the launcher's bf16 [FN_PARTS, NM, n·D] (rows zero-padded to NM);
-    otherwise fn is fp32 and split here, in every program."""
-    NMIX: tl.constexpr = (2 + N) * N
-    j = tl.arange(0, NM)
-    if FN_PRESPLIT:
-        a16 = f.to(tl.bfloat16)
-        for p in tl.static_range(FN_PARTS):
-            part = fn_ptr + (FN_PARTS - 1 - p) * (NM * N * D)
-            w = tl.load(part + j[None, :] * (N * D) + d[:, None], mask=d_ok[:, None], other=0.0)
-            acc = _dot_bf16(a16, w, acc, INTERPRETED)
-    else:
-        w = tl.load(fn_ptr + j[None, :] * (N * D) + d[:, None], mask=(j[None, :] < NMIX) & d_ok[:, None], other=0.0)
-        w = w.to(tl.float32)
-        if FN_PARTS == 0:
-            acc = tl.dot(f, w, acc, input_precision="ieee")
-        else:
-            a16 = f.to(tl.bfloat16)
-            hi = w.to(tl.bfloat16)
-            rest = w - hi.to(tl.float32)
-            mid = rest.to(tl.bfloat16)
-            if FN_PARTS == 3:
-                acc = _dot_bf16(a16, (rest - mid.to(tl.float32)).to(tl.bfloat16), acc, INTERPRETED)
-            acc = _dot_bf16(a16, mid, acc, INTERPRETED)
-            acc = _dot_bf16(a16, hi, acc, INTERPRETED)
-    return acc
-
-
-@triton.jit
-def _vsum(vals, first: tl.constexpr, stride: tl.constexpr, count: tl.constexpr):
-    """vals[first] + vals[first + stride] + … (count terms) of a tuple of tensors."""
-    acc = vals[first]
-    for k in tl.static_range(1, count):
-        acc += vals[first + k * stride]
-    return acc
-
-
-@triton.jit
-def _vmax(vals, first: tl.constexpr, count: tl.constexpr):
-    """max(vals[first], …, vals[first + count − 1]) of a tuple of tensors."""
-    acc = vals[first]
-    for k in tl.static_range(1, count):
-        acc = tl.maximum(acc, vals[first + k])
-    return acc
-
-
-@triton.jit
-def _normalize(c, eps, N: tl.constexpr, ROWS: tl.constexpr):
-    """c: the n×n matrices of a token block as a flat tuple of N·N [BLOCK_T] vectors (row-major); divides each row
-    (ROWS) or column by its sum + eps. One thread holds a token's whole matrix: no shuffles, no barriers."""
-    SA: tl.constexpr = N if ROWS else 1
-    SB: tl.constexpr = 1 if ROWS else N
-    out = c
-    for a in tl.static_range(N):
-        s = _vsum(c, a * SA, SB, N) + eps
-        for b in tl.static_range(N):
-            out = out[:a * SA + b * SB] + (c[a * SA + b * SB] / s,) + out[a * SA + b * SB + 1:]
-    return out
-
-
-@triton.jit
-def _slice_sum(ws_ptr, tt, q: tl.constexpr, split, SPLIT_P2: tl.constexpr):
-    """Σ over the `split` slices of workspace column q for the block's tokens. The block's workspace is
-    [column, token, slice]: the [BLOCK_T, split] tile of a column is contiguous (coalesced, one vector load per
-    thread; a [token, slice, column] layout made every element its own 32-byte L2 sector)."""
-    s = tl.arange(0, SPLIT_P2)
-    v = tl.load(ws_ptr + (q * tt.shape[0] + tt[:, None]) * split + s[None, :], mask=s[None, :] < split, other=0.0)
-    return tl.sum(v, axis=1)
-
 
 @triton.jit
 def _apply_chunk(src_ptr, out_ptr, norm_w_ptr, pre, r_in, tt, t_ok, d, D,
@@ -155,19 +72,12 @@ def _finish_block(src_ptr, post_ptr, comb_ptr, base_ptr, scale_ptr, norm_w_ptr, 
     hc_eps = tl.cast(hc_eps, tl.float32)
     norm_eps = tl.cast(norm_eps, tl.float32)
     tl.debug_barrier()
+    block = tt.shape[0]
     m = ()
     for q in tl.static_range(NMIX):
-        m = m + (_slice_sum(ws_ptr, tt, q, split, SPLIT_P2),)
-    r = tl.math.rsqrt(_slice_sum(ws_ptr, tt, NMIX, split, SPLIT_P2) / (N * D) + rms_eps)
-
-    s_pre = tl.load(scale_ptr).to(tl.float32)
-    s_post = tl.load(scale_ptr + 1).to(tl.float32)
-    s_comb = tl.load(scale_ptr + 2).to(tl.float32)
-    pre = ()
-    for k in tl.static_range(N):
-        pre = pre + (tl.sigmoid(m[k] * r * s_pre + tl.load(base_ptr + k).to(tl.float32)) + hc_eps,)
-        post = 2.0 * tl.sigmoid(m[N + k] * r * s_post + tl.load(base_ptr + N + k).to(tl.float32))
-        tl.store(post_out_ptr + tt * N + k, post, mask=t_ok)
+        m = m + (slice_sum(ws_ptr, tt, t_ok, q, block, split, SPLIT_P2),)
+    r = tl.math.rsqrt(slice_sum(ws_ptr, tt, t_ok, NMIX, block, split, SPLIT_P2) / (N * D) + rms_eps)
+    pre = pre_post(m, r, base_ptr, scale_ptr, hc_eps, post_out_ptr, tt, t_ok, N)
 
     r_in = r
     if HAS_NORM:  # w_0 = Σ_k pre_k·post_k (the weight of x), w_1+i = Σ_k pre_k·comb[i, k] (of res_i)
@@ -184,7 +94,7 @@ def _finish_block(src_ptr, post_ptr, comb_ptr, base_ptr, scale_ptr, norm_w_ptr, 
         quad = tl.zeros(tt.shape, tl.float32)
         for a in tl.static_range(N + 1):  # Gram pair (a, b), b <= a, sits at column NMIX + 1 + a(a+1)/2 + b
             for b in tl.static_range(a + 1):
-                g = _slice_sum(ws_ptr, tt, NMIX + 1 + a * (a + 1) // 2 + b, split, SPLIT_P2)
+                g = slice_sum(ws_ptr, tt, t_ok, NMIX + 1 + a * (a + 1) // 2 + b, block, split, SPLIT_P2)
                 quad += (1.0 if a == b else 2.0) * (w[a] * w[b]) * g
         r_in = tl.math.rsqrt(quad / D + norm_eps)
     if FINISH_INLINE:
@@ -195,26 +105,7 @@ def _finish_block(src_ptr, post_ptr, comb_ptr, base_ptr, scale_ptr, norm_w_ptr, 
         for k in tl.static_range(N):
             tl.store(coef_ptr + tt * (N + 1) + k, pre[k])
         tl.store(coef_ptr + tt * (N + 1) + N, r_in)
-
-    # softmax over destinations, then Sinkhorn, on one [BLOCK_T] vector per (source, destination)
-    logits = ()
-    for q in tl.static_range(N * N):
-        logits = logits + (m[2 * N + q] * r * s_comb + tl.load(base_ptr + 2 * N + q).to(tl.float32),)
-    comb = ()
-    for i in tl.static_range(N):
-        top = _vmax(logits, i * N, N)
-        e = ()
-        for j in tl.static_range(N):
-            e = e + (tl.exp(logits[i * N + j] - top),)
-        total = _vsum(e, 0, 1, N)
-        for j in tl.static_range(N):
-            comb = comb + (e[j] / total + hc_eps,)
-    comb = _normalize(comb, hc_eps, N, False)
-    for _ in range(iters - 1):
-        comb = _normalize(comb, hc_eps, N, True)
-        comb = _normalize(comb, hc_eps, N, False)
-    for q in tl.static_range(N * N):
-        tl.store(comb_out_ptr + tt * (N * N) + q, comb[q], mask=t_ok)
+    comb_sinkhorn(m, r, base_ptr, scale_ptr, hc_eps, iters, comb_out_ptr, tt, t_ok, N)
 
 
 @triton.jit
@@ -253,7 +144,7 @@ def _stream_step(x, j, d, d_ok, td_ok, rows, tt, t_ok, res_ptr, comb_ptr, post_p
         f = tl.load(res_ptr + rows + j * D, mask=td_ok, other=0.0).to(tl.float32)
     if HAS_PRE:  # the rounded row, as the reference's mhc_pre sees it
         ssq += tl.sum(f * f, axis=1)
-        mixes = _mix_partial(f, fn_ptr + j * D, d, d_ok, D, mixes, N, NM, FN_PARTS, FN_PRESPLIT, INTERPRETED)
+        mixes = mix_partial(f, fn_ptr + j * D, d, d_ok, D, mixes, N, NM, FN_PARTS, FN_PRESPLIT, INTERPRETED)
     return mixes, ssq, gram
 
 
@@ -504,6 +395,17 @@ def _launch(op, res, x=None, post=None, comb=None, fn=None, base=None, scale=Non
     if tokens:
         cfg = config or pick_config(op, tokens, _device_family(dev))
         meta, split = _plan(_Problem(op, n, d, dtype, dev.type == "cpu"), cfg)
+        if meta["FN_PRESPLIT"]:
+            fn = _fn_bf16_parts(fn, meta["FN_PARTS"], meta["NM"])
+
+        def pointer(t, *shape):  # an absent tensor gets a stand-in the kernel never dereferences
+            return res2 if t is None else t.reshape(shape or t.shape).contiguous()
+
+        if has_pre and cfg["apply_launch"] == 3:
+            mhc_rows.launch(meta, split, cfg, tokens, d, pointer(x, tokens, d), res2, pointer(post, tokens, n),
+                            pointer(comb, tokens, n, n), fn, base, scale, pointer(norm_w), new_res, out, post_out,
+                            comb_out, rms_eps, hc_eps, iters, norm_eps, launches)
+            return _shaped(lead, n, d, new_res, out, post_out, comb_out)
         padded = triton.cdiv(tokens, meta["BLOCK_T"]) * meta["BLOCK_T"]
         ws = coef = counters = None
         if has_pre:
@@ -512,12 +414,6 @@ def _launch(op, res, x=None, post=None, comb=None, fn=None, base=None, scale=Non
             coef = None if meta["FINISH_INLINE"] else torch.empty(padded, n + 1, dtype=torch.float32, device=dev)
             if meta["FINISH_HERE"]:
                 counters = _arrival_counters(res2, padded // meta["BLOCK_T"] if split > 1 else 1)
-
-        if meta["FN_PRESPLIT"]:
-            fn = _fn_bf16_parts(fn, meta["FN_PARTS"], meta["NM"])
-
-        def pointer(t, *shape):  # an absent tensor gets a stand-in the kernel never dereferences
-            return res2 if t is None else t.reshape(shape or t.shape).contiguous()
 
         blocks = padded // meta["BLOCK_T"]
         src = new_res if has_post else res2
@@ -540,6 +436,11 @@ def _launch(op, res, x=None, post=None, comb=None, fn=None, base=None, scale=Non
                 src, out, coef, pointer(norm_w), tokens, d, N=n,
                 BLOCK_T=meta["BLOCK_T"], APPLY_D=meta["APPLY_D"], HAS_NORM=has_norm, num_warps=cfg["num_warps"],
                 **programmatic_launch(dev))
+    return _shaped(lead, n, d, new_res, out, post_out, comb_out)
+
+
+def _shaped(lead, n, d, new_res, out, post_out, comb_out):
+    """The outputs with the input's leading dims; None for the ones the op does not produce."""
     shaped = lambda t, *tail: None if t is None else t.reshape(*lead, *tail)  # noqa: E731
     return shaped(new_res, n, d), shaped(out, d), shaped(post_out, n), shaped(comb_out, n, n)
 
@@ -641,7 +542,8 @@ def _signature(kernel, dtype: torch.dtype, fn_presplit: bool = False) -> dict[st
     types = dict(x_ptr=act, res_ptr=act, post_ptr="*fp32", comb_ptr="*fp32", fn_ptr=fn, base_ptr="*fp32",
                  scale_ptr="*fp32", norm_w_ptr="*fp32", new_res_ptr=act, out_ptr=act, post_out_ptr="*fp32",
                  comb_out_ptr="*fp32", ws_ptr="*fp32", coef_ptr="*fp32", count_ptr="*i32", src_ptr=act,
-                 T="i32", D="i32", split="i32", iters="i32", rms_eps="fp32", hc_eps="fp32", norm_eps="fp32")
+                 T="i32", D="i32", split="i32", ws_tokens="i32", iters="i32", rms_eps="fp32", hc_eps="fp32",
+                 norm_eps="fp32")
     return {name: types.get(name, "constexpr") for name in kernel.arg_names}
 
 
@@ -649,32 +551,37 @@ def _buckets(op: str) -> tuple[str, ...]:
     return ("mhc.post",) if op == "mhc_post" else ("mhc.small", "mhc.medium", "mhc.large")
 
 
-def _spec(name: str, kernel, meta: dict, cfg: dict[str, int]) -> KernelSpec:
+def _spec(name: str, kernel, meta: dict, num_warps: int, num_stages: int) -> KernelSpec:
     """A bf16 spec assuming what the JIT specializes for these launches: 16-byte aligned tensors, D % 16 == 0."""
     signature = _signature(kernel, torch.bfloat16, bool(meta.get("FN_PRESPLIT")))
     meta = {k: v for k, v in meta.items() if k in kernel.arg_names}
-    return KernelSpec(name, kernel, signature, meta, cfg["num_warps"], cfg["num_stages"],
+    return KernelSpec(name, kernel, signature, meta, num_warps, num_stages,
                       divisible_by_16=pointer_args(signature) + ("D",))
 
 
 def aot_specs(fam: str = "cuda") -> list[KernelSpec]:
     """Every launch the launcher makes for bf16, n = 4, D ∈ {4096, 7168} with `fam`'s config rows (the main kernel
-    and, for rows with apply_launch, the apply kernel). D is a runtime argument, so both hidden sizes share a
-    binary wherever their constexprs agree."""
-    shared: dict[tuple, list[int]] = {}
+    and, for rows with apply_launch, the apply kernel; apply_launch 3: mhc_rows' three kernels). D is a runtime
+    argument, so both hidden sizes share a binary wherever their constexprs agree."""
+    shared: dict[tuple, tuple] = {}
     for op in _KINDS:
         for bucket in _buckets(op):
             cfg = launch_config(bucket, fam)
             for d in (4096, 7168):
                 meta, _ = _plan(_Problem(op, 4, d, torch.bfloat16), cfg)
-                shared.setdefault((op, bucket, tuple(meta.items())), []).append(d)
-    specs = []
-    for (op, bucket, meta), ds in shared.items():
-        meta, cfg = dict(meta), launch_config(bucket, fam)
-        name = f"{op}_{bucket.split('.')[1]}_bf16_n4_D{'+'.join(map(str, ds))}"
-        specs.append(_spec(name, _mhc_kernel, _main_meta(meta), cfg))
-        if not meta["FINISH_HERE"]:
-            specs.append(_spec(name + "_finish", _mhc_finish_kernel, meta, cfg))
-        if meta["HAS_PRE"] and not meta["FINISH_INLINE"]:
-            specs.append(_spec(name + "_apply", _mhc_apply_kernel, meta, cfg))
-    return specs
+                if meta["HAS_PRE"] and cfg["apply_launch"] == 3:
+                    launches = {f"_{name}": spec for name, spec in mhc_rows.kernels(meta, cfg, d).items()}
+                else:
+                    launches = {"": (_mhc_kernel, _main_meta(meta), cfg["num_warps"], cfg["num_stages"])}
+                    if not meta["FINISH_HERE"]:
+                        launches["_finish"] = (_mhc_finish_kernel, meta, cfg["num_warps"], cfg["num_stages"])
+                    if meta["HAS_PRE"] and not meta["FINISH_INLINE"]:
+                        launches["_apply"] = (_mhc_apply_kernel, meta, cfg["num_warps"], cfg["num_stages"])
+                for suffix, (kernel, constexprs, warps, stages) in launches.items():
+                    key = (kernel.fn.__name__, tuple(sorted((k, v) for k, v in constexprs.items()
+                                                            if k in kernel.arg_names)), warps, stages)
+                    name = f"{op}_{bucket.split('.')[1]}{suffix}_bf16_n4"
+                    sizes = shared.setdefault(key, (name, kernel, constexprs, warps, stages, []))[5]
+                    sizes += [d] if d not in sizes else []
+    return [_spec(f"{name}_D{'+'.join(map(str, ds))}", kernel, constexprs, warps, stages)
+            for name, kernel, constexprs, warps, stages, ds in shared.values()]

@@ -41,9 +41,10 @@ def row(bucket: str, **override) -> dict:
 
 
 APPLY = row("small", block_d=32)                    # D split over programs, phase 2 in a second launch
-SPLIT_INLINE = row("large", block_d=32, apply_launch=0, fn_parts=3, fn_presplit=0)  # the finisher does phase 2
+SPLIT_INLINE = row("medium", block_d=32, split=8, apply_launch=0)  # the finisher does phase 2
 NO_SPLIT = dict(SPLIT_INLINE, split=1, apply_d=64)  # one program per token block, no ticket
 PRESPLIT = row("small", block_d=32, fn_presplit=1)  # fn's 3 bf16 parts made once by the launcher, cached
+WIDE = row("large", block_t=32, block_d=32, split=2, apply_rows=2)  # mhc_rows: wide tiles, finish, whole rows
 
 
 def make_inputs(tokens, n, d, dtype, seed, lead=None):
@@ -106,12 +107,16 @@ POST_PRE_CASES = [  # (tokens, n, D, dtype, iters, config)
     (17, 4, 96, torch.float32, 20, dict(SPLIT_INLINE, flat_loop=1)),             # flat loop, inline phase 2
     (17, 3, 100, torch.bfloat16, 20, dict(APPLY, flat_loop=0)),                  # nested loop, apply launch
     (40, 4, 96, torch.float32, 20, dict(APPLY, apply_launch=2)),                 # the finish as its own launch
-    (17, 4, 100, torch.bfloat16, 20, row("large", block_d=32)),                  # (3 token blocks, 1 ragged)
+    (17, 4, 100, torch.bfloat16, 20, dict(APPLY, apply_launch=2, fn_presplit=1)),  # (3 token blocks, 1 ragged)
+    (40, 4, 96, torch.bfloat16, 20, WIDE),                                       # 2 wide blocks (1 ragged), 2 slices
+    (5, 3, 100, torch.float32, 20, dict(WIDE, apply_rows=1)),                    # n 3, D 100, IEEE fp32 dot
+    (17, 4, 64, torch.bfloat16, 3, dict(WIDE, fn_parts=3, fn_presplit=0, split=1, apply_rows=4)),  # ragged rows
 ]
 
 
 @pytest.mark.parametrize("tokens, n, d, dtype, iters, config", POST_PRE_CASES,
-                         ids=lambda v: "s{split}a{apply_launch}f{fn_parts}p{fn_presplit}l{flat_loop}".format(**v) if isinstance(v, dict) else str(v))
+                         ids=lambda v: "s{split}a{apply_launch}f{fn_parts}p{fn_presplit}l{flat_loop}".format(**v)
+                         if isinstance(v, dict) else str(v))
 def test_post_pre_matches_reference(tokens, n, d, dtype, iters, config):
     got, want, _ = run_post_pre(tokens, n, d, dtype, iters, config)
     assert_outputs_close(got, want, dtype)
@@ -137,7 +142,8 @@ def test_bf16_pre_matches_reference_on_the_kernels_own_new_res(tokens, config):
     (17, 2, 64, torch.float32, 20, NO_SPLIT),
     (17, 4, 96, torch.float32, 20, dict(NO_SPLIT, flat_loop=1)),
     (33, 4, 64, torch.float32, 3, dict(APPLY, apply_launch=2)),
-], ids=["apply", "inline", "no_split", "no_split_flat", "finish_launch"])
+    (33, 4, 96, torch.bfloat16, 20, WIDE),
+], ids=["apply", "inline", "no_split", "no_split_flat", "finish_launch", "wide"])
 def test_pre_matches_reference(tokens, n, d, dtype, iters, config):
     _, res, _, _, fn, base, scale, _ = make_inputs(tokens, n, d, dtype, seed=1)
     args = (res, fn, base, scale, EPS["rms_eps"], EPS["hc_eps"], iters)
@@ -188,7 +194,7 @@ def test_leading_dims_and_repeated_split_launches():
 
 def test_pick_config_by_token_count():
     rows = [tm.pick_config("mhc_post_pre", t, "cuda") for t in (1, 64, 65, 1024, 1025, 16384)]
-    assert [r["apply_launch"] for r in rows] == [1, 1, 1, 1, 2, 2]
+    assert [r["apply_launch"] for r in rows] == [1, 1, 1, 1, 3, 3]
     assert rows[0] == tm.launch_config("mhc.small", "cuda") and rows[-1] == tm.launch_config("mhc.large", "cuda")
     assert tm.pick_config("mhc_pre", 16, "rocm") == tm.launch_config("mhc.small", "rocm")
     assert tm.pick_config("mhc_post", 16, "cuda") == tm.launch_config("mhc.post", "cuda")
@@ -257,11 +263,13 @@ def aot_results():
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_aot_compiles_every_spec(aot_results, arch):
-    """Every aot_specs() entry (each op × each token bucket, the apply kernel where a row has apply_launch; bf16,
-    n = 4, D 4096 and 7168 sharing binaries) compiles for the arch within its shared memory budget."""
+    """Every aot_specs() entry (each op × each token bucket with its row's launches; bf16, n = 4, D 4096 and 7168
+    sharing binaries except the rows kernels) compiles for the arch within its shared memory budget."""
     specs = [s.name for s in tm.aot_specs(family(arch))]
-    applied = sum(launch_config(f"mhc.{b}", family(arch))["apply_launch"] for b in ("small", "medium", "large"))
-    assert len(specs) == 7 + 2 * applied and all("D4096+7168" in name for name in specs), specs
+    launches = {name.split("_bf16")[0] for name in specs}
+    assert len(launches) == len(specs) - 2, specs  # only the rows kernels differ by D (their whole-row tile)
+    assert {"mhc_post_pre_small", "mhc_post_pre_small_apply", "mhc_post_pre_medium_apply", "mhc_post_pre_large_wide",
+            "mhc_post_pre_large_finish", "mhc_post_pre_large_rows", "mhc_pre_large_rows", "mhc_post_post"} <= launches
     for name in specs:
         result = aot_results[f"{name}@{arch}"]
         assert isinstance(result, list) and result[0] > 0, (name, result)
