@@ -82,7 +82,8 @@ def _wide_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, fn_ptr, new_res_ptr, ws_ptr
                 f = tl.load(res_ptr + rows + j * D, mask=td_ok, other=0.0).to(tl.float32)
             ssq += f * f
             if LAYOUT_BARRIER:  # an identity Triton cannot see through: see the module docstring
-                f = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [f], dtype=tl.float32, is_pure=False, pack=1)
+                f = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [f], dtype=tl.float32, is_pure=False,
+                                              pack=1)
             mixes = mix_partial(f, fn_ptr + j * D, d, d_ok, D, mixes, N, NM, FN_PARTS, FN_PRESPLIT, INTERPRETED)
     cols = tl.arange(0, NM)[None, :]
     tl.store(ws_ptr + (cols * ws_tokens + tok[:, None]) * split + sl, mixes, mask=cols < NMIX)
