@@ -172,12 +172,12 @@ def launch(meta: dict, split: int, cfg: dict, tokens: int, d: int, x, res, post,
     ws = torch.empty(((2 + n) * n + 1) * ws_tokens * split, dtype=torch.float32, device=res.device)
     coef = torch.empty(tokens, n, dtype=torch.float32, device=res.device)
     src = res if new_res is None else new_res
-    pdl = programmatic_launch(res.device)
     specs = kernels(meta, cfg, d)
 
     def run(name, grid, *args):
         kernel, constexprs, warps, stages = specs[name]
-        wrap_triton(kernel)[grid](*args, **constexprs, num_warps=warps, num_stages=stages, **pdl)
+        wrap_triton(kernel)[grid](*args, **constexprs, num_warps=warps, num_stages=stages,
+                                  **programmatic_launch(res.device))
 
     if "main" in launches:
         run("wide", (split, ws_tokens // block_t), x, res, post, comb, fn, src, ws, tokens, d, split, ws_tokens)
