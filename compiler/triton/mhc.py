@@ -31,7 +31,7 @@ from .aot import KernelSpec, pointer_args
 from .configs import launch_config
 from .launch import await_previous_grid, programmatic_launch, traced, wrap_triton
 from . import mhc_rows
-from .mhc_math import comb_sinkhorn, mix_partial, pre_post, slice_sum
+from .mhc_math import comb_sinkhorn, layer_in, mix_partial, pre_post, slice_sum
 
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _TL_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -46,11 +46,7 @@ def _apply_chunk(src_ptr, out_ptr, norm_w_ptr, pre, r_in, tt, t_ok, d, D,
     """Phase 2 for one [BLOCK_T, width] chunk: layer_in = Σ_k pre_k·src_k, rounded to the activation dtype as the
     reference rounds it, then (HAS_NORM) `(layer_in · r_in) · w` rounded once; stored to out."""
     td_ok = t_ok[:, None] & (d[None, :] < D)
-    rows = src_ptr + tt[:, None] * (N * D) + d[None, :]
-    li = pre[0][:, None] * tl.load(rows, mask=td_ok, other=0.0).to(tl.float32)
-    for k in tl.static_range(1, N):
-        li += pre[k][:, None] * tl.load(rows + k * D, mask=td_ok, other=0.0).to(tl.float32)
-    li = li.to(out_ptr.dtype.element_ty)
+    li = layer_in(src_ptr, out_ptr, pre, tt, td_ok, d, D, N)
     if HAS_NORM:
         w = tl.load(norm_w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
         li = ((li.to(tl.float32) * r_in[:, None]) * w[None, :]).to(out_ptr.dtype.element_ty)

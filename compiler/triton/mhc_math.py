@@ -131,3 +131,14 @@ def comb_sinkhorn(m, r, base_ptr, scale_ptr, hc_eps, iters, comb_out_ptr, tt, t_
         comb = _normalize(comb, hc_eps, N, False)
     for q in tl.static_range(N * N):
         tl.store(comb_out_ptr + tt * (N * N) + q, comb[q], mask=t_ok)
+
+
+@triton.jit
+def layer_in(src_ptr, out_ptr, pre, tok, td_ok, d, D, N: tl.constexpr):
+    """layer_in = Σ_k pre_k·src_k for tokens `tok` and columns `d` of src [tokens, N, D] (pre: a tuple of N
+    [tokens] vectors), summed in fp32 and rounded to out's dtype as the reference rounds it."""
+    rows = src_ptr + tok[:, None] * (N * D) + d[None, :]
+    li = pre[0][:, None] * tl.load(rows, mask=td_ok, other=0.0).to(tl.float32)
+    for k in tl.static_range(1, N):
+        li += pre[k][:, None] * tl.load(rows + k * D, mask=td_ok, other=0.0).to(tl.float32)
+    return li.to(out_ptr.dtype.element_ty)

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .launch import await_previous_grid, programmatic_launch, wrap_triton
-from .mhc_math import comb_sinkhorn, mix_partial, pre_post, slice_sum
+from .mhc_math import comb_sinkhorn, layer_in, mix_partial, pre_post, slice_sum
 
 FINISH_WARPS = 4  # the finish kernel: 32·FINISH_WARPS tokens per program, one per thread
 
@@ -128,12 +128,10 @@ def _rows_kernel(src_ptr, coef_ptr, norm_w_ptr, out_ptr, T, D, norm_eps,
     tok = t0 + tt
     d = tl.arange(0, D_P2)
     td_ok = t_ok[:, None] & (d[None, :] < D)
-    rows = src_ptr + tok[:, None] * (N * D) + d[None, :]
-    li = tl.zeros((ROWS, D_P2), tl.float32)
+    pre = ()
     for k in tl.static_range(N):
-        pre_k = tl.load(coef_ptr + tok * N + k, mask=t_ok, other=0.0)
-        li += pre_k[:, None] * tl.load(rows + k * D, mask=td_ok, other=0.0).to(tl.float32)
-    li = li.to(out_ptr.dtype.element_ty)
+        pre = pre + (tl.load(coef_ptr + tok * N + k, mask=t_ok, other=0.0),)
+    li = layer_in(src_ptr, out_ptr, pre, tok, td_ok, d, D, N)
     if HAS_NORM:
         lf = li.to(tl.float32)
         r_in = tl.math.rsqrt(tl.sum(lf * lf, axis=1) / D + norm_eps)
