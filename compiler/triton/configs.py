@@ -167,11 +167,12 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     # 4096² by 6 % and qkv 4096→6144 by 2 %; the kernel wins down 12288→4096 by 4 %). block_n: the widest power of
     # two in [min_block_n, max_block_n] giving >= `programs` N tiles; split_k: the largest power of two <= max_split
     # keeping tiles × split <= `programs` (≈ 2 per SM/CU: 132 on H100, 304 on MI300X). cuda row from the H100 sweep
-    # of 2026-11-21 (benchmarks/sweep_skinny_gemm.py, torch 2.11, triton 3.6; docs/kernels/skinny_gemm.md); rocm:
-    # untuned (block_n <= 64 and 2 stages for gfx942's 64 KiB LDS).
+    # of 2026-11-21 (benchmarks/sweep_skinny_gemm.py, torch 2.11, triton 3.6; docs/kernels/skinny_gemm.md), then
+    # min_block_n 32 → 64 from the steps' interleaved A/B (2026-11-22, ab_steps: draft −43 µs, AR −43, verify +2);
+    # rocm: untuned (block_n <= 64 and 2 stages for gfx942's 64 KiB LDS).
     "skinny_gemm": {
         "cuda": {"max_m": 32, "max_m_any_weight": 16, "min_weight_elems": 1 << 25, "programs": 264,
-                 "min_block_n": 32, "max_block_n": 128, "block_k": 128, "max_split": 8, "num_warps": 4,
+                 "min_block_n": 64, "max_block_n": 128, "block_k": 128, "max_split": 8, "num_warps": 4,
                  "num_stages": 4},
         "rocm": {"max_m": 32, "max_m_any_weight": 16, "min_weight_elems": 1 << 25, "programs": 608,
                  "min_block_n": 32, "max_block_n": 64, "block_k": 128, "max_split": 8, "num_warps": 4,
