@@ -23,26 +23,30 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     # 2 (16 bits, ≤ 2^-17 relative), split in every program (fn_presplit 0) or once per fn tensor by the launcher (1,
     # cached; 1.5× fn's bytes at 3 parts). flat_loop 1: phase 1 as one pipelined loop over (chunk, stream) steps
     # (round 2; wins at T 16); 0: round 1's chunk loop with an inner stream loop (2 stages; round 2's flat loop lost
-    # 1.2-2.9× to it at T >= 256). apply_launch 3 (mhc_rows.py, session 9): phase 1 on wide token tiles (block_t up to
-    # 128) with no Gram matrix, a finish launch (one token per thread) and a rows launch (apply_rows tokens' whole rows
-    # per program: layer_in, its norm); layout_barrier 1 keeps new_res in one register layout (a PTX identity, cuda
-    # only). mhc.post (split 0 = one program per block_d chunk) serves mhc_post alone. cuda:
-    # chosen from the traffic/latency analysis and the H100 sweep in docs/kernels/mhc.md (re-tune with
-    # benchmarks/sweep_mhc.py); rocm: untuned (wavefront 64, narrower tiles).
+    # 1.2-2.9× to it at T >= 256). comb_launch (mhc_post_pre with apply_launch 1 / 2): 1 finishes the comb (softmax
+    # + Sinkhorn) in one more program of the apply launch per token block, beside phase 2 (H100, D 4096: T 16 17.5 →
+    # 16.8 µs); 0 in the finish (T 256: 38.5 vs 41.7 µs with 1 — but T 1024 105.6 vs 99.4: the medium row's range
+    # holds the crossover, unmeasured); mhc_pre keeps it in the finish (T 16: 12.5 vs 12.8 µs). apply_launch 3
+    # (mhc_rows.py, session 9): phase 1 on wide token tiles (block_t up to 128) with no Gram matrix, a finish launch
+    # (one token per thread) and a rows launch (apply_rows tokens' whole rows per program: layer_in, its norm);
+    # layout_barrier 1 keeps new_res in one register layout (a PTX identity, cuda only). mhc.post (split 0 = one
+    # program per block_d chunk) serves mhc_post alone. cuda: chosen from the traffic/latency analysis and the H100
+    # sweep in docs/kernels/mhc.md (re-tune with benchmarks/sweep_mhc.py); rocm: untuned (wavefront 64, narrower
+    # tiles).
     "mhc.small": {
         "cuda": {"max_t": 64, "block_t": 16, "block_d": 64, "split": 64, "apply_launch": 1, "apply_d": 64,
-                 "fn_parts": 2, "fn_presplit": 0, "flat_loop": 1,
+                 "fn_parts": 2, "fn_presplit": 0, "flat_loop": 1, "comb_launch": 1,
                  "num_warps": 4, "num_stages": 1},
         "rocm": {"max_t": 64, "block_t": 16, "block_d": 32, "split": 32, "apply_launch": 1, "apply_d": 64,
-                 "fn_parts": 3, "fn_presplit": 0, "flat_loop": 1,
+                 "fn_parts": 3, "fn_presplit": 0, "flat_loop": 1, "comb_launch": 1,
                  "num_warps": 4, "num_stages": 2},
     },
     "mhc.medium": {
         "cuda": {"max_t": 1024, "block_t": 16, "block_d": 64, "split": 16, "apply_launch": 1, "apply_d": 128,
-                 "fn_parts": 3, "fn_presplit": 0, "flat_loop": 0,
+                 "fn_parts": 3, "fn_presplit": 0, "flat_loop": 0, "comb_launch": 0,
                  "num_warps": 4, "num_stages": 2},
         "rocm": {"max_t": 1024, "block_t": 16, "block_d": 32, "split": 16, "apply_launch": 1, "apply_d": 128,
-                 "fn_parts": 3, "fn_presplit": 0, "flat_loop": 0,
+                 "fn_parts": 3, "fn_presplit": 0, "flat_loop": 0, "comb_launch": 0,
                  "num_warps": 4, "num_stages": 2},
     },
     "mhc.large": {

@@ -11,7 +11,10 @@ alone or the last sublayer's post alone. Grid (split, token blocks): a program o
                        r_in = rsqrt(wᵀ·G·w / D + eps), the norm's statistic from the Gram matrix;
   phase 2:             layer_in = Σ_k pre_k·new_res_k → its RMSNorm in ONE pass over new_res — either by the
                        finishing program right after the block's phase 1 (new_res still in L2: large T), or by
-                       `_mhc_apply_kernel`, a second launch spread over (D chunks × token blocks) (small T).
+                       `_mhc_apply_kernel`, a second launch spread over (D chunks × token blocks) (small T);
+                       with that launch and config `comb_launch` 1, the finish leaves the comb's mixes·r and one
+                       more program of the apply launch per token block runs softmax + Sinkhorn beside phase 2
+                       (the apply waits for the whole main grid; the Sinkhorn chain ended it: ≈ 3 µs at T 16).
 Rows with apply_launch 3 (many tokens) go to mhc_rows.py instead: wide token tiles without the Gram matrix, a
 finish launch and a whole-row norm launch.
 docs/kernels/mhc.md explains the grid, the memory traffic, the numerics and the configs.
@@ -31,7 +34,8 @@ from .aot import KernelSpec, pointer_args
 from .configs import launch_config
 from .launch import await_previous_grid, programmatic_launch, traced, wrap_triton
 from . import mhc_rows
-from .mhc_math import comb_sinkhorn, layer_in, mix_partial, pre_post, slice_sum
+from .mhc_math import (comb_from_logits, comb_logits, comb_mr, comb_sinkhorn, layer_in, mix_partial, pre_post,
+                       slice_sum)
 
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _TL_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -57,11 +61,12 @@ def _apply_chunk(src_ptr, out_ptr, norm_w_ptr, pre, r_in, tt, t_ok, d, D,
 def _finish_block(src_ptr, post_ptr, comb_ptr, base_ptr, scale_ptr, norm_w_ptr, out_ptr, post_out_ptr, comb_out_ptr,
                   ws_ptr, coef_ptr, tt, t_ok, D, split, iters, rms_eps, hc_eps, norm_eps,
                   N: tl.constexpr, SPLIT_P2: tl.constexpr, APPLY_D: tl.constexpr,
-                  HAS_NORM: tl.constexpr, FINISH_INLINE: tl.constexpr):
+                  HAS_NORM: tl.constexpr, FINISH_INLINE: tl.constexpr, COMB_IN_APPLY: tl.constexpr):
     """The token block's scalars from the slices' partials: r, pre, post, comb (softmax + Sinkhorn), and for the
     norm r_in = rsqrt(Σ layer_in² / D + eps) with Σ layer_in² = wᵀ·H·w, H the Gram matrix of the inputs
     u = (x, res_0, …) and w their weights in layer_in = Σ_k pre_k·new_res_k = Σ_a w_a·u_a. Then phase 2 over the
-    whole row (FINISH_INLINE), or pre and r_in to `coef` for the apply launch."""
+    whole row (FINISH_INLINE), or pre and r_in to `coef` for the apply launch. The comb (softmax + Sinkhorn) here,
+    or (COMB_IN_APPLY) its mixes·r to `comb_out` for a program of the apply launch, beside phase 2."""
     NMIX: tl.constexpr = (2 + N) * N
     # fp32 as eager Triton types Python floats (Inductor passes them as fp64)
     rms_eps = tl.cast(rms_eps, tl.float32)
@@ -101,7 +106,12 @@ def _finish_block(src_ptr, post_ptr, comb_ptr, base_ptr, scale_ptr, norm_w_ptr, 
         for k in tl.static_range(N):
             tl.store(coef_ptr + tt * (N + 1) + k, pre[k])
         tl.store(coef_ptr + tt * (N + 1) + N, r_in)
-    comb_sinkhorn(m, r, base_ptr, scale_ptr, hc_eps, iters, comb_out_ptr, tt, t_ok, N)
+    if COMB_IN_APPLY:
+        mr = comb_mr(m, r, N)
+        for q in tl.static_range(N * N):
+            tl.store(comb_out_ptr + tt * (N * N) + q, mr[q], mask=t_ok)
+    else:
+        comb_sinkhorn(m, r, base_ptr, scale_ptr, hc_eps, iters, comb_out_ptr, tt, t_ok, N)
 
 
 @triton.jit
@@ -152,7 +162,8 @@ def _mhc_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, fn_ptr, base_ptr, scale_ptr,
                 BLOCK_D: tl.constexpr, APPLY_D: tl.constexpr, SPLIT_P2: tl.constexpr, FN_PARTS: tl.constexpr,
                 FN_PRESPLIT: tl.constexpr, FLAT_LOOP: tl.constexpr,
                 INTERPRETED: tl.constexpr, HAS_POST: tl.constexpr, HAS_PRE: tl.constexpr, HAS_NORM: tl.constexpr,
-                FINISH_INLINE: tl.constexpr, FINISH_HERE: tl.constexpr, PDL: tl.constexpr):
+                FINISH_INLINE: tl.constexpr, FINISH_HERE: tl.constexpr, COMB_IN_APPLY: tl.constexpr,
+                PDL: tl.constexpr):
     await_previous_grid(PDL)
     NMIX: tl.constexpr = (2 + N) * N
     NPAIR: tl.constexpr = (N + 1) * (N + 2) // 2
@@ -225,7 +236,7 @@ def _mhc_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, fn_ptr, base_ptr, scale_ptr,
             src_ptr = new_res_ptr if HAS_POST else res_ptr
             _finish_block(src_ptr, post_ptr, comb_ptr, base_ptr, scale_ptr, norm_w_ptr, out_ptr, post_out_ptr,
                           comb_out_ptr, ws_ptr, coef_ptr, tt, t_ok, D, split, iters, rms_eps, hc_eps, norm_eps,
-                          N, SPLIT_P2, APPLY_D, HAS_NORM, FINISH_INLINE)
+                          N, SPLIT_P2, APPLY_D, HAS_NORM, FINISH_INLINE, COMB_IN_APPLY)
             if split > 1:
                 tl.store(count_ptr + tb, 0)  # leave the ticket ready for the next launch
 
@@ -234,7 +245,7 @@ def _mhc_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, fn_ptr, base_ptr, scale_ptr,
 def _mhc_finish_kernel(src_ptr, post_ptr, comb_ptr, base_ptr, scale_ptr, norm_w_ptr, post_out_ptr, comb_out_ptr,
                        ws_ptr, coef_ptr, T, D, split, iters, rms_eps, hc_eps, norm_eps,
                        N: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_P2: tl.constexpr, HAS_NORM: tl.constexpr,
-                       PDL: tl.constexpr):
+                       COMB_IN_APPLY: tl.constexpr, PDL: tl.constexpr):
     """The finish as its own launch (apply_launch 2), one program per token block: _mhc_kernel then carries no
     finisher (its registers, its ticket) and the apply launch reads `coef`."""
     await_previous_grid(PDL)
@@ -245,19 +256,28 @@ def _mhc_finish_kernel(src_ptr, post_ptr, comb_ptr, base_ptr, scale_ptr, norm_w_
     _finish_block(src_ptr, post_ptr + t0 * N, comb_ptr + t0 * (N * N), base_ptr, scale_ptr, norm_w_ptr, src_ptr,
                   post_out_ptr + t0 * N, comb_out_ptr + t0 * (N * N), ws_ptr + t0 * (split * WSC),
                   coef_ptr + t0 * (N + 1), tt, tt < T - t0, D, split, iters, rms_eps, hc_eps, norm_eps,
-                  N, SPLIT_P2, 16, HAS_NORM, False)
+                  N, SPLIT_P2, 16, HAS_NORM, False, COMB_IN_APPLY)
 
 
 @triton.jit
-def _mhc_apply_kernel(src_ptr, out_ptr, coef_ptr, norm_w_ptr, T, D,
+def _mhc_apply_kernel(src_ptr, out_ptr, coef_ptr, norm_w_ptr, base_ptr, scale_ptr, comb_out_ptr, T, D, iters, hc_eps,
                       N: tl.constexpr, BLOCK_T: tl.constexpr, APPLY_D: tl.constexpr, HAS_NORM: tl.constexpr,
-                      PDL: tl.constexpr):
+                      COMB_IN_APPLY: tl.constexpr, PDL: tl.constexpr):
     """Phase 2 as its own launch: one [BLOCK_T, APPLY_D] chunk of layer_in (→ its RMSNorm) per program, from the
-    pre weights and r_in that _mhc_kernel left in `coef`."""
+    pre weights and r_in that the finish left in `coef`. COMB_IN_APPLY: the last program of each token block turns
+    the comb's mixes·r that the finish left in `comb_out` into comb (softmax + Sinkhorn, one token per thread)."""
     await_previous_grid(PDL)
     t0 = tl.program_id(1).to(tl.int64) * BLOCK_T
     tt = tl.arange(0, BLOCK_T)
     t_ok = tt < T - t0
+    if COMB_IN_APPLY and tl.program_id(0) == tl.num_programs(0) - 1:
+        comb_out_ptr += t0 * (N * N)
+        mr = ()
+        for q in tl.static_range(N * N):
+            mr = mr + (tl.load(comb_out_ptr + tt * (N * N) + q, mask=t_ok, other=0.0),)
+        logits = comb_logits(mr, base_ptr, scale_ptr, N)
+        comb_from_logits(logits, tl.cast(hc_eps, tl.float32), iters, comb_out_ptr, tt, t_ok, N)
+        return
     coef = coef_ptr + (t0 + tt) * (N + 1)
     pre = ()
     for k in tl.static_range(N):
@@ -315,7 +335,8 @@ def _plan(p: _Problem, cfg: dict[str, int]) -> tuple[dict[str, object], int]:
                 FN_PRESPLIT=bool(fn_parts and cfg["fn_presplit"]), FLAT_LOOP=bool(cfg["flat_loop"]),
                 INTERPRETED=p.interpreted, HAS_POST=has_post, HAS_PRE=has_pre, HAS_NORM=has_norm,
                 FINISH_INLINE=has_pre and not cfg["apply_launch"],
-                FINISH_HERE=not (has_pre and cfg["apply_launch"] == 2))
+                FINISH_HERE=not (has_pre and cfg["apply_launch"] == 2),
+                COMB_IN_APPLY=has_norm and cfg["apply_launch"] in (1, 2) and bool(cfg["comb_launch"]))
     return meta, split
 
 
@@ -426,11 +447,13 @@ def _launch(op, res, x=None, post=None, comb=None, fn=None, base=None, scale=Non
                 src, pointer(post, tokens, n), pointer(comb, tokens, n, n), pointer(base), pointer(scale),
                 pointer(norm_w), post_out, comb_out, ws, coef, tokens, d, split, iters, rms_eps, hc_eps, norm_eps,
                 N=n, BLOCK_T=meta["BLOCK_T"], SPLIT_P2=meta["SPLIT_P2"], HAS_NORM=has_norm,
-                num_warps=cfg["num_warps"], **programmatic_launch(dev))
+                COMB_IN_APPLY=meta["COMB_IN_APPLY"], num_warps=cfg["num_warps"], **programmatic_launch(dev))
         if coef is not None and "apply" in launches:
-            wrap_triton(_mhc_apply_kernel)[(triton.cdiv(d, meta["APPLY_D"]), blocks)](
-                src, out, coef, pointer(norm_w), tokens, d, N=n,
-                BLOCK_T=meta["BLOCK_T"], APPLY_D=meta["APPLY_D"], HAS_NORM=has_norm, num_warps=cfg["num_warps"],
+            chunks = triton.cdiv(d, meta["APPLY_D"]) + meta["COMB_IN_APPLY"]  # + the comb's program
+            wrap_triton(_mhc_apply_kernel)[(chunks, blocks)](
+                src, out, coef, pointer(norm_w), pointer(base), pointer(scale), comb_out, tokens, d, iters, hc_eps,
+                N=n, BLOCK_T=meta["BLOCK_T"], APPLY_D=meta["APPLY_D"], HAS_NORM=has_norm,
+                COMB_IN_APPLY=meta["COMB_IN_APPLY"], num_warps=cfg["num_warps"],
                 **programmatic_launch(dev))
     return _shaped(lead, n, d, new_res, out, post_out, comb_out)
 

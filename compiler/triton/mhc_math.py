@@ -109,13 +109,27 @@ def pre_post(m, r, base_ptr, scale_ptr, hc_eps, post_out_ptr, tt, t_ok, N: tl.co
 
 
 @triton.jit
-def comb_sinkhorn(m, r, base_ptr, scale_ptr, hc_eps, iters, comb_out_ptr, tt, t_ok, N: tl.constexpr):
-    """comb = Sinkhorn(softmax over destinations(m_(2N+q)·r·s2 + b_(2N+q)) + eps), `iters` normalizations, on one
-    [tokens] vector per (source, destination) → comb_out [tokens, N, N]."""
+def comb_mr(m, r, N: tl.constexpr):
+    """m_(2N+q)·r, q over (source, destination): the comb's mixes scaled by r, a tuple of N·N [tokens] vectors."""
+    mr = ()
+    for q in tl.static_range(N * N):
+        mr = mr + (m[2 * N + q] * r,)
+    return mr
+
+
+@triton.jit
+def comb_logits(mr, base_ptr, scale_ptr, N: tl.constexpr):
+    """The comb logits m_(2N+q)·r·s2 + b_(2N+q) from comb_mr's products."""
     s_comb = tl.load(scale_ptr + 2).to(tl.float32)
     logits = ()
     for q in tl.static_range(N * N):
-        logits = logits + (m[2 * N + q] * r * s_comb + tl.load(base_ptr + 2 * N + q).to(tl.float32),)
+        logits = logits + (mr[q] * s_comb + tl.load(base_ptr + 2 * N + q).to(tl.float32),)
+    return logits
+
+
+@triton.jit
+def comb_from_logits(logits, hc_eps, iters, comb_out_ptr, tt, t_ok, N: tl.constexpr):
+    """comb = Sinkhorn(softmax over destinations(logits) + eps), `iters` normalizations → comb_out [tokens, N, N]."""
     comb = ()
     for i in tl.static_range(N):
         top = _vmax(logits, i * N, N)
@@ -131,6 +145,13 @@ def comb_sinkhorn(m, r, base_ptr, scale_ptr, hc_eps, iters, comb_out_ptr, tt, t_
         comb = _normalize(comb, hc_eps, N, False)
     for q in tl.static_range(N * N):
         tl.store(comb_out_ptr + tt * (N * N) + q, comb[q], mask=t_ok)
+
+
+@triton.jit
+def comb_sinkhorn(m, r, base_ptr, scale_ptr, hc_eps, iters, comb_out_ptr, tt, t_ok, N: tl.constexpr):
+    """comb from the token's mixes m and r: comb_logits, then comb_from_logits."""
+    comb_from_logits(comb_logits(comb_mr(m, r, N), base_ptr, scale_ptr, N), hc_eps, iters, comb_out_ptr, tt, t_ok,
+                     N)
 
 
 @triton.jit

@@ -106,6 +106,7 @@ POST_PRE_CASES = [  # (tokens, n, D, dtype, iters, config)
     (5, 4, 100, torch.bfloat16, 20, dict(APPLY, fn_parts=2, fn_presplit=1)),     # launcher's cached parts
     (17, 4, 96, torch.float32, 20, dict(SPLIT_INLINE, flat_loop=1)),             # flat loop, inline phase 2
     (17, 3, 100, torch.bfloat16, 20, dict(APPLY, flat_loop=0)),                  # nested loop, apply launch
+    (17, 4, 96, torch.float32, 3, dict(APPLY, comb_launch=0)),                   # the comb in the finish
     (40, 4, 96, torch.float32, 20, dict(APPLY, apply_launch=2)),                 # the finish as its own launch
     (17, 4, 100, torch.bfloat16, 20, dict(APPLY, apply_launch=2, fn_presplit=1)),  # (3 token blocks, 1 ragged)
     (40, 4, 96, torch.bfloat16, 20, WIDE),                                       # 2 wide blocks (1 ragged), 2 slices
@@ -115,7 +116,8 @@ POST_PRE_CASES = [  # (tokens, n, D, dtype, iters, config)
 
 
 @pytest.mark.parametrize("tokens, n, d, dtype, iters, config", POST_PRE_CASES,
-                         ids=lambda v: "s{split}a{apply_launch}f{fn_parts}p{fn_presplit}l{flat_loop}".format(**v)
+                         ids=lambda v: "s{split}a{apply_launch}f{fn_parts}p{fn_presplit}l{flat_loop}c{comb}".format(
+                             **v, comb=v.get("comb_launch", "-"))
                          if isinstance(v, dict) else str(v))
 def test_post_pre_matches_reference(tokens, n, d, dtype, iters, config):
     got, want, _ = run_post_pre(tokens, n, d, dtype, iters, config)
