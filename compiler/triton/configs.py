@@ -25,8 +25,8 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     # (round 2; wins at T 16); 0: round 1's chunk loop with an inner stream loop (2 stages; round 2's flat loop lost
     # 1.2-2.9× to it at T >= 256). comb_launch (mhc_post_pre with apply_launch 1 / 2): 1 finishes the comb (softmax
     # + Sinkhorn) in one more program of the apply launch per token block, beside phase 2 (H100, D 4096: T 16 17.5 →
-    # 16.8 µs); 0 in the finish (T 256: 38.5 vs 41.7 µs with 1 — but T 1024 105.6 vs 99.4: the medium row's range
-    # holds the crossover, unmeasured); mhc_pre keeps it in the finish (T 16: 12.5 vs 12.8 µs). apply_launch 3
+    # 16.8 µs, T 1024 105.7 → 99.7; D 7168 T 256 87.7 → 78.7; only D 4096 T 256 lost, 38.4 → 41.5); 0 in the
+    # finish. mhc_pre keeps it in the finish (T 16: 12.5 vs 12.8 µs). apply_launch 3
     # (mhc_rows.py, session 9): phase 1 on wide token tiles (block_t up to 128) with no Gram matrix, a finish launch
     # (one token per thread) and a rows launch (apply_rows tokens' whole rows per program: layer_in, its norm);
     # layout_barrier 1 keeps new_res in one register layout (a PTX identity, cuda only). mhc.post (split 0 = one
@@ -43,10 +43,10 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     },
     "mhc.medium": {
         "cuda": {"max_t": 1024, "block_t": 16, "block_d": 64, "split": 16, "apply_launch": 1, "apply_d": 128,
-                 "fn_parts": 3, "fn_presplit": 0, "flat_loop": 0, "comb_launch": 0,
+                 "fn_parts": 3, "fn_presplit": 0, "flat_loop": 0, "comb_launch": 1,
                  "num_warps": 4, "num_stages": 2},
         "rocm": {"max_t": 1024, "block_t": 16, "block_d": 32, "split": 16, "apply_launch": 1, "apply_d": 128,
-                 "fn_parts": 3, "fn_presplit": 0, "flat_loop": 0, "comb_launch": 0,
+                 "fn_parts": 3, "fn_presplit": 0, "flat_loop": 0, "comb_launch": 1,
                  "num_warps": 4, "num_stages": 2},
     },
     "mhc.large": {
