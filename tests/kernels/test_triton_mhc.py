@@ -124,6 +124,14 @@ def test_post_pre_matches_reference(tokens, n, d, dtype, iters, config):
     assert_outputs_close(got, want, dtype)
 
 
+def test_the_comb_finished_in_the_apply_launch_has_the_finishs_bits():
+    """comb_launch 1 (one more program of the apply launch runs softmax + Sinkhorn from the stored mixes·r) and 0
+    (the finishing program runs them) evaluate the same formulas in the same order: every output bit-identical."""
+    in_apply, _, _ = run_post_pre(17, 4, 96, torch.bfloat16, 5, dict(APPLY, comb_launch=1), seed=3)
+    in_finish, _, _ = run_post_pre(17, 4, 96, torch.bfloat16, 5, dict(APPLY, comb_launch=0), seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(in_apply, in_finish))
+
+
 @pytest.mark.parametrize("tokens, config", [(5, APPLY), (17, SPLIT_INLINE)], ids=["apply", "inline"])
 def test_bf16_pre_matches_reference_on_the_kernels_own_new_res(tokens, config):
     """Past new_res (rounded by the interpreter), the mixes and Sinkhorn agree at fp32 tightness; the normed
