@@ -24,7 +24,6 @@ from torch_dflash.compiler.ops.mhc import mhc_post_pre_reference, mhc_post_refer
 from torch_dflash.compiler.ops.norm_rope import rms_norm_reference
 from torch_dflash.compiler.triton import mhc as tm
 from torch_dflash.compiler.triton.aot import ARCHS, family
-from torch_dflash.compiler.triton.configs import launch_config
 from torch_dflash.errors import InputError
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
