@@ -34,7 +34,8 @@ log = logging.getLogger("torch_dflash")
 
 PROVIDER_PACKAGES = {"cuda": "triton", "rocm": "triton", "ascend": "ascend"}
 PROVIDER_MODULES = {
-    "triton": ("qkv_norm_rope", "kv_materialize", "context_qkv", "norm_rope", "mlp", "mhc", "attention", "linear"),
+    "triton": ("qkv_norm_rope", "kv_materialize", "context_qkv", "norm_rope", "embedding", "mlp", "mhc", "attention",
+               "linear", "rope_tables"),
     "ascend": ("providers",),
 }
 
@@ -96,7 +97,7 @@ def provider_op(op: str, provider_name: str):
 _LIBRARIES: list = []  # keep the fragments alive for the life of the process
 
 _ANNOTATIONS = {"Tensor": torch.Tensor, "Optional[Tensor]": torch.Tensor | None, "float": float, "int": int,
-                "SymInt": int, "str": str, "bool": bool}
+                "SymInt": int, "str": str, "bool": bool, "ScalarType": torch.dtype}
 
 
 def _with_signature(impl, schema):
@@ -104,7 +105,7 @@ def _with_signature(impl, schema):
     annotations; provider functions are not annotated). `__wrapped__` stays impl, so torch's scan for the
     wrap_triton kernels (they key AOTAutograd's cache) reads the provider's source."""
     params = [inspect.Parameter(arg.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                annotation=_ANNOTATIONS[str(arg.type)],
+                                annotation=_ANNOTATIONS[str(arg.real_type)],
                                 default=arg.default_value if arg.has_default_value() else inspect.Parameter.empty)
               for arg in schema.arguments]
     returns = [torch.Tensor for _ in schema.returns]

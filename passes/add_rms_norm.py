@@ -11,12 +11,10 @@ get_attr that can move there.
 Numerics: the op rounds the sum to the activation dtype as the add did and normalizes that — what the graph did.
 """
 
-import operator
-
 import torch
 import torch.fx as fx
 
-from .fx_utils import infer_meta, is_call, meta_val, same_sizes
+from .fx_utils import fuse_pair, is_call, meta_val, same_sizes
 from .head_chains import describe
 from .manager import GraphPass, PassContext
 
@@ -47,18 +45,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> None:
         if why := _why_not(add, weight):
             ctx.reject(norm, f"the RMSNorm {describe(norm)} keeps its residual add {add.name}: {why}")
             continue
-        if isinstance(weight, fx.Node) and weight.op == "get_attr":
-            add.prepend(weight)     # a get_attr may be defined after the add: move it before (it reads nothing)
-        with gm.graph.inserting_before(add):
-            fused = gm.graph.call_function(torch.ops.dflash.add_rms_norm.default, (*add.args, weight, eps))
-            normed = gm.graph.call_function(operator.getitem, (fused, 0))
-            total = gm.graph.call_function(operator.getitem, (fused, 1))
-        for node in (fused, normed, total):
-            infer_meta(node)
-        norm.replace_all_uses_with(normed)
-        gm.graph.erase_node(norm)
-        add.replace_all_uses_with(total)
-        gm.graph.erase_node(add)
+        fuse_pair(gm, add, torch.ops.dflash.add_rms_norm.default, (*add.args, weight, eps), (norm, add))
         ctx.matched(NAME)
 
 

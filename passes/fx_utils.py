@@ -1,6 +1,8 @@
 """Small FX helpers shared by the passes: op tests, parameter lookup, constants built from recipes, replacing a
 subgraph's outputs."""
 
+import operator
+
 import sympy
 import torch
 import torch.fx as fx
@@ -46,8 +48,9 @@ def recipe_of(gm: fx.GraphModule, node: fx.Node) -> tuple:
 
 def build_constant(gm: fx.GraphModule, recipe: tuple) -> torch.Tensor:
     """Evaluate a recipe over gm's tensors: ("attr", name) | ("rows", r, start, end) | ("zeros", r, n) (n rows of
-    zeros shaped like r's rows) | ("cat", [r, ...]) along dim 0 | ("ones", n, dtype, device). The compile cache
-    replays recipes against the live parameters, so a cached graph never stores weights."""
+    zeros shaped like r's rows) | ("cat", [r, ...]) along dim 0 | ("ones", n, dtype, device) | ("values", floats,
+    dtype, device) (a small 1-D tensor a pass computed, e.g. rope's inv_freq). The compile cache replays recipes
+    against the live parameters, so a cached graph never stores weights."""
     kind, *args = recipe
     if kind == "attr":
         value = _named_tensor(gm, args[0])
@@ -63,6 +66,8 @@ def build_constant(gm: fx.GraphModule, recipe: tuple) -> torch.Tensor:
         return torch.cat([build_constant(gm, part) for part in args[0]]).detach()
     if kind == "ones":
         return torch.ones(args[0], dtype=args[1], device=args[2])
+    if kind == "values":
+        return torch.tensor(args[0], dtype=args[1], device=args[2])
     raise ValueError(f"unknown constant recipe {kind!r}")
 
 
@@ -163,3 +168,19 @@ def relax_views(node: fx.Node) -> None:
     for n in chain:
         if is_call(n, aten.view, aten._unsafe_view):
             n.target = aten.reshape.default
+
+
+def fuse_pair(gm: fx.GraphModule, anchor: fx.Node, target, args: tuple, replaced: tuple[fx.Node, fx.Node]) -> None:
+    """Insert target(*args) (two outputs) before `anchor`; output i takes the users of replaced[i], which is then
+    erased. A get_attr in args (a weight, defined after anchor) moves before it: it reads nothing."""
+    for arg in args:
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            anchor.prepend(arg)
+    with gm.graph.inserting_before(anchor):
+        fused = gm.graph.call_function(target, args)
+        outputs = [gm.graph.call_function(operator.getitem, (fused, i)) for i in range(2)]
+    for node in (fused, *outputs):
+        infer_meta(node)
+    for old, new in zip(replaced, outputs):
+        old.replace_all_uses_with(new)
+        gm.graph.erase_node(old)

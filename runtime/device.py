@@ -50,9 +50,10 @@ class CUDAGraphStep:
 
     The first call of a batch size copies its arguments into static input buffers, runs `fn` twice on a side
     stream (warm-up: allocator, cuBLAS workspaces) and captures it; every call copies the arguments into those
-    buffers and replays. The returned tensors are the graph's static outputs: the next call with the same batch
-    size overwrites them. A DFLASH step may run more than once on the same inputs: it rewrites the same KV
-    slots with the same values and reads only slots it or earlier steps wrote.
+    buffers (one multi-tensor copy per dtype: the draft's three int64 inputs in one launch) and replays. The
+    returned tensors are the graph's static outputs: the next call with the same batch size overwrites them. A
+    DFLASH step may run more than once on the same inputs: it rewrites the same KV slots with the same values and
+    reads only slots it or earlier steps wrote.
     """
 
     def __init__(self, fn, pool):
@@ -63,8 +64,13 @@ class CUDAGraphStep:
         if entry is None:
             entry = self.graphs[args[0].shape[0]] = self._capture(args)
         inputs, graph, outputs = entry
+        by_dtype = {}
         for buffer, arg in zip(inputs, args):
-            buffer.copy_(arg)
+            buffers, values = by_dtype.setdefault(buffer.dtype, ([], []))
+            buffers.append(buffer)
+            values.append(arg)
+        for buffers, values in by_dtype.values():  # one launch per dtype (the draft's ids and positions: int64)
+            torch._foreach_copy_(buffers, values)
         graph.replay()
         return outputs
 

@@ -315,6 +315,70 @@ def test_other_ops_match_graph(dtype, tol):
     assert_outputs_close(load_generated(source, emulation, gm)(*args), gm(*args), tol)
 
 
+class GateUpSwiGLU(nn.Module):
+    def forward(self, x, w, b):
+        return torch.ops.dflash.linear_silu_mul(x, w, b)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32), (torch.bfloat16, BF16)])
+def test_linear_silu_mul_is_the_linear_then_npu_swiglu(dtype, tol):
+    gen = torch.Generator().manual_seed(5)
+    args = (_randn(gen, 2, 5, 24, dtype=dtype), _randn(gen, 48, 24, dtype=dtype, scale=0.3),
+            _randn(gen, 48, dtype=dtype))
+    gm = exported(GateUpSwiGLU(), args)
+    source = generate_ascend_module(gm)
+    assert source.count("npu.npu_swiglu(torch.nn.functional.linear(") == 1
+    assert_outputs_close(load_generated(source, emulation, gm)(*args), gm(*args), tol)
+
+
+class EmbedNorm(nn.Module):
+    """embedding_rms_norm with a norm weight and without (npu_rms_norm's gamma of ones)."""
+
+    def forward(self, table, ids, w):
+        embeds, normed = torch.ops.dflash.embedding_rms_norm(table, ids, w, 1e-6)
+        return embeds, normed, torch.ops.dflash.embedding_rms_norm(table, ids, None, 1e-6)[1]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32), (torch.bfloat16, BF16)])
+def test_embedding_rms_norm_gathers_then_npu_rms_norm(dtype, tol):
+    gen = torch.Generator().manual_seed(13)
+    args = (_randn(gen, 40, 24, dtype=dtype), torch.randint(0, 40, (2, 5), generator=gen), _randn(gen, 24, dtype=dtype))
+    gm = exported(EmbedNorm(), args)
+    source = generate_ascend_module(gm)
+    assert source.count("torch.nn.functional.embedding(") == 2 and source.count("npu.npu_rms_norm(") == 2
+    got, want = load_generated(source, emulation, gm)(*args), gm(*args)
+    assert torch.equal(got[0], want[0])
+    assert_outputs_close(got, want, tol)
+    ref = REFERENCES["embedding_rms_norm"](*args, 1e-6)
+    assert_outputs_close(run_op("embedding_rms_norm", emulation, *args, 1e-6), ref, tol)
+
+
+class RopeTables(nn.Module):
+    """The step's rope tables (scaled, in the activation dtype) and a rope that reads them."""
+
+    def forward(self, positions, inv_freq, x):
+        cos, sin = torch.ops.dflash.rope_cos_sin(positions, inv_freq, 0.5, x.dtype)
+        return cos, sin, torch.ops.dflash.rope(x, cos, sin)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32), (torch.bfloat16, BF16)])
+def test_rope_cos_sin_is_its_formula_in_torch_ops(dtype, tol):
+    """No NPU op builds rope tables: the generated function is the reference formula, so the tables come out bit
+    for bit (positions up to 131072); the rope after them goes to npu_rotary_mul."""
+    gen = torch.Generator().manual_seed(3)
+    args = (torch.randint(0, 131072, (2, 5), generator=gen), 1e4 ** -(torch.arange(0, 16, 2) / 16),
+            _randn(gen, 2, 5, 2, 16, dtype=dtype))
+    gm = exported(RopeTables(), args)
+    source = generate_ascend_module(gm)
+    assert f"""
+        freqs = positions.float()[..., None] * inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * 0.5).to({dtype}), (emb.sin() * 0.5).to({dtype})""" in source
+    got, want = load_generated(source, emulation, gm)(*args), gm(*args)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert_outputs_close(got, want, tol)
+
+
 class CacheWrites(nn.Module):
     """The draft's cache-writing pair (pass kv_cache_writes): the context's k/v, then the block's, into caches."""
 

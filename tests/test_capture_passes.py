@@ -5,7 +5,7 @@ linears the fusions leave become dflash.linear (weight_linears): o, gate|up, dow
 
 import pytest
 import torch
-from tiny_models import mhc_decoder_lm
+from tiny_models import mhc_decoder_lm, run_with_random_caches
 
 from torch_dflash.compiler.capture import DraftStep, VerifyStep, capture_draft, capture_verify
 from torch_dflash.compiler.step_compiler import pipeline_compile_step
@@ -29,19 +29,8 @@ def _kinds(report):
     return {kind: n for kind, n in report.fusions.items() if not kind.startswith(("canonicalize.", "cleanup."))}
 
 
-def _run(step, args):
-    """`step` on args from caches filled with the same random K/V → (outputs, {cache name: written cache})."""
-    caches = {name: buf for name, buf in step.named_buffers() if name.endswith(("k_cache", "v_cache"))}
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name in sorted(caches):
-            caches[name].copy_(torch.randn_like(caches[name]))
-        out = step(*args)
-    return out if isinstance(out, tuple) else (out,), {name: buf.clone() for name, buf in caches.items()}
-
-
 def _assert_same(eager_step, program, args):
-    (want, want_caches), (got, got_caches) = _run(eager_step, args), _run(program, args)
+    (want, want_caches), (got, got_caches) = (run_with_random_caches(step, args) for step in (eager_step, program))
     assert want_caches.keys() == got_caches.keys() and want_caches
     for a, b in zip(want + tuple(want_caches.values()), got + tuple(got_caches[k] for k in want_caches)):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
@@ -59,7 +48,9 @@ def test_draft_step_fuses_every_layer(pair):
                               "merge_sibling_projections": layers, "weight_linears": 3 * layers + 2,  # + fc, lm_head
                               "rms_norms": 2 * layers + 2,  # + the final norm and the context's hidden_norm
                               "add_rms_norm": 2 * layers,  # all but the first input norm and hidden_norm read an add
-                              "silu_mul": layers, "kv_cache_writes": layers, "context_qkv": layers}
+                              "embedding_rms_norm": 1,  # the first input norm reads the block's embeddings
+                              "silu_mul": layers, "linear_silu_mul": layers, "kv_cache_writes": layers,
+                              "context_qkv": layers, "rope_cos_sin": 1}
     assert not report.rejections
     C = 5  # the capture's example was batch 2, context 3
     for B in (1, max_batch):
@@ -76,7 +67,9 @@ def test_verify_step_fuses_every_layer(pair):
                               "weight_linears": 3 * layers + 1,  # o, gate|up, down per layer; lm_head
                               "rms_norms": 2 * layers + 1,  # input and post-attention norms; the final norm
                               "add_rms_norm": 2 * layers,  # all but the first input norm read a residual add
-                              "silu_mul": layers, "kv_cache_writes": layers}
+                              "embedding_rms_norm": 1,  # the first input norm reads the embeddings
+                              "silu_mul": layers, "linear_silu_mul": layers, "kv_cache_writes": layers,
+                              "rope_cos_sin": 1}
     assert not report.rejections
     for B in (1, max_batch):
         _assert_same(VerifyStep(target), program, (torch.randint(0, 1000, (B, b)), _ragged(B, b)))
@@ -91,7 +84,7 @@ def test_mhc_verify_step_with_a_batch_of_two_fuses_every_boundary():
                               "attention.causal": 2, "merge_sibling_projections": 2,
                               "weight_linears": 3 * 2 + 2,  # o, gate|up, down per layer; hc_head, lm_head
                               "rms_norms": 2,  # the first sublayer's norm (mhc_pre has none) and the final norm
-                              "silu_mul": 2, "kv_cache_writes": 2}
+                              "silu_mul": 2, "linear_silu_mul": 2, "kv_cache_writes": 2, "rope_cos_sin": 1}
     assert not report.rejections
     for B in (1, 2):
         _assert_same(VerifyStep(target), program, (torch.randint(0, 128, (B, 4)), _ragged(B, 4)))

@@ -66,6 +66,50 @@ def test_rms_norm_matches_functional_rms_norm(seed, lead, d, with_weight, eps, m
 
 
 @property_test
+@given(seed=seeds, lead=st.lists(st.integers(1, 4), min_size=1, max_size=2), vocab=st.integers(1, 40),
+       d=st.integers(1, 64), with_weight=st.booleans(), int32=st.booleans())
+def test_embedding_rms_norm_matches_indexing_then_functional_rms_norm(seed, lead, vocab, d, with_weight, int32):
+    g = torch.Generator().manual_seed(seed)
+    table, w = randn(g, vocab, d), randn(g, d) if with_weight else None
+    ids = torch.randint(0, vocab, lead, generator=g, dtype=torch.int32 if int32 else torch.int64)
+    embeds, normed = ops.embedding_rms_norm(table, ids, w, EPS)
+    assert torch.equal(embeds, table[ids.long()])
+    expected = F.rms_norm(table[ids.long()].double(), (d,), None if w is None else w.double(), EPS)
+    torch.testing.assert_close(normed, expected.float(), **FP32)
+
+
+@property_test
+@given(seed=seeds, lead=st.lists(st.integers(1, 4), min_size=1, max_size=2), k=st.integers(1, 32),
+       inter=st.integers(1, 16), bias=st.booleans())
+def test_linear_silu_mul_matches_a_swiglu_front_of_two_linears(seed, lead, k, inter, bias):
+    """silu(gate_proj(x)) · up_proj(x) (Llama / Qwen3 MLP) with gate_proj and up_proj stacked into one weight."""
+    g = torch.Generator().manual_seed(seed)
+    x, w_gate, w_up = randn(g, *lead, k), randn(g, inter, k), randn(g, inter, k)
+    b_gate, b_up = (randn(g, inter), randn(g, inter)) if bias else (None, None)
+    expected = F.silu(F.linear(x.double(), w_gate.double(), None if b_gate is None else b_gate.double())) * \
+        F.linear(x.double(), w_up.double(), None if b_up is None else b_up.double())
+    got = ops.linear_silu_mul(x, torch.cat([w_gate, w_up]), None if b_gate is None else torch.cat([b_gate, b_up]))
+    torch.testing.assert_close(got, expected.float(), **FP32)
+
+
+@property_test
+@given(seed=seeds, b=st.integers(1, 3), s=st.integers(1, 6), half=st.integers(1, 64), bf16=st.booleans(),
+       theta=st.sampled_from([1e4, 1e6]))
+def test_rope_cos_sin_equals_transformers_rotary_embedding(seed, b, s, half, bf16, theta):
+    """Qwen3RotaryEmbedding's cos/sin at positions up to 131072, bit for bit: the same fp32 steps, one cast."""
+    from transformers import Qwen3Config
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+    rotary = Qwen3RotaryEmbedding(Qwen3Config(head_dim=2 * half, rope_parameters={"rope_type": "default",
+                                                                                  "rope_theta": theta}))
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    positions = torch.randint(0, 131072, (b, s), generator=torch.Generator().manual_seed(seed))
+    expected = rotary(torch.zeros(1, dtype=dtype), positions)
+    got = ops.rope_cos_sin(positions, rotary.inv_freq, rotary.attention_scaling, dtype)
+    assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
+
+
+@property_test
 @given(seed=seeds, b=st.integers(1, 3), s=st.integers(1, 5), h=st.integers(1, 4), half=st.integers(1, 8),
        unrotated=st.integers(0, 6))
 def test_rope_matches_complex_rotation(seed, b, s, h, half, unrotated):
@@ -323,9 +367,17 @@ SAMPLES = {
     "add_rms_norm": Sample(
         ops.add_rms_norm, lambda g, b, s, k: (randn(g, b, s, 16), randn(g, b, s, 16), randn(g, 16), EPS),
         lambda B, S, K: ({0: B, 1: S}, {0: B, 1: S}, None)),
+    "embedding_rms_norm": Sample(
+        ops.embedding_rms_norm, lambda g, b, s, k: (randn(g, 32, 16), torch.randint(0, 32, (b, s), generator=g),
+                                                     randn(g, 16), EPS),
+        lambda B, S, K: (None, {0: B, 1: S}, None)),
     "silu_mul": Sample(
         ops.silu_mul, lambda g, b, s, k: (randn(g, b, s, 24), randn(g, b, s, 24)),
         lambda B, S, K: ({0: B, 1: S}, {0: B, 1: S})),
+    "rope_cos_sin": Sample(  # the tables' dtype is an argument (fp32 here), whatever inv_freq's
+        ops.rope_cos_sin, lambda g, b, s, k: (random_positions(g, b, s), 1e4 ** -(torch.arange(0, 8, 2) / 8), 1.0,
+                                              torch.float32),
+        lambda B, S, K: ({0: B, 1: S}, None), fp32_outputs=(0, 1)),
     "rope": Sample(  # partial rotary: 6 of 8 channels
         ops.rope, lambda g, b, s, k: (randn(g, b, s, 2, 8), *_tables(g, b, s, 6)),
         lambda B, S, K: ({0: B, 1: S},) * 3),
@@ -378,6 +430,9 @@ SAMPLES = {
     "attention.custom": _attention("custom"),
     "linear": Sample(
         ops.linear, lambda g, b, s, k: (randn(g, b, s, 16), randn(g, 24, 16, scale=0.25), randn(g, 24)),
+        lambda B, S, K: ({0: B, 1: S}, None, None)),
+    "linear_silu_mul": Sample(
+        ops.linear_silu_mul, lambda g, b, s, k: (randn(g, b, s, 16), randn(g, 48, 16, scale=0.25), randn(g, 48)),
         lambda B, S, K: ({0: B, 1: S}, None, None)),
 }
 # Tracing tests need one attention kind without a mask and `custom` (the other kinds share the same fake).
@@ -512,8 +567,17 @@ ERRORS = {  # case -> (op, args, message)
     "sliding window 0": (ops.attention, _attention_args("sliding", 0), r"sliding needs window > 0, got 0"),
     "qkv weight width": (ops.qkv_norm_rope, _qkv_args_with_wrong_width(),
                          r"qkv_norm_rope: weight has 56 rows, expected 8×8"),
+    "embedding ids dtype": (ops.embedding_rms_norm, (torch.zeros(10, 8), torch.zeros(2, 3), None, EPS),
+                            r"embedding_rms_norm: ids must be int32 or int64, got torch.float32"),
+    "embedding norm width": (ops.embedding_rms_norm, (torch.zeros(10, 8), torch.zeros(2, 3, dtype=torch.long),
+                                                      torch.ones(6), EPS),
+                             r"embedding_rms_norm: norm_weight must be \[8\], got \(6,\)"),
+    "rope positions": (ops.rope_cos_sin, (torch.zeros(2, 3), torch.ones(4), 1.0, torch.float32),
+                       r"rope_cos_sin: positions must be an integer tensor, got torch.float32"),
     "linear width": (ops.linear, (torch.zeros(2, 3, 8), torch.zeros(4, 6), None),
                      r"linear: x has 8 features but w \(4, 6\) takes 6"),
+    "gate|up rows": (ops.linear_silu_mul, (torch.zeros(2, 3, 8), torch.zeros(5, 8), None),
+                     r"linear_silu_mul: w must be \[gate; up\] \[2·I, K\], got \(5, 8\)"),
     "mhc fn rows": (ops.mhc_pre, (torch.zeros(2, 4, 8), torch.zeros(20, 32), torch.zeros(24), torch.ones(3),
                                   EPS, EPS, 20), r"mhc: fn has 20 rows, expected \(2\+n\)·n = 24 for n = 4"),
 }

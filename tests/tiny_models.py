@@ -75,3 +75,16 @@ def zlab_step(ctx: int, block: int = 4, batch: int = 2, start: int = 0, hidden: 
     """DFlashDraftModel.forward kwargs: `ctx` new context features, then the block, at positions start…"""
     return dict(position_ids=(start + torch.arange(ctx + block)).expand(batch, -1),
                 noise_embedding=torch.randn(batch, block, hidden), target_hidden=torch.randn(batch, ctx, 2 * hidden))
+
+
+def run_with_random_caches(step, args):
+    """`step` on args from KV caches filled with the same random values → (its outputs as a tuple, {cache name:
+    the written cache}): two programs of one step compare outputs and cache writes alike."""
+    caches = {name: buf for name, buf in step.named_buffers() if name.endswith(("k_cache", "v_cache"))}
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name in sorted(caches):
+            caches[name].copy_(torch.randn_like(caches[name]))
+        out = step(*args)
+    return out if isinstance(out, tuple) else (out,), {name: buf.clone() for name, buf in caches.items()}
+

@@ -151,6 +151,17 @@ def _add_rms_norm(op: str, a: dict[str, Operand]) -> Lowered:
                     f"{a['eps'].src})", "return y, total"))
 
 
+def _embedding_rms_norm(op: str, a: dict[str, Operand]) -> Lowered:
+    dtype = a["weight"].value.dtype
+    if dtype not in NORM_DTYPES:
+        return reference(op, a, f"npu_rms_norm takes float16/bfloat16/float32, not {dtype}")
+    return Lowered("dflash.embedding_rms_norm -> torch.nn.functional.embedding + npu_rms_norm (no fused gather and "
+                   "norm on the NPU)",
+                   (f"embeds = torch.nn.functional.embedding({a['ids'].src}, {a['weight'].src})",
+                    f"return embeds, npu.npu_rms_norm(embeds, {_gamma('embeds', a['norm_weight'])}, "
+                    f"{a['eps'].src})[0]"))
+
+
 def _silu_mul(op: str, a: dict[str, Operand]) -> Lowered:
     gate, up = a["gate"].src, a["up"].src
     if a["gate"].value.dtype not in NORM_DTYPES:
@@ -165,6 +176,15 @@ def _rope(op: str, a: dict[str, Operand]) -> Lowered:
         return reference(op, a, dims)
     body = (f"x_in = {a['x'].src}", *_rope_lines(("x_in",), a["cos"], a["sin"], *dims), "return x_in")
     return Lowered("dflash.rope -> npu_rotary_mul", body)
+
+
+def _rope_cos_sin(op: str, a: dict[str, Operand]) -> Lowered:
+    """The formula as torch ops (no NPU op builds rope tables; torch_npu runs them as a few elementwise kernels)."""
+    scaled = f" * {a['scale'].src}" if a["scale"].value != 1.0 else ""
+    return Lowered("dflash.rope_cos_sin -> torch ops (the reference formula: fp32 angles, cos/sin, one cast)",
+                   (f"freqs = {a['positions'].src}.float()[..., None] * {a['inv_freq'].src}.float()",
+                    "emb = torch.cat((freqs, freqs), dim=-1)",
+                    f"return (emb.cos(){scaled}).to({a['dtype'].src}), (emb.sin(){scaled}).to({a['dtype'].src})"))
 
 
 def _split_qkv_unusable(a: dict[str, Operand]) -> str | None:
@@ -303,6 +323,14 @@ def _linear(op: str, a: dict[str, Operand]) -> Lowered:
                    (f"return torch.nn.functional.linear({x}, {w}, {b})",))
 
 
+def _linear_silu_mul(op: str, a: dict[str, Operand]) -> Lowered:
+    x, w, b = (a[n].src for n in ("x", "w", "b"))
+    if a["x"].value.dtype not in NORM_DTYPES:
+        return reference(op, a, f"npu_swiglu takes float16/bfloat16/float32, not {a['x'].value.dtype}")
+    return Lowered("dflash.linear_silu_mul -> torch.nn.functional.linear, then npu_swiglu over its [gate | up] output",
+                   (f"return npu.npu_swiglu(torch.nn.functional.linear({x}, {w}, {b}), dim=-1)",))
+
+
 # ---------------------------------------------------------------------------------------------- mHC
 
 
@@ -328,8 +356,10 @@ _LOWERINGS = {
     "attention": _attention,
     "rms_norm": _rms_norm,
     "add_rms_norm": _add_rms_norm,
+    "embedding_rms_norm": _embedding_rms_norm,
     "silu_mul": _silu_mul,
     "rope": _rope,
+    "rope_cos_sin": _rope_cos_sin,
     "qkv_norm_rope": _qkv_norm_rope,
     "qkv_norm_rope_cache": _qkv_norm_rope_cache,
     "kv_materialize": _kv_materialize,
@@ -339,4 +369,5 @@ _LOWERINGS = {
     "mhc_post": _traced_reference,
     "mhc_post_pre": _traced_reference,
     "linear": _linear,
+    "linear_silu_mul": _linear_silu_mul,
 }

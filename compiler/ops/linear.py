@@ -1,14 +1,19 @@
-"""dflash.linear — y = x @ wᵀ (+ b), nn.Linear's formula, as an op of its own.
+"""dflash.linear — y = x @ wᵀ (+ b), nn.Linear's formula, as an op of its own; dflash.linear_silu_mul — the
+merged gate|up linear with SwiGLU's product of its two halves.
 
-passes/weight_linears.py gives it the decode-sized projections whose weight is a constant (o_proj, the merged
-gate|up, down, lm_head, the draft's fc), so that the lowering can pick a weight-streaming kernel for them (Triton:
-compiler/triton/linear.py) where the vendor GEMM leaves bandwidth unused; everywhere else it is F.linear.
+passes/weight_linears.py gives dflash.linear the decode-sized projections whose weight is a constant (o_proj, the
+merged gate|up, down, lm_head, the draft's fc), so that the lowering can pick a weight-streaming kernel for them
+(Triton: compiler/triton/linear.py) where the vendor GEMM leaves bandwidth unused; everywhere else it is F.linear.
+passes/linear_silu_mul.py then joins the gate|up linear with the silu_mul of its halves, so that the kernel can
+apply the product in its epilogue and the [.., 2·I] output is never stored.
 """
 
 import torch
 from torch import Tensor
 
 from torch_dflash.errors import InputError
+
+from .mlp import silu_mul_reference
 
 
 def _check(x: Tensor, w: Tensor, b: Tensor | None) -> None:
@@ -37,3 +42,29 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 def _(x, w, b):
     _check(x, w, b)
     return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+def _check_halves(w: Tensor) -> None:
+    if isinstance(w, torch.fx.Proxy):
+        return
+    torch._check_with(InputError, w.dim() == 2 and w.shape[0] % 2 == 0,
+                      lambda: f"linear_silu_mul: w must be [gate; up] [2·I, K], got {tuple(w.shape)}.")
+
+
+def linear_silu_mul_reference(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """y = F.linear(x, w, b) in x's dtype (w = [gate; up] [2·I, K]), then silu_mul(y[..., :I], y[..., I:])."""
+    _check_halves(w)
+    gate, up = linear_reference(x, w, b).chunk(2, dim=-1)
+    return silu_mul_reference(gate, up)
+
+
+@torch.library.custom_op("dflash::linear_silu_mul", mutates_args=())
+def linear_silu_mul(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return linear_silu_mul_reference(x, w, b)
+
+
+@linear_silu_mul.register_fake
+def _(x, w, b):
+    _check(x, w, b)
+    _check_halves(w)
+    return x.new_empty(*x.shape[:-1], w.shape[0] // 2)

@@ -113,11 +113,23 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
         "cuda": {"elems": 4096, "elems_per_thread": 8, "max_warps": 8, "warp": 32},
         "rocm": {"elems": 4096, "elems_per_thread": 8, "max_warps": 8, "warp": 64},
     },
+    # embedding.py: dflash.embedding_rms_norm, BLOCK_M token rows × next_pow2(H) per program (≤ `elems` elements: one
+    # row per program at H 4096, so 16 tokens are 16 programs), about `elems_per_thread` per lane; untuned
+    "embedding_rms_norm": {
+        "cuda": {"elems": 4096, "elems_per_thread": 8, "max_warps": 8, "warp": 32},
+        "rocm": {"elems": 4096, "elems_per_thread": 8, "max_warps": 8, "warp": 64},
+    },
     # mlp.py: silu_mul tiles of `elems` outputs (BLOCK_M rows × BLOCK_N columns, BLOCK_N ≤ elems): 12 programs per
     # token at the Qwen3-8B width (I 12288), about `elems_per_thread` per lane
     "silu_mul": {
         "cuda": {"elems": 1024, "elems_per_thread": 8, "max_warps": 4, "warp": 32},
         "rocm": {"elems": 2048, "elems_per_thread": 8, "max_warps": 4, "warp": 64},
+    },
+    # rope_tables.py: dflash.rope_cos_sin, BLOCK_M positions × next_pow2(rot_dim/2) angles per program (≤ `elems`:
+    # 16 positions at rot_dim 128), both tables stored per angle, about `elems_per_thread` per lane; untuned
+    "rope_cos_sin": {
+        "cuda": {"elems": 1024, "elems_per_thread": 4, "max_warps": 4, "warp": 32},
+        "rocm": {"elems": 2048, "elems_per_thread": 4, "max_warps": 4, "warp": 64},
     },
     # qkv_gemm.py: dflash.qkv_norm_rope by token count T (first row with T <= max_t; 0 = no limit). fused 1: the
     # one-kernel GEMM + norm/rope (N tile = one head, block_m tokens × block_k of H per step, programs grouped
@@ -177,10 +189,10 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     "skinny_gemm": {
         "cuda": {"max_m": 32, "max_m_any_weight": 16, "min_weight_elems": 1 << 25, "programs": 264,
                  "min_block_n": 64, "max_block_n": 128, "block_k": 128, "max_split": 8, "num_warps": 4,
-                 "num_stages": 4},
+                 "num_stages": 4, "prefetch_k": 256},
         "rocm": {"max_m": 32, "max_m_any_weight": 16, "min_weight_elems": 1 << 25, "programs": 608,
                  "min_block_n": 32, "max_block_n": 64, "block_k": 128, "max_split": 8, "num_warps": 4,
-                 "num_stages": 2},
+                 "num_stages": 2, "prefetch_k": 0},
     },
 }
 

@@ -68,3 +68,12 @@ def await_previous_grid(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_to_l2(ptrs):
+    """Ask L2 for the 128-byte lines at `ptrs` (NVIDIA `prefetch.global.L2`; nothing comes back). For memory that no
+    kernel writes — weights —, issued before `await_previous_grid`: the lines arrive while the previous kernel
+    drains, and the loads after the wait hit L2."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)

@@ -1,8 +1,10 @@
-"""dflash.linear on CUDA/ROCm: the split-K skinny GEMM (skinny_gemm.py) for the token counts it serves, else the
-vendor GEMM — one branch on the run-time row count, here and nowhere in the models.
+"""dflash.linear and dflash.linear_silu_mul on CUDA/ROCm: the split-K skinny GEMM (skinny_gemm.py) for the token
+counts it serves, else the vendor GEMM — one branch on the run-time row count, here and nowhere in the models.
 
 x[..., K] ─ rows M = Π lead ─┬─ skinny_gemm.serves(M, N, K): skinny_gemm_kernel(x[M, K], w, b) ─▶ y[..., N]
                              └─ otherwise (prefill, fp32 …):  F.linear(x, w, b) (cuBLAS / hipBLASLt)
+linear_silu_mul (w = [gate; up] [2·I, K]): served rows → skinny_gemm_kernel with the SwiGLU product in its
+epilogue (GLU) ─▶ h[..., I]; otherwise the linear above, then silu_mul_kernel over its halves.
 """
 
 import math
@@ -12,12 +14,15 @@ from torch import Tensor
 
 from ..providers import Provider, register
 from .aot import KernelSpec
+from ..ops.mlp import silu_mul_reference
 from .norm_rope import device_reason, dtype_reason, family_of, first_reason
-from .skinny_gemm import gemm_spec, serves, skinny_gemm
+from .mlp import silu_mul, silu_mul_supports
+from .skinny_gemm import gemm_spec, serves, skinny_gemm, skinny_gemm_glu
 
 # Qwen3-8B (H 4096, inter 12288, vocab 151936) and its 5-layer DFlash draft's fc: o, gate|up, down, lm_head, fc;
 # the GEMMs of qkv_norm_rope's and kv_materialize's epilogue paths: merged qkv, one layer's k|v, 5 layers' k|v
-AOT_SHAPES = ((4096, 4096), (24576, 4096), (4096, 12288), (151936, 4096), (4096, 20480), (6144, 4096),
+GATE_UP = (24576, 4096)
+AOT_SHAPES = ((4096, 4096), GATE_UP, (4096, 12288), (151936, 4096), (4096, 20480), (6144, 4096),
               (2048, 4096), (10240, 4096))
 
 
@@ -42,10 +47,32 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return skinny_gemm(x.reshape(rows, k), w, bias=b).view(*lead, n)
 
 
+def linear_silu_mul_supports(x: Tensor, w: Tensor, b: Tensor | None) -> str | None:
+    return first_reason(
+        device_reason(x), dtype_reason(x, w=w, b=b),
+        None if w.dim() == 2 and w.shape[0] % 2 == 0 else f"w must be [gate; up] [2·I, K], got {tuple(w.shape)}")
+
+
+def linear_silu_mul(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """The dflash.linear_silu_mul provider: the skinny GEMM with the product in its epilogue where `linear` would
+    launch the skinny GEMM, else `linear` and then silu_mul_kernel (the reference's product for an activation
+    dtype silu_mul_kernel does not take)."""
+    (n, k), lead = w.shape, x.shape[:-1]
+    rows = lead.numel()
+    if x.dtype in (torch.bfloat16, torch.float16) and serves(rows, n, k, family_of(x)):
+        return skinny_gemm_glu(x.reshape(rows, k), w, bias=b).view(*lead, n // 2)
+    gate, up = linear(x, w, b).chunk(2, dim=-1)
+    return silu_mul(gate, up) if silu_mul_supports(gate, up) is None else silu_mul_reference(gate, up)
+
+
 def aot_specs(family: str = "cuda") -> list[KernelSpec]:
-    """bf16, up to 16 rows (a 16-token block at batch 1), no bias, the launches gemm_config picks for AOT_SHAPES."""
-    specs = {spec.name: spec for spec in (gemm_spec(torch.bfloat16, 16, n, k, family=family) for n, k in AOT_SHAPES)}
-    return list(specs.values())
+    """bf16, up to 16 rows (a 16-token block at batch 1), no bias, the launches gemm_config picks for AOT_SHAPES,
+    and the merged gate|up one with the SwiGLU epilogue."""
+    specs = [gemm_spec(torch.bfloat16, 16, n, k, family=family) for n, k in AOT_SHAPES]
+    specs.append(gemm_spec(torch.bfloat16, 16, *GATE_UP, family=family, glu=True))
+    return list({spec.name: spec for spec in specs}.values())
 
 
 register(Provider("linear", "triton", ("cuda", "rocm"), linear, priority=10, supports=linear_supports, traceable=True))
+register(Provider("linear_silu_mul", "triton", ("cuda", "rocm"), linear_silu_mul, priority=10,
+                  supports=linear_silu_mul_supports, traceable=True))

@@ -95,6 +95,16 @@ def norm_rope_heads_kernel(
 
 
 @triton.jit
+def normalized_rows(x, w_ptr, cols, N, eps, HAS_WEIGHT: tl.constexpr):
+    """RMSNorm of the rows of x [BLOCK_M, BLOCK_N] over their N columns (the rest masked to 0), in fp32."""
+    x = x.to(tl.float32)
+    y = x * tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)[:, None]
+    if HAS_WEIGHT:
+        y = y * tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    return y
+
+
+@triton.jit
 def rms_norm_rows_kernel(x_ptr, residual_ptr, w_ptr, y_ptr, sum_ptr, M, N, eps, HAS_RESIDUAL: tl.constexpr,
                          HAS_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          PDL: tl.constexpr):
@@ -109,10 +119,7 @@ def rms_norm_rows_kernel(x_ptr, residual_ptr, w_ptr, y_ptr, sum_ptr, M, N, eps, 
         x = (x.to(tl.float32) + tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32))
         x = x.to(sum_ptr.dtype.element_ty)
         tl.store(sum_ptr + offs, x, mask=mask)
-    x = x.to(tl.float32)
-    y = x * tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)[:, None]
-    if HAS_WEIGHT:
-        y = y * tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    y = normalized_rows(x, w_ptr, cols, N, eps, HAS_WEIGHT)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 

@@ -24,7 +24,7 @@ import triton.language as tl
 from ...errors import InputError
 from .aot import KernelSpec, pointer_args
 from .configs import launch_config
-from .launch import await_previous_grid, programmatic_launch, wrap_triton
+from .launch import await_previous_grid, prefetch_to_l2, programmatic_launch, wrap_triton
 from .mhc import _arrival_counters
 from .norm_rope import DTYPES, _compilable, _signature, family_of
 
@@ -32,19 +32,47 @@ MAX_M = 32
 
 
 @triton.jit
+def _store_tile(y_ptr, value, rm, rn, row_ok, pid_n, M, N, stride_ym, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                GLU: tl.constexpr):
+    """y[m, n] = value[n, m] in y's dtype. GLU: value's rows are the gate rows, then the up rows, of the tile's
+    BLOCK_N / 2 output columns; y[m, c] = silu(gate) · up of their y-dtype values, in fp32."""
+    if GLU:
+        v = value.to(y_ptr.dtype.element_ty).to(tl.float32)
+        gate, up = tl.split(tl.permute(tl.reshape(v, (2, BLOCK_N // 2, BLOCK_M)), (1, 2, 0)))
+        cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(y_ptr + rm[None, :] * stride_ym + cols[:, None],
+                 (gate * tl.sigmoid(gate) * up).to(y_ptr.dtype.element_ty),
+                 mask=(cols < N // 2)[:, None] & (rm[None, :] < M))
+    else:
+        tl.store(y_ptr + rm[None, :] * stride_ym + rn[:, None], value.to(y_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (rm[None, :] < M))
+
+
+@triton.jit
 def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                        front_ptr, ROWS, FRONT, stride_xb, stride_fb, stride_fm,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                       EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, JOINED: tl.constexpr, WIDEN_DOT: tl.constexpr,
-                       PDL: tl.constexpr):
+                       EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, JOINED: tl.constexpr, GLU: tl.constexpr,
+                       WIDEN_DOT: tl.constexpr, PREFETCH_K: tl.constexpr, PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     sl = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if GLU:  # w = [gate; up] (N = 2·I rows): the tile's rows are BLOCK_N / 2 gate rows, then the same up rows
+        j = tl.arange(0, BLOCK_N)
+        col = pid_n * (BLOCK_N // 2) + j % (BLOCK_N // 2)
+        rn = col + (j >= BLOCK_N // 2).to(tl.int32) * (N // 2)
+        row_ok = col < N // 2
+    else:
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rn < N
     rk = tl.arange(0, BLOCK_K)
     span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_start = sl * span
     k_end = tl.minimum(k_start + span, K)
+    if PDL and PREFETCH_K > 0:  # w depends on no kernel: its first PREFETCH_K columns head for L2 while we wait
+        lines = k_start + tl.arange(0, PREFETCH_K // 64) * 64
+        prefetch_to_l2(w_ptr + tl.minimum(rn, N - 1)[:, None].to(tl.int64) * stride_wn
+                       + tl.minimum(lines, K - 1)[None, :])
     await_previous_grid(PDL)
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + (k_start + rk)[None, :]
     if JOINED:  # row r = (b, t) of cat([front, x], 1): t < FRONT from front[b, t], else x[b, t - FRONT]
@@ -61,7 +89,7 @@ def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, s
         if EVEN:
             w = tl.load(w_ptrs)
         else:
-            w = tl.load(w_ptrs, mask=(rn[:, None] < N) & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         xt = tl.load(x_ptrs, mask=k_ok[:, None] & (rm[None, :] < M), other=0.0)
         if WIDEN_DOT:   # the interpreter's bf16 tl.dot multiplies raw bits (attention_common.widen_dot)
             w = w.to(tl.float32)
@@ -69,15 +97,14 @@ def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, s
         acc += tl.dot(w, xt)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-    out_ok = (rn[:, None] < N) & (rm[None, :] < M)
-    y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
     if HAS_BIAS:
-        bias = tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[:, None]
+        bias = tl.load(b_ptr + rn, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     else:
         bias = 0.0
     if SPLIT_K == 1:
-        tl.store(y_ptrs, (acc + bias).to(y_ptr.dtype.element_ty), mask=out_ok)
+        _store_tile(y_ptr, acc + bias, rm, rn, row_ok, pid_n, M, N, stride_ym, BLOCK_N, BLOCK_M, GLU)
     else:
+        out_ok = row_ok[:, None] & (rm[None, :] < M)
         tile = rm[None, :] * N + rn[:, None]
         tl.store(ws_ptr + sl * BLOCK_M * N + tile, acc, mask=out_ok)
         # The ticket's acq_rel orders the other slices' partial stores (each made before a CTA barrier) before
@@ -88,7 +115,7 @@ def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, s
             total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for s in range(SPLIT_K):
                 total += tl.load(ws_ptr + s * BLOCK_M * N + tile, mask=out_ok, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptrs, (total + bias).to(y_ptr.dtype.element_ty), mask=out_ok)
+            _store_tile(y_ptr, total + bias, rm, rn, row_ok, pid_n, M, N, stride_ym, BLOCK_N, BLOCK_M, GLU)
             tl.store(count_ptr + pid_n, 0)  # leave the ticket ready for the next launch
 
 
@@ -141,16 +168,20 @@ def gemm_config(n: int, k: int, family: str) -> dict:
     while split * 2 <= row["max_split"] and tiles * split * 2 <= row["programs"]:
         split *= 2
     return {"block_n": block_n, "block_k": row["block_k"], "split_k": split, "num_warps": row["num_warps"],
-            "num_stages": row["num_stages"]}
+            "num_stages": row["num_stages"], "prefetch_k": row["prefetch_k"]}
 
 
 def plan(m: int, n: int, k: int, config: dict) -> dict:
     """The kernel's constexprs for an [m, k] × [n, k]ᵀ problem: BLOCK_M the next power of two ≥ 16 of m,
-    SPLIT_K capped so that every slice has at least one BLOCK_K step."""
+    SPLIT_K capped so that every slice has at least one BLOCK_K step, PREFETCH_K the config's prefetch_k columns
+    (whole 64-element lines) cut to a power of two within one slice."""
     block_n, block_k = config["block_n"], config["block_k"]
     split = max(1, min(config["split_k"], triton.cdiv(k, block_k)))
+    span = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    prefetch = min(config.get("prefetch_k", 0), span)
     return dict(BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
-                EVEN=n % block_n == 0 and k % (split * block_k) == 0)
+                EVEN=n % block_n == 0 and k % (split * block_k) == 0,
+                PREFETCH_K=0 if prefetch < 64 else 1 << (prefetch.bit_length() - 1))
 
 
 def skinny_gemm(x: torch.Tensor, w: torch.Tensor, config: dict | None = None,
@@ -162,6 +193,19 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, config: dict | None = None,
         raise InputError(reason)
     x = x.contiguous()
     return _launch(x, w, bias, x.shape[0], (x.stride(0), 0, 0, 0, 0), None, config, out)
+
+
+def skinny_gemm_glu(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                    config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """h [M, I] = silu(y[:, :I]) · y[:, I:] for y = x @ wᵀ (+ bias) in x's dtype, w = [gate; up] [2·I, K]: the
+    SwiGLU product in the GEMM's epilogue (each tile holds the gate and the up rows of the same columns), so the
+    [M, 2·I] output is never stored; config overrides keys of gemm_config(2·I, K, family)."""
+    reason = unsupported(x, w, bias) or (None if w.shape[0] % 2 == 0 else
+                                         f"skinny_gemm: a [gate; up] weight has an even row count, not {w.shape[0]}.")
+    if reason:
+        raise InputError(reason)
+    x = x.contiguous()
+    return _launch(x, w, bias, x.shape[0], (x.stride(0), 0, 0, 0, 0), None, config, out, glu=True)
 
 
 def skinny_gemm_joined(front: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -188,13 +232,14 @@ def _unit_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch(x, w, bias, m, strides, front, config, out) -> torch.Tensor:
-    """strides: (x's row, x's batch, front's batch, front's row, rows per batch) — the last four only with front."""
+def _launch(x, w, bias, m, strides, front, config, out, glu: bool = False) -> torch.Tensor:
+    """strides: (x's row, x's batch, front's batch, front's row, rows per batch) — the last four only with front.
+    glu: y holds silu(gate) · up, N / 2 columns (a tile's BLOCK_N rows: BLOCK_N / 2 gate, as many up)."""
     w = w.contiguous()
     n, k = w.shape
     cfg = {**gemm_config(n, k, family_of(w)), **(config or {})}
     meta = plan(m, n, k, cfg)
-    y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = out if out is not None else torch.empty(m, n // 2 if glu else n, dtype=x.dtype, device=x.device)
     tiles, split = triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]
     ws = torch.empty(split * meta["BLOCK_M"] * n if split > 1 else 1, dtype=torch.float32, device=x.device)
     counters = _arrival_counters(x, tiles if split > 1 else 1)
@@ -202,27 +247,30 @@ def _launch(x, w, bias, m, strides, front, config, out) -> torch.Tensor:
     wrap_triton(skinny_gemm_kernel)[(tiles, split)](
         x, w, x if bias is None else bias.contiguous(), y, ws, counters, m, n, k, stride_xm, w.stride(0),
         y.stride(0), x if front is None else front, rows, 0 if front is None else front.shape[1], stride_xb,
-        stride_fb, stride_fm, **meta, HAS_BIAS=bias is not None, JOINED=front is not None,
+        stride_fb, stride_fm, **meta, HAS_BIAS=bias is not None, JOINED=front is not None, GLU=glu,
         WIDEN_DOT=x.device.type != "cuda", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **programmatic_launch(x.device))
     return y
 
 
 def gemm_spec(dtype: torch.dtype, block_m: int, n: int, k: int, bias: bool = False, family: str = "cuda",
-              joined: bool = False) -> KernelSpec:
-    """The build gemm_config(n, k, family) launches for up to block_m rows (`joined`: from front and x): N and K
-    tile multiples (EVEN), 16-byte aligned pointers and strides divisible by 16."""
+              joined: bool = False, glu: bool = False) -> KernelSpec:
+    """The build gemm_config(n, k, family) launches for up to block_m rows (`joined`: from front and x; `glu`: the
+    SwiGLU product of w's halves): N and K tile multiples (EVEN), 16-byte aligned pointers and strides divisible
+    by 16."""
     config = gemm_config(n, k, family)
-    split = plan(block_m, n, k, config)["SPLIT_K"]
+    meta = plan(block_m, n, k, config)
+    split = meta["SPLIT_K"]
     constexprs = dict(BLOCK_M=block_m, BLOCK_N=config["block_n"], BLOCK_K=config["block_k"], SPLIT_K=split,
-                      EVEN=True, HAS_BIAS=bias, JOINED=joined, WIDEN_DOT=False)
+                      EVEN=True, HAS_BIAS=bias, JOINED=joined, GLU=glu, WIDEN_DOT=False,
+                      PREFETCH_K=meta["PREFETCH_K"])
     fn = _compilable(skinny_gemm_kernel)
     dt = "*" + DTYPES[dtype]
     pointers = {"x_ptr": dt, "w_ptr": dt, "b_ptr": dt, "y_ptr": dt, "ws_ptr": "*fp32", "count_ptr": "*i32",
                 "front_ptr": dt}
     signature = _signature(fn, pointers, (), constexprs)
     strides = ("stride_xm", "stride_wn", "stride_ym") + (("stride_xb", "stride_fb", "stride_fm") if joined else ())
+    flags = "".join(f",{name}" for name, on in (("bias", bias), ("joined", joined), ("glu", glu)) if on)
     return KernelSpec(f"skinny_gemm[{DTYPES[dtype]},m{block_m},n{config['block_n']},k{config['block_k']},"
-                      f"split{split}{',bias' if bias else ''}{',joined' if joined else ''},{family}]", fn, signature,
-                      constexprs, num_warps=config["num_warps"], num_stages=config["num_stages"],
+                      f"split{split}{flags},{family}]", fn, signature, constexprs, num_warps=config["num_warps"], num_stages=config["num_stages"],
                       divisible_by_16=pointer_args(signature) + ("N", "K") + strides)

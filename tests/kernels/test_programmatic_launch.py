@@ -47,7 +47,7 @@ def test_every_kernel_of_the_providers_is_built(ptx):
     kernels = {key.split("@")[0] for key in ptx}
     assert {"skinny_gemm_kernel", "qkv_gemm_norm_rope_kernel", "attention_decode_kernel", "reduce_splits_kernel",
             "attention_prefill_kernel", "norm_rope_heads_kernel", "rms_norm_rows_kernel", "silu_mul_kernel",
-            "_mhc_kernel"} <= kernels
+            "_mhc_kernel", "embedding_rms_norm_kernel"} <= kernels
 
 
 def test_sm90_kernels_wait_for_the_previous_grid_before_any_memory_access(ptx):
@@ -60,6 +60,16 @@ def test_sm90_kernels_wait_for_the_previous_grid_before_any_memory_access(ptx):
         first_access = next(i for i, line in enumerate(code) if MEMORY.match(line))
         assert waits and waits[0] < first_access, f"{key}: a global access before griddepcontrol.wait"
         assert launches and launches[0] > waits[0], f"{key}: dependents launched before the wait"
+
+
+def test_the_sm90_gemm_prefetches_its_weights_to_l2_before_the_wait(ptx):
+    """skinny_gemm asks L2 for the first prefetch_k columns of its weight rows while the previous grid drains; the
+    sm_80 build (no PDL) does not."""
+    code = _instructions(ptx["skinny_gemm_kernel@sm_90"])
+    prefetches = [i for i, line in enumerate(code) if line.startswith("prefetch.global.L2")]
+    wait = next(i for i, line in enumerate(code) if line.startswith("griddepcontrol.wait"))
+    assert prefetches and max(prefetches) < wait
+    assert "prefetch.global" not in ptx["skinny_gemm_kernel@sm_80"]
 
 
 def test_sm80_kernels_carry_no_grid_dependency_control(ptx):

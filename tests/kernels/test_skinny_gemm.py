@@ -1,16 +1,19 @@
-"""The split-K skinny GEMM (compiler/triton/skinny_gemm.py) and the dflash.linear provider on it
-(compiler/triton/linear.py) vs fp32 references: interpreter numerics with tails in M, N and K, bias, one split and
-several (the last-arriving slice sums the partials; its tickets reset), one-sentence refusals, the config rule
-against the H100 sweep's best configs, the provider's run-time choice (kernel or F.linear) into NaN-poisoned
-outputs, and ahead-of-time builds for sm_80, sm_90, gfx942, gfx950 within shared memory."""
+"""The split-K skinny GEMM (compiler/triton/skinny_gemm.py) and the dflash.linear / dflash.linear_silu_mul providers
+on it (compiler/triton/linear.py) vs fp32 references: interpreter numerics with tails in M, N and K, bias, one split
+and several (the last-arriving slice sums the partials; its tickets reset), the SwiGLU epilogue (GLU), one-sentence
+refusals, the config rule against the H100 sweep's best configs, the providers' run-time choice (kernel or
+F.linear) into NaN-poisoned outputs, and ahead-of-time builds for sm_80, sm_90, gfx942, gfx950 within shared
+memory."""
 
 import pytest
 import torch
 from aot_testing import COMPILE_SPECS, run_aot_script
 from test_triton_qkv_gemm import SHARED_LIMIT
 
+from torch_dflash.compiler.ops.mlp import silu_mul_reference
 from torch_dflash.compiler.triton import configs
 from torch_dflash.compiler.triton import linear as linear_provider
+from torch_dflash.compiler.triton import mlp
 from torch_dflash.compiler.triton import skinny_gemm as sg
 from torch_dflash.errors import InputError
 
@@ -44,6 +47,43 @@ def test_matches_mm_with_tails_and_splits(m, n, k, split, bias):
         torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
     if split > 1:
         assert not sg._arrival_counters(x, n // 32 + 1).any()
+
+
+@pytest.mark.parametrize("m,inter,k,split,bias", [(1, 48, 256, 1, True), (5, 36, 200, 3, False),
+                                                  (16, 64, 128, 4, True), (32, 20, 96, 2, True)])
+def test_glu_epilogue_is_silu_mul_of_the_halves(m, inter, k, split, bias):
+    """w = [gate; up]: a BLOCK_N 32 tile holds 16 gate and the same 16 up rows; 36 / 20 columns leave a tail. The
+    epilogue's h equals the plain kernel's output through silu_mul_kernel bit for bit (both round y to bf16 first)."""
+    x, w, b = _operands(m, 2 * inter, k, bias)
+    config = {"block_n": 32, "block_k": 32, "split_k": split}
+    y = _reference(x, w, b)
+    want = silu_mul_reference(y[:, :inter], y[:, inter:])
+    for _ in range(2):   # the second call finds the tickets the first one reset
+        out = torch.full((m, inter), float("nan"), dtype=x.dtype, device=DEVICE)
+        got = sg.skinny_gemm_glu(x, w, b, config, out=out)
+        assert got is out
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(got, mlp.silu_mul(*sg.skinny_gemm(x, w, config, bias=b).chunk(2, dim=-1)))
+
+
+def test_glu_refuses_an_odd_row_count():
+    x, w, _ = _operands(4, 7, 64)
+    with pytest.raises(InputError, match="a \\[gate; up\\] weight has an even row count, not 7"):
+        sg.skinny_gemm_glu(x, w)
+
+
+@pytest.mark.parametrize("m,kernel", [(16, True), (33, False)])
+def test_linear_silu_mul_provider_picks_the_epilogue_or_the_pair(monkeypatch, m, kernel):
+    launched = []
+    monkeypatch.setattr(linear_provider, "skinny_gemm_glu",
+                        lambda *a, **kw: launched.append("glu") or sg.skinny_gemm_glu(*a, **kw))
+    monkeypatch.setattr(linear_provider, "silu_mul", lambda *a: launched.append("silu_mul") or mlp.silu_mul(*a))
+    x, w, b = _operands(m, 2 * 40, 256, bias=True)
+    got = linear_provider.linear_silu_mul(x[None], w, b)
+    assert launched == (["glu"] if kernel else ["silu_mul"]) and got.shape == (1, m, 40)
+    y = _reference(x, w, b)
+    torch.testing.assert_close(got[0].float(), silu_mul_reference(y[:, :40], y[:, 40:]).float(), atol=2e-2,
+                               rtol=2e-2)
 
 
 @pytest.mark.parametrize("x,w,b,match", [
@@ -96,6 +136,14 @@ def test_config_rule_picks(shape):
     (n, k), want = RULE[shape]
     cfg = sg.gemm_config(n, k, "cuda")
     assert (cfg["block_n"], cfg["block_k"], cfg["split_k"], cfg["num_warps"], cfg["num_stages"]) == (*want, 4, 4)
+    assert sg.plan(16, n, k, cfg)["PREFETCH_K"] == 256   # the row's prefetch_k: every slice is wider
+
+
+@pytest.mark.parametrize("prefetch,k,split,want", [(256, 4096, 4, 256), (100, 4096, 1, 64), (48, 4096, 1, 0),
+                                                   (5000, 4096, 4, 1024), (256, 96, 1, 128), (0, 4096, 1, 0)])
+def test_prefetch_is_whole_lines_a_power_of_two_within_a_slice(prefetch, k, split, want):
+    cfg = {"block_n": 64, "block_k": 128, "split_k": split, "prefetch_k": prefetch}
+    assert sg.plan(16, 4096, k, cfg)["PREFETCH_K"] == want
 
 
 def test_kernel_serves_what_it_won_in_the_sweep():
@@ -141,11 +189,11 @@ specs = linear.aot_specs(fam) + [skinny_gemm.gemm_spec(torch.bfloat16, 32, 24576
 
 
 def test_compiles_for_every_arch():
-    """The provider's specs (Qwen3-8B shapes, 16 rows: splits 1, 2 and 4, block_n 32 to 128), a 32-row build
-    with bias and a 32-row joined build (the draft's context + block rows of the merged qkv weight), for sm_80,
-    sm_90, gfx942 and gfx950, within each target's shared memory."""
+    """The provider's specs (Qwen3-8B shapes, 16 rows: splits 1, 2 and 4, block_n 32 to 128; the gate|up one also
+    with the SwiGLU epilogue), a 32-row build with bias and a 32-row joined build (the draft's context + block rows
+    of the merged qkv weight), for sm_80, sm_90, gfx942 and gfx950, within each target's shared memory."""
     results = run_aot_script(AOT_SCRIPT + COMPILE_SPECS)
-    assert len(results) == 4 * (5 + 2)   # 4 archs × (5 distinct provider specs + 2)
+    assert len(results) == 4 * (6 + 2)   # 4 archs × (6 distinct provider specs, the GLU one included + 2)
     failed = {name: r for name, r in results.items() if not isinstance(r, list) or r[0] == 0}
     assert not failed, failed
     over = {name: shared for name, (_, shared) in results.items() if shared > SHARED_LIMIT[name.split("@")[1]]}
@@ -156,7 +204,7 @@ def test_compiles_for_every_arch():
 @pytest.mark.parametrize("m", [1, 16, 32])
 def test_gpu_qwen3_shapes(m):
     """The Qwen3-8B shapes of the sweep with the rule's configs (K 4096 → N 24576 merged gate|up with a bias;
-    K 12288 → 4096 down; K 4096 → 4096 o, split 2) and the provider on them."""
+    K 12288 → 4096 down; K 4096 → 4096 o, split 2) and the provider on them; the gate|up SwiGLU epilogue."""
     for n, k, bias in ((24576, 4096, True), (4096, 12288, False), (4096, 4096, False)):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
@@ -164,3 +212,12 @@ def test_gpu_qwen3_shapes(m):
         want = _reference(x, w, b).float()
         torch.testing.assert_close(sg.skinny_gemm(x, w, bias=b).float(), want, atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(linear_provider.linear(x, w, b).float(), want, atol=2e-2, rtol=2e-2)
+    half = 24576 // 2   # the merged gate|up with the SwiGLU epilogue, against the reference and the plain pair
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(2 * half, 4096, device="cuda", dtype=torch.bfloat16) * 4096 ** -0.5
+    y = _reference(x, w)
+    got = linear_provider.linear_silu_mul(x, w, None)
+    torch.testing.assert_close(got.float(), silu_mul_reference(y[:, :half], y[:, half:]).float(), atol=2e-2,
+                               rtol=2e-2)
+    pair = mlp.silu_mul(*sg.skinny_gemm(x, w).chunk(2, dim=-1))
+    assert (got != pair).float().mean() < 1e-3   # the same bf16 y and formula: equal but for rare last-bit ties

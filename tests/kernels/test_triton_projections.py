@@ -477,9 +477,10 @@ def test_supports_reasons_of_rms_norm_and_rope():
 
 AOT_SCRIPT = """
 import json
-from torch_dflash.compiler.triton import aot, context_qkv, kv_materialize, norm_rope, qkv_norm_rope
+from torch_dflash.compiler.triton import (aot, context_qkv, embedding, kv_materialize, norm_rope, qkv_norm_rope,
+                                          rope_tables)
 result = {}
-for module in (norm_rope, qkv_norm_rope, kv_materialize, context_qkv):
+for module in (norm_rope, qkv_norm_rope, kv_materialize, context_qkv, embedding, rope_tables):
     sizes = result.setdefault(module.__name__.rsplit(".", 1)[1], {})
     for arch in aot.ARCHS:
         for spec in module.aot_specs(aot.family(arch)):
@@ -501,7 +502,8 @@ def aot_results():
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("module", ["norm_rope", "qkv_norm_rope", "kv_materialize", "context_qkv"])
+@pytest.mark.parametrize("module", ["norm_rope", "qkv_norm_rope", "kv_materialize", "context_qkv", "embedding",
+                                    "rope_tables"])
 def test_aot_specs_compile_for_every_arch(aot_results, module):
     sizes = aot_results[module]
     per_arch = {arch: sorted(n.rsplit(",", 1)[0] for n in sizes if n.endswith("@" + arch)) for arch in

@@ -44,9 +44,10 @@ def zlab_draft():
 def test_pass_order_and_disabling():
     assert [p.name for p in DEFAULT_PASSES] == ["canonicalize", "kv_materialize", "qkv_norm_rope", "mhc_post_pre",
                                                 "merge_sibling_projections", "attention_masks", "kv_cache_writes",
-                                                "context_qkv", "rms_norms", "add_rms_norm", "silu_mul", "cleanup",
-                                                "weight_linears"]
-    assert [p.name for p in default_pass_manager(disabled=("weight_linears",)).passes][-1] == "cleanup"
+                                                "context_qkv", "rms_norms", "add_rms_norm", "embedding_rms_norm",
+                                                "silu_mul", "rope_cos_sin", "cleanup", "weight_linears",
+                                                "linear_silu_mul"]
+    assert [p.name for p in default_pass_manager(disabled=("linear_silu_mul",)).passes][-1] == "weight_linears"
     with pytest.raises(InputError, match="Unknown pass"):
         default_pass_manager(disabled=("qkv_norm_rop",))
 
@@ -62,17 +63,19 @@ class TestGoldenGraphs(expecttest.TestCase):
         self.assertExpectedInline(code, """\
 def forward(self, input_ids, use_cache):
     input_ids, use_cache, = fx_pytree.tree_flatten_spec(([], {'input_ids':input_ids, 'use_cache':use_cache}), self._in_spec)
-    model_embed_tokens_weight = self.model.embed_tokens.weight
     model_layers_0_self_attn_o_proj_weight = getattr(self.model.layers, "0").self_attn.o_proj.weight
     model_layers_0_self_attn_q_norm_weight = getattr(self.model.layers, "0").self_attn.q_norm.weight
     model_layers_0_self_attn_k_norm_weight = getattr(self.model.layers, "0").self_attn.k_norm.weight
     model_layers_0_mlp_down_proj_weight = getattr(self.model.layers, "0").mlp.down_proj.weight
-    model_layers_0_input_layernorm_weight = getattr(self.model.layers, "0").input_layernorm.weight
     lm_head_weight = self.lm_head.weight
     model_rotary_emb_inv_freq = self.model.rotary_emb.inv_freq
     _guards_fn = self._guards_fn(input_ids, use_cache);  use_cache = _guards_fn = None
     sym_size_int_7 = torch.ops.aten.sym_size.int(input_ids, 1)
-    embedding = torch.ops.aten.embedding.default(model_embed_tokens_weight, input_ids);  model_embed_tokens_weight = input_ids = None
+    model_embed_tokens_weight = self.model.embed_tokens.weight
+    model_layers_0_input_layernorm_weight = getattr(self.model.layers, "0").input_layernorm.weight
+    embedding_rms_norm_default = torch.ops.dflash.embedding_rms_norm.default(model_embed_tokens_weight, input_ids, model_layers_0_input_layernorm_weight, 1e-06);  model_embed_tokens_weight = input_ids = model_layers_0_input_layernorm_weight = None
+    getitem_7 = embedding_rms_norm_default[0]
+    getitem_8 = embedding_rms_norm_default[1];  embedding_rms_norm_default = None
     arange = torch.ops.aten.arange.default(sym_size_int_7, device = device(type='cpu'), pin_memory = False)
     add = torch.ops.aten.add.Tensor(arange, 0);  arange = None
     unsqueeze = torch.ops.aten.unsqueeze.default(add, 0);  add = None
@@ -80,12 +83,11 @@ def forward(self, input_ids, use_cache):
     wrap_with_set_grad_enabled = torch.ops.higher_order.wrap_with_set_grad_enabled(False, submod_3, unsqueeze, model_rotary_emb_inv_freq);  submod_3 = unsqueeze = model_rotary_emb_inv_freq = None
     to_4 = wrap_with_set_grad_enabled[0]
     to_5 = wrap_with_set_grad_enabled[1];  wrap_with_set_grad_enabled = None
-    rms_norm_default_2 = torch.ops.dflash.rms_norm.default(embedding, model_layers_0_input_layernorm_weight, 1e-06);  model_layers_0_input_layernorm_weight = None
     dflash_qkv_weight_0 = self.dflash_qkv_weight_0
-    sym_size_int = torch.ops.aten.sym_size.int(rms_norm_default_2, 1)
+    sym_size_int = torch.ops.aten.sym_size.int(getitem_8, 1)
     expand_default = torch.ops.aten.expand.default(to_4, [2, sym_size_int, -1]);  to_4 = None
     expand_default_1 = torch.ops.aten.expand.default(to_5, [2, sym_size_int, -1]);  to_5 = sym_size_int = None
-    qkv_norm_rope_default = torch.ops.dflash.qkv_norm_rope.default(rms_norm_default_2, dflash_qkv_weight_0, None, model_layers_0_self_attn_q_norm_weight, model_layers_0_self_attn_k_norm_weight, 1e-06, expand_default, expand_default_1, 4, 2, 16);  rms_norm_default_2 = dflash_qkv_weight_0 = model_layers_0_self_attn_q_norm_weight = model_layers_0_self_attn_k_norm_weight = expand_default = expand_default_1 = None
+    qkv_norm_rope_default = torch.ops.dflash.qkv_norm_rope.default(getitem_8, dflash_qkv_weight_0, None, model_layers_0_self_attn_q_norm_weight, model_layers_0_self_attn_k_norm_weight, 1e-06, expand_default, expand_default_1, 4, 2, 16);  getitem_8 = dflash_qkv_weight_0 = model_layers_0_self_attn_q_norm_weight = model_layers_0_self_attn_k_norm_weight = expand_default = expand_default_1 = None
     getitem = qkv_norm_rope_default[0]
     getitem_1 = qkv_norm_rope_default[1]
     getitem_2 = qkv_norm_rope_default[2];  qkv_norm_rope_default = None
@@ -97,15 +99,12 @@ def forward(self, input_ids, use_cache):
     reshape_3 = torch.ops.aten.reshape.default(transpose_3, [2, sym_size_int_7, -1]);  transpose_3 = sym_size_int_7 = None
     linear_default_1 = torch.ops.dflash.linear.default(reshape_3, model_layers_0_self_attn_o_proj_weight, None);  reshape_3 = model_layers_0_self_attn_o_proj_weight = None
     model_layers_0_post_attention_layernorm_weight = getattr(self.model.layers, "0").post_attention_layernorm.weight
-    add_rms_norm_default = torch.ops.dflash.add_rms_norm.default(embedding, linear_default_1, model_layers_0_post_attention_layernorm_weight, 1e-06);  embedding = linear_default_1 = model_layers_0_post_attention_layernorm_weight = None
+    add_rms_norm_default = torch.ops.dflash.add_rms_norm.default(getitem_7, linear_default_1, model_layers_0_post_attention_layernorm_weight, 1e-06);  getitem_7 = linear_default_1 = model_layers_0_post_attention_layernorm_weight = None
     getitem_3 = add_rms_norm_default[0]
     getitem_4 = add_rms_norm_default[1];  add_rms_norm_default = None
     dflash_sibling_weight_0 = self.dflash_sibling_weight_0
-    linear_default_2 = torch.ops.dflash.linear.default(getitem_3, dflash_sibling_weight_0, None);  getitem_3 = dflash_sibling_weight_0 = None
-    slice_tensor = torch.ops.aten.slice.Tensor(linear_default_2, -1, 0, 128)
-    slice_tensor_1 = torch.ops.aten.slice.Tensor(linear_default_2, -1, 128, 256);  linear_default_2 = None
-    silu_mul_default = torch.ops.dflash.silu_mul.default(slice_tensor, slice_tensor_1);  slice_tensor = slice_tensor_1 = None
-    linear_default_3 = torch.ops.dflash.linear.default(silu_mul_default, model_layers_0_mlp_down_proj_weight, None);  silu_mul_default = model_layers_0_mlp_down_proj_weight = None
+    linear_silu_mul_default = torch.ops.dflash.linear_silu_mul.default(getitem_3, dflash_sibling_weight_0, None);  getitem_3 = dflash_sibling_weight_0 = None
+    linear_default_3 = torch.ops.dflash.linear.default(linear_silu_mul_default, model_layers_0_mlp_down_proj_weight, None);  linear_silu_mul_default = model_layers_0_mlp_down_proj_weight = None
     model_norm_weight = self.model.norm.weight
     add_rms_norm_default_1 = torch.ops.dflash.add_rms_norm.default(getitem_4, linear_default_3, model_norm_weight, 1e-06);  getitem_4 = linear_default_3 = model_norm_weight = None
     getitem_5 = add_rms_norm_default_1[0];  add_rms_norm_default_1 = None
@@ -163,11 +162,8 @@ def forward(self, position_ids, noise_embedding, target_hidden):
     getitem_5 = add_rms_norm_default[0]
     getitem_6 = add_rms_norm_default[1];  add_rms_norm_default = None
     dflash_sibling_weight_0 = self.dflash_sibling_weight_0
-    linear_default_3 = torch.ops.dflash.linear.default(getitem_5, dflash_sibling_weight_0, None);  getitem_5 = dflash_sibling_weight_0 = None
-    slice_tensor_5 = torch.ops.aten.slice.Tensor(linear_default_3, -1, 0, 128)
-    slice_tensor_6 = torch.ops.aten.slice.Tensor(linear_default_3, -1, 128, 256);  linear_default_3 = None
-    silu_mul_default = torch.ops.dflash.silu_mul.default(slice_tensor_5, slice_tensor_6);  slice_tensor_5 = slice_tensor_6 = None
-    linear_default_4 = torch.ops.dflash.linear.default(silu_mul_default, layers_0_mlp_down_proj_weight, None);  silu_mul_default = layers_0_mlp_down_proj_weight = None
+    linear_silu_mul_default = torch.ops.dflash.linear_silu_mul.default(getitem_5, dflash_sibling_weight_0, None);  getitem_5 = dflash_sibling_weight_0 = None
+    linear_default_4 = torch.ops.dflash.linear.default(linear_silu_mul_default, layers_0_mlp_down_proj_weight, None);  linear_silu_mul_default = layers_0_mlp_down_proj_weight = None
     norm_weight = self.norm.weight
     add_rms_norm_default_1 = torch.ops.dflash.add_rms_norm.default(getitem_6, linear_default_4, norm_weight, 1e-06);  getitem_6 = linear_default_4 = norm_weight = None
     getitem_7 = add_rms_norm_default_1[0];  add_rms_norm_default_1 = None

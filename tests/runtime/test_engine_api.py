@@ -41,10 +41,13 @@ def test_default_steps_are_pipeline_compiled_and_report():
     assert {k: verify_report.fusions.get(k) for k in ("qkv_norm_rope", "attention.causal")} == \
         {"qkv_norm_rope": 2, "attention.causal": 2}
     assert dflash_ops(engine.steps.draft) == ["dflash::add_rms_norm", "dflash::attention",
-                                              "dflash::context_qkv_norm_rope_cache", "dflash::linear",
-                                              "dflash::rms_norm", "dflash::silu_mul"]
-    assert dflash_ops(engine.steps.verify) == ["dflash::add_rms_norm", "dflash::attention", "dflash::linear",
-                                               "dflash::qkv_norm_rope_cache", "dflash::rms_norm", "dflash::silu_mul"]
+                                              "dflash::context_qkv_norm_rope_cache", "dflash::embedding_rms_norm",
+                                              "dflash::linear", "dflash::linear_silu_mul", "dflash::rms_norm",
+                                              "dflash::rope_cos_sin"]
+    assert dflash_ops(engine.steps.verify) == ["dflash::add_rms_norm", "dflash::attention",
+                                               "dflash::embedding_rms_norm", "dflash::linear",
+                                               "dflash::linear_silu_mul", "dflash::qkv_norm_rope_cache",
+                                               "dflash::rope_cos_sin"]   # every norm reads an add or the embeddings
     committed = []
     for prompt, n in zip(prompts_of(PROMPT_LENGTHS, 64, seed=3), MAX_NEW):
         out = engine.generate(prompt, max_new_tokens=n)
