@@ -72,8 +72,8 @@ def await_previous_grid(PDL: tl.constexpr):
 
 @triton.jit
 def prefetch_to_l2(ptrs):
-    """Ask L2 for the 128-byte lines at `ptrs` (NVIDIA `prefetch.global.L2`; nothing comes back). For memory that no
-    kernel writes — weights —, issued before `await_previous_grid`: the lines arrive while the previous kernel
-    drains, and the loads after the wait hit L2."""
+    """Ask L2 for the 128-byte lines at `ptrs` (NVIDIA `prefetch.global.L2`; nothing comes back). Meant for memory
+    no kernel of the step writes (weights), issued before `await_previous_grid`: the lines arrive while the
+    previous kernel drains, and the loads after the wait hit L2."""
     tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
                               is_pure=False, pack=1)

@@ -12,9 +12,9 @@ import math
 import torch
 from torch import Tensor
 
+from ..ops.mlp import silu_mul_reference
 from ..providers import Provider, register
 from .aot import KernelSpec
-from ..ops.mlp import silu_mul_reference
 from .norm_rope import device_reason, dtype_reason, family_of, first_reason
 from .mlp import silu_mul, silu_mul_supports
 from .skinny_gemm import gemm_spec, serves, skinny_gemm, skinny_gemm_glu
