@@ -19,6 +19,7 @@ from .canonicalize import replace
 from .fx_utils import is_call
 from .head_chains import describe
 from .manager import GraphPass, PassContext
+from .projection_rewrite import erase_unused
 from .rope_patterns import last_dim_range, shape
 
 NAME = "linear_silu_mul"
@@ -51,11 +52,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> None:
             continue
         lin, nodes = found
         replace(product, dflash.linear_silu_mul.default, tuple(lin.args))
-        dead = [*nodes, lin]
-        while dead:  # users first: the slices (or split pieces), their split, the linear
-            node = next(n for n in dead if not n.users)
-            gm.graph.erase_node(node)
-            dead.remove(node)
+        erase_unused(gm, [*nodes, lin])
         ctx.matched(NAME)
 
 

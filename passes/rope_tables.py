@@ -26,6 +26,7 @@ from .cleanup import SAME_VALUE_VIEWS, is_noop_view
 from .fx_utils import add_constant, infer_meta, is_call, meta_val, node_arg, same_sizes, tensor_meta
 from .head_chains import describe
 from .manager import GraphPass, PassContext
+from .projection_rewrite import erase_unused
 from .rope_patterns import dtype, is_noop, norm_dim, strip
 
 NAME = "rope_cos_sin"
@@ -163,13 +164,6 @@ def _fold(gm: fx.GraphModule, inv: fx.Node, anchor: fx.Node) -> tuple[fx.Node, l
     return constant, chain
 
 
-def _erase_unused(graph: fx.Graph, nodes) -> None:
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    for node in sorted(nodes, key=order.__getitem__, reverse=True):
-        if not node.users:
-            graph.erase_node(node)
-
-
 def _rewrite(gm: fx.GraphModule, emb: fx.Node, ctx: PassContext) -> None:
     tables = {user.target.overloadpacket: user for user in emb.users if is_call(user, aten.cos, aten.sin)}
     if len(tables) != len(emb.users):
@@ -196,7 +190,7 @@ def _rewrite(gm: fx.GraphModule, emb: fx.Node, ctx: PassContext) -> None:
     for kind, (_, _, end, tail) in tails.items():
         end.replace_all_uses_with(outs[kind])
         nodes |= tail
-    _erase_unused(gm.graph, {*nodes, emb, *folded, *outs.values()})
+    erase_unused(gm, {*nodes, emb, *folded, *outs.values()})
     ctx.matched(NAME)
 
 
