@@ -26,7 +26,9 @@ bandwidth measured in this run) and the ratio to it.
    launch alone and apply launch alone (apply_launch configs), mhc_pre (no post, no norm, no Gram), mhc_post
    (phase-1 streaming alone: no GEMV, no finish).
 Prints one table (and the suggested configs rows, ready to paste into compiler/triton/configs.py), writes
-sweep_mhc.json and sweep_mhc.md to --out (default $OUT or .).
+sweep_mhc.json and sweep_mhc.md to --out (default $OUT or .). Written for mhc.py's Gram design (sessions 4–9): since
+session 12 every cuda row is mhc_rows' (apply_launch 3, the last slice finishing), where the loop-form and
+apply-mode variants above have no effect; benchmarks/ab_mhc_finish_here.py is the comparison that chose those rows.
 """
 
 import argparse

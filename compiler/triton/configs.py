@@ -16,43 +16,56 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     },
     # mhc.py: dflash.mhc_post_pre / mhc_pre by token count T (first row with T <= max_t; 0 = no limit): block_t tokens
     # per program (>= 16: tensor-core GEMV against fn), D cut into `split` slices per token block (the last slice to
-    # arrive finishes the block), block_d columns per phase-1 step. apply_launch 1: phase 2 (layer_in and its norm) is
-    # a second launch over [block_t, apply_d] tiles; 2: the finish (Sinkhorn, r_in) too is a launch of its own, one
-    # program per token block, so the main kernel has no ticket and no finisher; 0: the finishing program does phase
-    # 2, apply_d columns per step, right after the block's phase 1. fn_parts: fn as 3 bf16 parts (the fp32 product) or
-    # 2 (16 bits, ≤ 2^-17 relative), split in every program (fn_presplit 0) or once per fn tensor by the launcher (1,
-    # cached; 1.5× fn's bytes at 3 parts). flat_loop 1: phase 1 as one pipelined loop over (chunk, stream) steps
-    # (round 2; wins at T 16); 0: round 1's chunk loop with an inner stream loop (2 stages; round 2's flat loop lost
-    # 1.2-2.9× to it at T >= 256). comb_launch (mhc_post_pre with apply_launch 1 / 2): 1 finishes the comb (softmax
-    # + Sinkhorn) in one more program of the apply launch per token block, beside phase 2 (H100, D 4096: T 16 17.5 →
-    # 16.8 µs, T 1024 105.7 → 99.7; D 7168 T 256 87.7 → 78.7; only D 4096 T 256 lost, 38.4 → 41.5); 0 in the
-    # finish. mhc_pre keeps it in the finish (T 16: 12.5 vs 12.8 µs). apply_launch 3
-    # (mhc_rows.py, session 9): phase 1 on wide token tiles (block_t up to 128) with no Gram matrix, a finish launch
-    # (one token per thread) and a rows launch (apply_rows tokens' whole rows per program: layer_in, its norm);
-    # layout_barrier 1 keeps new_res in one register layout (a PTX identity, cuda only). mhc.post (split 0 = one
-    # program per block_d chunk) serves mhc_post alone. cuda: chosen from the traffic/latency analysis and the H100
-    # sweep in docs/kernels/mhc.md (re-tune with benchmarks/sweep_mhc.py); rocm: untuned (wavefront 64, narrower
-    # tiles).
+    # arrive finishes the block; with `programs`, fewer: the largest power of two keeping blocks × slices <= programs),
+    # block_d columns per phase-1 step. fn_parts: fn as 3 bf16 parts (the fp32 product) or 2 (16 bits, <= 2^-17
+    # relative), split in every program (fn_presplit 0: graph-safe, see mhc._fn_bf16_parts) or once per fn tensor by
+    # the launcher (1, cached: the prefill row only). apply_launch 3 (mhc_rows.py): phase 1 without a Gram matrix;
+    # finish_here 1: the last slice finishes the block (0: a finish launch); a rows launch (apply_rows tokens' whole
+    # rows per program: layer_in and its norm; with finish_here its first programs run the comb's Sinkhorn);
+    # layout_barrier 1 keeps new_res in one register layout (a PTX identity, cuda only). cuda rows: session 12's H100
+    # A/B against session 11's rows (benchmarks/ab_mhc_finish_here.py, docs/kernels/mhc.md: D 4096 T 16 17.1 → 11.3
+    # µs, T 256 42.2 → 23.6, T 1024 100.9 → 62.9, T 4096 237.5 → 217.0); decode and small differ in num_stages only
+    # (2 wins at T 1 / 16, 1 at T 32 / 64). rocm rows: session 4's Gram design (mhc.py's _mhc_kernel; apply_launch 1
+    # = phase 2 in a second launch over [block_t, apply_d] tiles, 2 = the finish too, 0 = the finisher does phase 2;
+    # flat_loop 1 = one loop over (chunk, stream) steps; comb_launch 1 = the comb finished in the apply launch),
+    # untuned (wavefront 64; the layout barrier is PTX); its decode and wide rows copy small and medium.
+    # mhc.post (split 0 = one program per block_d chunk) serves mhc_post alone.
+    "mhc.decode": {
+        "cuda": {"max_t": 16, "block_t": 16, "block_d": 64, "split": 64, "apply_launch": 3, "finish_here": 1,
+                 "apply_rows": 1, "layout_barrier": 1, "fn_parts": 2, "fn_presplit": 0, "num_warps": 4,
+                 "num_stages": 2},
+        "rocm": {"max_t": 16, "block_t": 16, "block_d": 32, "split": 32, "apply_launch": 1, "apply_d": 64,
+                 "fn_parts": 3, "fn_presplit": 0, "flat_loop": 1, "comb_launch": 1,
+                 "num_warps": 4, "num_stages": 2},
+    },
     "mhc.small": {
-        "cuda": {"max_t": 64, "block_t": 16, "block_d": 64, "split": 64, "apply_launch": 1, "apply_d": 64,
-                 "fn_parts": 2, "fn_presplit": 0, "flat_loop": 1, "comb_launch": 1,
-                 "num_warps": 4, "num_stages": 1},
+        "cuda": {"max_t": 64, "block_t": 16, "block_d": 64, "split": 64, "apply_launch": 3, "finish_here": 1,
+                 "apply_rows": 1, "layout_barrier": 1, "fn_parts": 2, "fn_presplit": 0, "num_warps": 4,
+                 "num_stages": 1},
         "rocm": {"max_t": 64, "block_t": 16, "block_d": 32, "split": 32, "apply_launch": 1, "apply_d": 64,
                  "fn_parts": 3, "fn_presplit": 0, "flat_loop": 1, "comb_launch": 1,
                  "num_warps": 4, "num_stages": 2},
     },
     "mhc.medium": {
-        "cuda": {"max_t": 1024, "block_t": 16, "block_d": 64, "split": 16, "apply_launch": 1, "apply_d": 128,
+        "cuda": {"max_t": 256, "block_t": 16, "block_d": 64, "split": 64, "programs": 256, "apply_launch": 3,
+                 "finish_here": 1, "apply_rows": 1, "layout_barrier": 1, "fn_parts": 2, "fn_presplit": 0,
+                 "num_warps": 4, "num_stages": 1},
+        "rocm": {"max_t": 256, "block_t": 16, "block_d": 32, "split": 16, "apply_launch": 1, "apply_d": 128,
                  "fn_parts": 3, "fn_presplit": 0, "flat_loop": 0, "comb_launch": 1,
                  "num_warps": 4, "num_stages": 2},
+    },
+    "mhc.wide": {
+        "cuda": {"max_t": 1024, "block_t": 64, "block_d": 32, "split": 16, "programs": 128, "apply_launch": 3,
+                 "finish_here": 1, "apply_rows": 1, "layout_barrier": 1, "fn_parts": 2, "fn_presplit": 0,
+                 "num_warps": 8, "num_stages": 3},
         "rocm": {"max_t": 1024, "block_t": 16, "block_d": 32, "split": 16, "apply_launch": 1, "apply_d": 128,
                  "fn_parts": 3, "fn_presplit": 0, "flat_loop": 0, "comb_launch": 1,
                  "num_warps": 4, "num_stages": 2},
     },
     "mhc.large": {
-        "cuda": {"max_t": 0, "block_t": 128, "block_d": 32, "split": 4, "apply_launch": 3, "apply_d": 0,
-                 "apply_rows": 1, "layout_barrier": 1, "fn_parts": 2, "fn_presplit": 1, "flat_loop": 0,
-                 "num_warps": 8, "num_stages": 3},
+        "cuda": {"max_t": 0, "block_t": 128, "block_d": 32, "split": 4, "apply_launch": 3, "finish_here": 1,
+                 "apply_rows": 1, "layout_barrier": 1, "fn_parts": 2, "fn_presplit": 1, "num_warps": 8,
+                 "num_stages": 3},
         "rocm": {"max_t": 0, "block_t": 64, "block_d": 32, "split": 8, "apply_launch": 3, "apply_d": 0,
                  "apply_rows": 1, "layout_barrier": 0, "fn_parts": 3, "fn_presplit": 1, "flat_loop": 0,
                  "num_warps": 4, "num_stages": 2},

@@ -15,8 +15,9 @@ alone or the last sublayer's post alone. Grid (split, token blocks): a program o
                        with that launch and config `comb_launch` 1, the finish leaves the comb's mixes·r and one
                        more program of the apply launch per token block runs softmax + Sinkhorn beside phase 2
                        (the apply waits for the whole main grid; the Sinkhorn chain ended it: ≈ 3 µs at T 16).
-Rows with apply_launch 3 (many tokens) go to mhc_rows.py instead: wide token tiles without the Gram matrix, a
-finish launch and a whole-row norm launch.
+This Gram design serves mhc_post alone and the rocm rows (untuned). Rows with apply_launch 3 — every cuda row of
+mhc_post_pre / mhc_pre since session 12 (T 16: 16.8 → 11.2 µs on the H100) — go to mhc_rows.py instead: phase 1
+without the Gram matrix, the finish by the last slice, the norm over whole rows in the second launch.
 docs/kernels/mhc.md explains the grid, the memory traffic, the numerics and the configs.
 """
 
@@ -303,6 +304,7 @@ class _Problem:
     d: int
     dtype: torch.dtype
     interpreted: bool = False
+    tokens: int = 0  # 0: unknown (AOT specs), the row's `split` stands
 
 
 def pick_config(op: str, tokens: int, fam: str) -> dict[str, int]:
@@ -328,15 +330,18 @@ def _plan(p: _Problem, cfg: dict[str, int]) -> tuple[dict[str, object], int]:
         raise ValueError(f"mhc: fn_parts {fn_parts} is not 2 or 3 (bf16 parts of fn)")
     chunks = triton.cdiv(p.d, block_d)
     split = chunks if cfg["split"] == 0 else min(cfg["split"], chunks)
+    if cfg.get("programs") and p.tokens:  # about `programs` programs: the largest power of two of slices that fits
+        per_block = max(1, cfg["programs"] // triton.cdiv(p.tokens, cfg["block_t"]))
+        split = min(split, 1 << (per_block.bit_length() - 1))
     split = triton.cdiv(chunks, triton.cdiv(chunks, split))  # no empty slices
     meta = dict(N=p.n, NM=nm, NH=triton.next_power_of_2((p.n + 1) * (p.n + 2) // 2), BLOCK_T=cfg["block_t"],
-                BLOCK_D=block_d, APPLY_D=min(cfg["apply_d"] if has_pre else 16, triton.next_power_of_2(p.d)),
+                BLOCK_D=block_d, APPLY_D=min(cfg.get("apply_d", 0) if has_pre else 16, triton.next_power_of_2(p.d)),
                 SPLIT_P2=triton.next_power_of_2(split) if has_pre else 1, FN_PARTS=fn_parts,
-                FN_PRESPLIT=bool(fn_parts and cfg["fn_presplit"]), FLAT_LOOP=bool(cfg["flat_loop"]),
+                FN_PRESPLIT=bool(fn_parts and cfg["fn_presplit"]), FLAT_LOOP=bool(cfg.get("flat_loop", 0)),
                 INTERPRETED=p.interpreted, HAS_POST=has_post, HAS_PRE=has_pre, HAS_NORM=has_norm,
                 FINISH_INLINE=has_pre and not cfg["apply_launch"],
                 FINISH_HERE=not (has_pre and cfg["apply_launch"] == 2),
-                COMB_IN_APPLY=has_norm and cfg["apply_launch"] in (1, 2) and bool(cfg["comb_launch"]))
+                COMB_IN_APPLY=has_norm and cfg["apply_launch"] in (1, 2) and bool(cfg.get("comb_launch", 0)))
     return meta, split
 
 
@@ -411,7 +416,7 @@ def _launch(op, res, x=None, post=None, comb=None, fn=None, base=None, scale=Non
     comb_out = torch.empty(tokens, n, n, dtype=torch.float32, device=dev) if has_pre else None
     if tokens:
         cfg = config or pick_config(op, tokens, _device_family(dev))
-        meta, split = _plan(_Problem(op, n, d, dtype, dev.type == "cpu"), cfg)
+        meta, split = _plan(_Problem(op, n, d, dtype, dev.type == "cpu", tokens), cfg)
         if meta["FN_PRESPLIT"]:
             fn = _fn_bf16_parts(fn, meta["FN_PARTS"], meta["NM"])
 
@@ -419,9 +424,10 @@ def _launch(op, res, x=None, post=None, comb=None, fn=None, base=None, scale=Non
             return res2 if t is None else t.reshape(shape or t.shape).contiguous()
 
         if has_pre and cfg["apply_launch"] == 3:
+            counters = _arrival_counters(res2, triton.cdiv(tokens, meta["BLOCK_T"]))
             mhc_rows.launch(meta, split, cfg, tokens, d, pointer(x, tokens, d), res2, pointer(post, tokens, n),
                             pointer(comb, tokens, n, n), fn, base, scale, pointer(norm_w), new_res, out, post_out,
-                            comb_out, rms_eps, hc_eps, iters, norm_eps, launches)
+                            comb_out, rms_eps, hc_eps, iters, norm_eps, counters, launches)
             return _shaped(lead, n, d, new_res, out, post_out, comb_out)
         padded = triton.cdiv(tokens, meta["BLOCK_T"]) * meta["BLOCK_T"]
         ws = coef = counters = None
@@ -567,7 +573,7 @@ def _signature(kernel, dtype: torch.dtype, fn_presplit: bool = False) -> dict[st
 
 
 def _buckets(op: str) -> tuple[str, ...]:
-    return ("mhc.post",) if op == "mhc_post" else ("mhc.small", "mhc.medium", "mhc.large")
+    return ("mhc.post",) if op == "mhc_post" else ("mhc.decode", "mhc.small", "mhc.medium", "mhc.wide", "mhc.large")
 
 
 def _spec(name: str, kernel, meta: dict, num_warps: int, num_stages: int) -> KernelSpec:

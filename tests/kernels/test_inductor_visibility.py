@@ -92,7 +92,7 @@ def test_inductor_sees_every_triton_launch_and_copies_no_input():
         "qkv_norm_rope", "attention", "linear", "mhc_post_pre", "kv_materialize", "rms_norm")}, result["declined"]
     assert result["opaque"] == [], "a provider op stayed opaque to Inductor"
     launched = set(result["launches"])
-    assert {"attention_decode_kernel", "skinny_gemm_kernel", "_mhc_kernel", "norm_rope_heads_kernel",
+    assert {"attention_decode_kernel", "skinny_gemm_kernel", "_wide_kernel", "_rows_kernel", "norm_rope_heads_kernel",
             "rms_norm_rows_kernel"} <= launched, launched
     assert result["cloned_inputs"] == [], "a kernel was assumed to write an input: Inductor would copy it per call"
     assert result["outputs"] == 6, "mutated inputs came back as extra outputs"

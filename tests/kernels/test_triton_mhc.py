@@ -2,11 +2,12 @@
 
 Without a GPU the kernels run on CPU tensors through TRITON_INTERPRET=1 (tests/conftest.py sets it). Every
 buffer the launcher allocates (outputs and the partials workspace) is poisoned with NaN first, so an element
-a kernel fails to write fails the comparison. Each launch path is forced with an explicit config: APPLY
-(D split over programs, phase 2 as a second launch), SPLIT_INLINE (D split, phase 2 by the finishing program),
-NO_SPLIT (one program per token block, no ticket), apply_launch 2 (the finish and phase 2 as launches of their
-own: the large row). Both phase-1 loop forms run: flat_loop 1 (the small row:
-APPLY, PRESPLIT) and 0 (the medium and large rows: SPLIT_INLINE, NO_SPLIT), and each crossed over below.
+a kernel fails to write fails the comparison. Each launch path is forced with an explicit config. mhc.py's Gram
+design (the rocm rows): APPLY (D split over programs, phase 2 as a second launch), SPLIT_INLINE (D split, phase 2
+by the finishing program), NO_SPLIT (one program per token block, no ticket), apply_launch 2 (the finish and phase
+2 as launches of their own), both phase-1 loop forms (flat_loop 1: APPLY, PRESPLIT; 0: SPLIT_INLINE, NO_SPLIT),
+each crossed over below. mhc_rows.py (the cuda rows): WIDE (a finish launch) and FINISH_HERE (the last slice
+finishes, the rows launch runs the comb's Sinkhorn).
 
 bf16 on the interpreter: Triton 3.9's interpreter truncates fp32 → bf16 where the GPU (and torch) round to
 nearest even, so new_res and layer_in may differ from the reference by one bf16 ulp; the 2e-2 bound covers it,
@@ -35,15 +36,23 @@ NORM_EPS = 1e-6
 SHARED_LIMIT = {"sm_80": 166912, "sm_90": 232448, "gfx942": 65536, "gfx950": 163840}
 
 
-def row(bucket: str, **override) -> dict:
-    return {**tm.launch_config(f"mhc.{bucket}", "cuda"), **override}
+def row(bucket: str, family: str = "cuda", **override) -> dict:
+    return {**tm.launch_config(f"mhc.{bucket}", family), **override}
 
 
-APPLY = row("small", block_d=32)                    # D split over programs, phase 2 in a second launch
-SPLIT_INLINE = row("medium", block_d=32, split=8, apply_launch=0)  # the finisher does phase 2
+def gram_row(bucket: str, **override) -> dict:
+    """A row of mhc.py's Gram design (the rocm rows)."""
+    return row(bucket, "rocm", **override)
+
+
+APPLY = gram_row("small", block_d=32)               # D split over programs, phase 2 in a second launch
+SPLIT_INLINE = gram_row("medium", block_d=32, split=8, apply_launch=0)  # the finisher does phase 2
 NO_SPLIT = dict(SPLIT_INLINE, split=1, apply_d=64)  # one program per token block, no ticket
-PRESPLIT = row("small", block_d=32, fn_presplit=1)  # fn's 3 bf16 parts made once by the launcher, cached
-WIDE = row("large", block_t=32, block_d=32, split=2, apply_rows=2)  # mhc_rows: wide tiles, finish, whole rows
+PRESPLIT = gram_row("small", block_d=32, fn_presplit=1)  # fn's 3 bf16 parts made once by the launcher, cached
+# mhc_rows (no Gram matrix): the finish launch, or the last slice finishing (finish_here) with the comb's Sinkhorn in
+# the rows launch
+WIDE = row("large", block_t=32, block_d=32, split=2, apply_rows=2, finish_here=0)
+FINISH_HERE = row("decode", block_d=32, split=3)
 
 
 def make_inputs(tokens, n, d, dtype, seed, lead=None):
@@ -111,16 +120,32 @@ POST_PRE_CASES = [  # (tokens, n, D, dtype, iters, config)
     (40, 4, 96, torch.bfloat16, 20, WIDE),                                       # 2 wide blocks (1 ragged), 2 slices
     (5, 3, 100, torch.float32, 20, dict(WIDE, apply_rows=1)),                    # n 3, D 100, IEEE fp32 dot
     (17, 4, 64, torch.bfloat16, 3, dict(WIDE, fn_parts=3, fn_presplit=0, split=1, apply_rows=4)),  # ragged rows
+    (40, 4, 96, torch.bfloat16, 20, FINISH_HERE),                                # 3 blocks (1 ragged), 3 slices
+    (17, 3, 100, torch.float32, 20, dict(FINISH_HERE, apply_rows=2)),            # n 3, D 100, IEEE fp32 dot
+    (1, 4, 64, torch.bfloat16, 3, dict(FINISH_HERE, num_stages=1)),              # one token (AR)
 ]
 
 
 @pytest.mark.parametrize("tokens, n, d, dtype, iters, config", POST_PRE_CASES,
-                         ids=lambda v: "s{split}a{apply_launch}f{fn_parts}p{fn_presplit}l{flat_loop}c{comb}".format(
-                             **v, comb=v.get("comb_launch", "-"))
+                         ids=lambda v: "s{split}a{apply_launch}f{fn_parts}p{fn_presplit}l{flat}c{comb}h{here}".format(
+                             **v, flat=v.get("flat_loop", "-"), comb=v.get("comb_launch", "-"),
+                             here=v.get("finish_here", "-"))
                          if isinstance(v, dict) else str(v))
 def test_post_pre_matches_reference(tokens, n, d, dtype, iters, config):
     got, want, _ = run_post_pre(tokens, n, d, dtype, iters, config)
     assert_outputs_close(got, want, dtype)
+
+
+def test_the_comb_finished_by_the_rows_launch_matches_the_finish_launchs():
+    """finish_here 1 (the last slice finishes, the rows launch turns the stored mixes·r into comb) and 0 (a finish
+    launch, one token per thread, does it all) evaluate the same formulas in the same order; only the slice sums'
+    reduction layout differs."""
+    kw = dict(block_d=32, split=3, apply_rows=1)
+    here, want, _ = run_post_pre(17, 4, 96, torch.float32, 20, row("decode", finish_here=1, **kw), seed=3)
+    launch, _, _ = run_post_pre(17, 4, 96, torch.float32, 20, row("decode", finish_here=0, **kw), seed=3)
+    assert_outputs_close(here, want, torch.float32)
+    for a, b in zip(here, launch):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_the_comb_finished_in_the_apply_launch_has_the_finishs_bits():
@@ -152,7 +177,8 @@ def test_bf16_pre_matches_reference_on_the_kernels_own_new_res(tokens, config):
     (17, 4, 96, torch.float32, 20, dict(NO_SPLIT, flat_loop=1)),
     (33, 4, 64, torch.float32, 3, dict(APPLY, apply_launch=2)),
     (33, 4, 96, torch.bfloat16, 20, WIDE),
-], ids=["apply", "inline", "no_split", "no_split_flat", "finish_launch", "wide"])
+    (33, 4, 96, torch.bfloat16, 20, FINISH_HERE),
+], ids=["apply", "inline", "no_split", "no_split_flat", "finish_launch", "wide", "finish_here"])
 def test_pre_matches_reference(tokens, n, d, dtype, iters, config):
     _, res, _, _, fn, base, scale, _ = make_inputs(tokens, n, d, dtype, seed=1)
     args = (res, fn, base, scale, EPS["rms_eps"], EPS["hc_eps"], iters)
@@ -187,11 +213,11 @@ def test_presplit_fn_parts_cached_per_tensor_and_version():
     assert keys and not any(k in tm._FN_PARTS for k in keys)
 
 
-def test_leading_dims_and_repeated_split_launches():
-    """res [B, S, n, D] keeps its leading dims; the split path leaves its arrival tickets at zero, so a second
+@pytest.mark.parametrize("config, slices", [(SPLIT_INLINE, 4), (FINISH_HERE, 2)], ids=["gram", "finish_here"])
+def test_leading_dims_and_repeated_split_launches(config, slices):
+    """res [B, S, n, D] keeps its leading dims; the split paths leave their arrival tickets at zero, so a second
     launch (same buffer) gives the same answer."""
-    config = SPLIT_INLINE
-    assert tm._plan(tm._Problem("mhc_post_pre", 4, 128, torch.float32), config)[1] == 4
+    assert tm._plan(tm._Problem("mhc_post_pre", 4, 128, torch.float32), config)[1] == slices
     got, want, args = run_post_pre(None, 4, 128, torch.float32, 20, config, lead=(2, 1))
     assert [tuple(t.shape) for t in got] == [(2, 1, 4, 128), (2, 1, 128), (2, 1, 4), (2, 1, 4, 4)]
     assert_outputs_close(got, want, torch.float32)
@@ -202,10 +228,13 @@ def test_leading_dims_and_repeated_split_launches():
 
 
 def test_pick_config_by_token_count():
-    rows = [tm.pick_config("mhc_post_pre", t, "cuda") for t in (1, 64, 65, 1024, 1025, 16384)]
-    assert [r["apply_launch"] for r in rows] == [1, 1, 1, 1, 3, 3]
-    assert rows[0] == tm.launch_config("mhc.small", "cuda") and rows[-1] == tm.launch_config("mhc.large", "cuda")
-    assert tm.pick_config("mhc_pre", 16, "rocm") == tm.launch_config("mhc.small", "rocm")
+    buckets = {t: next(b for b in tm._buckets("mhc_post_pre") if tm.pick_config("mhc_post_pre", t, "cuda")
+                       is tm.launch_config(b, "cuda")) for t in (1, 16, 17, 64, 65, 256, 257, 1024, 1025, 16384)}
+    assert list(buckets.values()) == ["mhc.decode", "mhc.decode", "mhc.small", "mhc.small", "mhc.medium",
+                                      "mhc.medium", "mhc.wide", "mhc.wide", "mhc.large", "mhc.large"]
+    assert all(tm.pick_config("mhc_post_pre", t, "cuda")["apply_launch"] == 3 for t in buckets)
+    assert tm.pick_config("mhc_pre", 16, "rocm") == tm.launch_config("mhc.decode", "rocm")
+    assert tm.pick_config("mhc_pre", 32, "rocm")["apply_launch"] == 1
     assert tm.pick_config("mhc_post", 16, "cuda") == tm.launch_config("mhc.post", "cuda")
 
 
@@ -216,6 +245,11 @@ def test_plan_splits_d_without_empty_slices():
     assert tm._plan(five_chunks, row("medium", block_d=32))[1] == 5
     meta, _ = tm._plan(tm._Problem("mhc_pre", 8, 4096, torch.float32), NO_SPLIT)
     assert (meta["NM"], meta["BLOCK_D"], meta["FN_PARTS"], meta["FINISH_INLINE"]) == (128, 16, 0, True)
+    # `programs`: blocks × slices within it (powers of two), the row's split without a token count (AOT specs)
+    medium = row("medium", split=64, programs=256)
+    slices = {t: tm._plan(tm._Problem("mhc_post_pre", 4, 4096, torch.bfloat16, tokens=t), medium)[1]
+              for t in (0, 16, 65, 128, 200, 256)}
+    assert slices == {0: 64, 16: 64, 65: 32, 128: 32, 200: 16, 256: 16}
     with pytest.raises(ValueError, match="fn_parts 1"):
         tm._plan(five_chunks, row("small", fn_parts=1))
     with pytest.raises(ValueError, match="block_t 8 < 16"):
@@ -277,8 +311,14 @@ def test_aot_compiles_every_spec(aot_results, arch):
     specs = [s.name for s in tm.aot_specs(family(arch))]
     launches = {name.split("_bf16")[0] for name in specs}
     assert len(launches) == len(specs) - 2, specs  # only the rows kernels differ by D (their whole-row tile)
-    assert {"mhc_post_pre_small", "mhc_post_pre_small_apply", "mhc_post_pre_medium_apply", "mhc_post_pre_large_wide",
-            "mhc_post_pre_large_finish", "mhc_post_pre_large_rows", "mhc_pre_large_rows", "mhc_post_post"} <= launches
+    expected = {  # cuda: mhc_rows with the last slice finishing (no finish launch); rocm: the Gram rows, then mhc_rows
+        "cuda": {"mhc_post_pre_decode_wide", "mhc_post_pre_decode_rows", "mhc_post_pre_wide_wide",
+                 "mhc_post_pre_large_wide", "mhc_pre_decode_rows", "mhc_post_post"},
+        "rocm": {"mhc_post_pre_decode", "mhc_post_pre_decode_apply", "mhc_post_pre_medium_apply",
+                 "mhc_post_pre_large_wide", "mhc_post_pre_large_finish", "mhc_post_pre_large_rows",
+                 "mhc_pre_large_rows", "mhc_post_post"}}[family(arch)]
+    assert expected <= launches, sorted(launches)
+    assert family(arch) == "rocm" or not any(name.endswith("_finish") for name in launches)
     for name in specs:
         result = aot_results[f"{name}@{arch}"]
         assert isinstance(result, list) and result[0] > 0, (name, result)
@@ -315,8 +355,8 @@ def test_gpu_fp32_pre_and_post(tokens):
 
 @pytest.mark.gpu
 def test_gpu_split_path_in_a_cuda_graph():
-    """T = 16 (D split over programs, arrival tickets, phase 2 as a second launch) replayed from a CUDA graph with
-    new inputs each time."""
+    """T = 16 (D split over programs, arrival tickets, the rows launch) replayed from a CUDA graph with new inputs
+    each time."""
     x, res, post, comb, fn, base, scale, w = make_inputs(16, 4, 4096, torch.bfloat16, seed=7)
     args = (x, res, post, comb, fn, base, scale, w, EPS["rms_eps"], EPS["hc_eps"], 20, NORM_EPS)
     tm.mhc_post_pre(*args)  # compile outside the capture
