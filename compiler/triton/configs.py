@@ -19,7 +19,7 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     # arrive finishes the block; with `programs`, fewer: the largest power of two keeping blocks × slices <= programs),
     # block_d columns per phase-1 step. fn_parts: fn as 3 bf16 parts (the fp32 product) or 2 (16 bits, <= 2^-17
     # relative), split in every program (fn_presplit 0: graph-safe, see mhc._fn_bf16_parts) or once per fn tensor by
-    # the launcher (1, cached: the prefill row only). apply_launch 3 (mhc_rows.py): phase 1 without a Gram matrix;
+    # the launcher (1, cached: the rocm prefill row; on the H100 the cuda large row was 1-2 % faster without it). apply_launch 3 (mhc_rows.py): phase 1 without a Gram matrix;
     # finish_here 1: the last slice finishes the block (0: a finish launch); a rows launch (apply_rows tokens' whole
     # rows per program: layer_in and its norm; with finish_here its first programs run the comb's Sinkhorn);
     # layout_barrier 1 keeps new_res in one register layout (a PTX identity, cuda only). cuda rows: session 12's H100
@@ -64,7 +64,7 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     },
     "mhc.large": {
         "cuda": {"max_t": 0, "block_t": 128, "block_d": 32, "split": 4, "apply_launch": 3, "finish_here": 1,
-                 "apply_rows": 1, "layout_barrier": 1, "fn_parts": 2, "fn_presplit": 1, "num_warps": 8,
+                 "apply_rows": 1, "layout_barrier": 1, "fn_parts": 2, "fn_presplit": 0, "num_warps": 8,
                  "num_stages": 3},
         "rocm": {"max_t": 0, "block_t": 64, "block_d": 32, "split": 8, "apply_launch": 3, "apply_d": 0,
                  "apply_rows": 1, "layout_barrier": 0, "fn_parts": 3, "fn_presplit": 1, "flat_loop": 0,
