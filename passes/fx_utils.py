@@ -49,7 +49,8 @@ def recipe_of(gm: fx.GraphModule, node: fx.Node) -> tuple:
 def build_constant(gm: fx.GraphModule, recipe: tuple) -> torch.Tensor:
     """Evaluate a recipe over gm's tensors: ("attr", name) | ("rows", r, start, end) | ("zeros", r, n) (n rows of
     zeros shaped like r's rows) | ("cat", [r, ...]) along dim 0 | ("ones", n, dtype, device) | ("values", floats,
-    dtype, device) (a small 1-D tensor a pass computed, e.g. rope's inv_freq). The compile cache replays recipes
+    dtype, device) (a small 1-D tensor a pass computed, e.g. rope's inv_freq) | ("scale_columns", r, v) (r's columns
+    times the 1-D v, in r's dtype: a norm's weight folded into the GEMM after it). The compile cache replays recipes
     against the live parameters, so a cached graph never stores weights."""
     kind, *args = recipe
     if kind == "attr":
@@ -68,20 +69,34 @@ def build_constant(gm: fx.GraphModule, recipe: tuple) -> torch.Tensor:
         return torch.ones(args[0], dtype=args[1], device=args[2])
     if kind == "values":
         return torch.tensor(args[0], dtype=args[1], device=args[2])
+    if kind == "scale_columns":
+        return scale_columns(build_constant(gm, args[0]), build_constant(gm, args[1]))
     raise ValueError(f"unknown constant recipe {kind!r}")
 
 
-def add_constant(gm: fx.GraphModule, anchor: fx.Node, prefix: str, recipe: tuple) -> fx.Node:
-    """Build the constant `recipe` describes, register it on gm under a fresh name (recording the recipe) and
-    return a get_attr node for it, inserted before anchor."""
+def scale_columns(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """w [N, K] times v [K] along its columns, in fp32, rounded to w's dtype once."""
+    return (w.float() * v.float()).to(w.dtype).detach()
+
+
+def add_constant(gm: fx.GraphModule, anchor: fx.Node, prefix: str, recipe: tuple,
+                 value: torch.Tensor | None = None, like: fx.Node | None = None) -> fx.Node:
+    """Register the constant `recipe` describes on gm under a fresh name (recording the recipe) and return a get_attr
+    node for it, inserted before anchor. `value`: the constant built from gm's tensors as they are now, where the
+    recipe's own sources (parameters a merge replaced) have left gm. `like`: a node whose fake value's mode gives
+    the new node its meta["val"]."""
     i = 0
     while hasattr(gm, f"{prefix}_{i}"):
         i += 1
     name = f"{prefix}_{i}"
-    gm.register_buffer(name, build_constant(gm, recipe), persistent=True)
+    gm.register_buffer(name, build_constant(gm, recipe) if value is None else value, persistent=True)
     gm.meta.setdefault(RECIPES, {})[name] = recipe
     with gm.graph.inserting_before(anchor):
-        return gm.graph.get_attr(name)
+        node = gm.graph.get_attr(name)
+    fake_mode = detect_fake_mode([meta_val(like)]) if like is not None else None
+    if fake_mode is not None:
+        node.meta["val"] = fake_mode.from_tensor(getattr(gm, name), static_shapes=True)
+    return node
 
 
 def meta_val(node: object):

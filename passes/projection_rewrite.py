@@ -11,7 +11,6 @@ import operator
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
 
 from .fx_utils import add_constant, attr_tensor, infer_meta, meta_val, recipe_of, same_sizes
 from .head_chains import Proj, Table, is_idle
@@ -37,11 +36,7 @@ class Emitter:
         return [self.call(operator.getitem, node, i) for i in range(n)]
 
     def constant(self, prefix: str, recipe: tuple, like: fx.Node) -> fx.Node:
-        node = add_constant(self.gm, self.anchor, f"dflash_{prefix}", recipe)
-        fake_mode = detect_fake_mode([meta_val(like)])
-        if fake_mode is not None:
-            node.meta["val"] = fake_mode.from_tensor(attr_tensor(self.gm, node), static_shapes=True)
-        return node
+        return add_constant(self.gm, self.anchor, f"dflash_{prefix}", recipe, like=like)
 
     def size(self, node: fx.Node, dim: int):
         """node.shape[dim] as an int, or an aten.sym_size node when it is symbolic."""

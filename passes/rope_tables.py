@@ -19,11 +19,10 @@ import operator
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .cleanup import SAME_VALUE_VIEWS, is_noop_view
-from .fx_utils import add_constant, infer_meta, is_call, meta_val, node_arg, same_sizes, tensor_meta
+from .fx_utils import add_constant, infer_meta, is_call, node_arg, same_sizes, tensor_meta
 from .head_chains import describe
 from .manager import GraphPass, PassContext
 from .projection_rewrite import erase_unused
@@ -157,10 +156,7 @@ def _fold(gm: fx.GraphModule, inv: fx.Node, anchor: fx.Node) -> tuple[fx.Node, l
             values[n] = n.target(*args, **kwargs)
     value = values[inv]
     constant = add_constant(gm, anchor, "dflash_inv_freq", ("values", tuple(value.tolist()), value.dtype,
-                                                           str(value.device)))
-    fake_mode = detect_fake_mode([meta_val(inv)])
-    if fake_mode is not None:
-        constant.meta["val"] = fake_mode.from_tensor(value, static_shapes=True)
+                                                           str(value.device)), value, like=inv)
     return constant, chain
 
 

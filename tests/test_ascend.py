@@ -331,6 +331,25 @@ def test_linear_silu_mul_is_the_linear_then_npu_swiglu(dtype, tol):
     assert_outputs_close(load_generated(source, emulation, gm)(*args), gm(*args), tol)
 
 
+class NormGateUpSwiGLU(nn.Module):
+    """The norm's weight as the pass leaves it (None, folded into w) and kept."""
+
+    def forward(self, x, residual, norm_w, w, b):
+        h, total = torch.ops.dflash.add_rms_norm_linear_silu_mul(x, residual, None, 1e-6, w, b)
+        return h, total, torch.ops.dflash.add_rms_norm_linear_silu_mul(x, residual, norm_w, 1e-6, w, b)[0]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32), (torch.bfloat16, BF16)])
+def test_add_rms_norm_linear_silu_mul_is_npu_add_rms_norm_then_the_linear_and_npu_swiglu(dtype, tol):
+    gen = torch.Generator().manual_seed(6)
+    args = (_randn(gen, 2, 5, 24, dtype=dtype), _randn(gen, 2, 5, 24, dtype=dtype), _randn(gen, 24, dtype=dtype),
+            _randn(gen, 48, 24, dtype=dtype, scale=0.3), _randn(gen, 48, dtype=dtype))
+    gm = exported(NormGateUpSwiGLU(), args)
+    source = generate_ascend_module(gm)
+    assert source.count("npu.npu_add_rms_norm(") == 2 and source.count("npu.npu_swiglu(") == 2
+    assert_outputs_close(load_generated(source, emulation, gm)(*args), gm(*args), tol)
+
+
 class EmbedNorm(nn.Module):
     """embedding_rms_norm with a norm weight and without (npu_rms_norm's gamma of ones)."""
 

@@ -49,8 +49,8 @@ def test_draft_step_fuses_every_layer(pair):
                               "rms_norms": 2 * layers + 2,  # + the final norm and the context's hidden_norm
                               "add_rms_norm": 2 * layers,  # all but the first input norm and hidden_norm read an add
                               "embedding_rms_norm": 1,  # the first input norm reads the block's embeddings
-                              "silu_mul": layers, "linear_silu_mul": layers, "kv_cache_writes": layers,
-                              "context_qkv": layers, "rope_cos_sin": 1}
+                              "silu_mul": layers, "linear_silu_mul": layers, "add_rms_norm_linear_silu_mul": layers,
+                              "kv_cache_writes": layers, "context_qkv": layers, "rope_cos_sin": 1}
     assert not report.rejections
     C = 5  # the capture's example was batch 2, context 3
     for B in (1, max_batch):
@@ -68,8 +68,8 @@ def test_verify_step_fuses_every_layer(pair):
                               "rms_norms": 2 * layers + 1,  # input and post-attention norms; the final norm
                               "add_rms_norm": 2 * layers,  # all but the first input norm read a residual add
                               "embedding_rms_norm": 1,  # the first input norm reads the embeddings
-                              "silu_mul": layers, "linear_silu_mul": layers, "kv_cache_writes": layers,
-                              "rope_cos_sin": 1}
+                              "silu_mul": layers, "linear_silu_mul": layers, "add_rms_norm_linear_silu_mul": layers,
+                              "kv_cache_writes": layers, "rope_cos_sin": 1}
     assert not report.rejections
     for B in (1, max_batch):
         _assert_same(VerifyStep(target), program, (torch.randint(0, 1000, (B, b)), _ragged(B, b)))

@@ -434,6 +434,11 @@ SAMPLES = {
     "linear_silu_mul": Sample(
         ops.linear_silu_mul, lambda g, b, s, k: (randn(g, b, s, 16), randn(g, 48, 16, scale=0.25), randn(g, 48)),
         lambda B, S, K: ({0: B, 1: S}, None, None)),
+    "add_rms_norm_linear_silu_mul": Sample(
+        ops.add_rms_norm_linear_silu_mul,
+        lambda g, b, s, k: (randn(g, b, s, 16), randn(g, b, s, 16), 1 + randn(g, 16, scale=0.1), EPS,
+                            randn(g, 48, 16, scale=0.25), randn(g, 48)),
+        lambda B, S, K: ({0: B, 1: S}, {0: B, 1: S}, None, None, None)),
 }
 # Tracing tests need one attention kind without a mask and `custom` (the other kinds share the same fake).
 TRACED = [name for name in SAMPLES if name not in ("attention.non_causal", "attention.sliding")]

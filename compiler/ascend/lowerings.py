@@ -331,6 +331,17 @@ def _linear_silu_mul(op: str, a: dict[str, Operand]) -> Lowered:
                    (f"return npu.npu_swiglu(torch.nn.functional.linear({x}, {w}, {b}), dim=-1)",))
 
 
+def _add_rms_norm_linear_silu_mul(op: str, a: dict[str, Operand]) -> Lowered:
+    x, w, b = (a[n].src for n in ("x", "w", "b"))
+    if a["x"].value.dtype not in NORM_DTYPES:
+        return reference(op, a, f"npu_add_rms_norm takes float16/bfloat16/float32, not {a['x'].value.dtype}")
+    return Lowered("dflash.add_rms_norm_linear_silu_mul -> npu_add_rms_norm, torch.nn.functional.linear, then "
+                   "npu_swiglu (no norm in the NPU's GEMM)",
+                   (f"y, _, total = npu.npu_add_rms_norm({x}, {a['residual'].src}, {_gamma(x, a['norm_w'])}, "
+                    f"{a['eps'].src})",
+                    f"return npu.npu_swiglu(torch.nn.functional.linear(y, {w}, {b}), dim=-1), total"))
+
+
 # ---------------------------------------------------------------------------------------------- mHC
 
 
@@ -370,4 +381,5 @@ _LOWERINGS = {
     "mhc_post_pre": _traced_reference,
     "linear": _linear,
     "linear_silu_mul": _linear_silu_mul,
+    "add_rms_norm_linear_silu_mul": _add_rms_norm_linear_silu_mul,
 }

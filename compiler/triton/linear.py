@@ -5,6 +5,9 @@ x[..., K] ─ rows M = Π lead ─┬─ skinny_gemm.serves(M, N, K): skinny_gem
                              └─ otherwise (prefill, fp32 …):  F.linear(x, w, b) (cuBLAS / hipBLASLt)
 linear_silu_mul (w = [gate; up] [2·I, K]): served rows → skinny_gemm_kernel with the SwiGLU product in its
 epilogue (GLU) ─▶ h[..., I]; otherwise the linear above, then silu_mul_kernel over its halves.
+add_rms_norm_linear_silu_mul: served rows (bf16/fp16, the norm's weight folded into w) → the same kernel normalizing
+x + residual as it streams w (NORM: one K slice per program), s stored beside ─▶ (h, s); otherwise add_rms_norm,
+then the above.
 """
 
 import math
@@ -15,9 +18,10 @@ from torch import Tensor
 from ..ops.mlp import silu_mul_reference
 from ..providers import Provider, register
 from .aot import KernelSpec
-from .norm_rope import device_reason, dtype_reason, family_of, first_reason
+from ..ops.norm_rope import add_rms_norm_reference
+from .norm_rope import add_rms_norm, add_rms_norm_supports, device_reason, dtype_reason, family_of, first_reason
 from .mlp import silu_mul, silu_mul_supports
-from .skinny_gemm import gemm_spec, serves, skinny_gemm, skinny_gemm_glu
+from .skinny_gemm import gemm_spec, serves, skinny_gemm, skinny_gemm_glu, skinny_gemm_glu_norm
 
 # Qwen3-8B (H 4096, inter 12288, vocab 151936) and its 5-layer DFlash draft's fc: o, gate|up, down, lm_head, fc;
 # the GEMMs of qkv_norm_rope's and kv_materialize's epilogue paths: merged qkv, one layer's k|v, 5 layers' k|v
@@ -65,14 +69,37 @@ def linear_silu_mul(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return silu_mul(gate, up) if silu_mul_supports(gate, up) is None else silu_mul_reference(gate, up)
 
 
+def add_rms_norm_linear_silu_mul_supports(x: Tensor, residual: Tensor, norm_w: Tensor | None, eps: float, w: Tensor,
+                                          b: Tensor | None) -> str | None:
+    return first_reason(linear_silu_mul_supports(x, w, b), add_rms_norm_supports(x, residual, norm_w, eps))
+
+
+def add_rms_norm_linear_silu_mul(x: Tensor, residual: Tensor, norm_w: Tensor | None, eps: float, w: Tensor,
+                                 b: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The dflash.add_rms_norm_linear_silu_mul provider: the skinny GEMM normalizing its input rows where
+    `linear_silu_mul` would launch the skinny GEMM and the norm has no weight (the pass folds a constant one into
+    w); else add_rms_norm (its Triton kernel, or the reference for what that declines), then `linear_silu_mul`."""
+    (n, k), lead = w.shape, x.shape[:-1]
+    rows = lead.numel()
+    if norm_w is None and x.dtype in (torch.bfloat16, torch.float16) and serves(rows, n, k, family_of(x)):
+        h, total = skinny_gemm_glu_norm(x.reshape(rows, k), residual.reshape(rows, k), eps, w, b)
+        return h.view(*lead, n // 2), total.view(x.shape)
+    add_norm = add_rms_norm if add_rms_norm_supports(x, residual, norm_w, eps) is None else add_rms_norm_reference
+    normed, total = add_norm(x, residual, norm_w, eps)
+    return linear_silu_mul(normed, w, b), total
+
+
 def aot_specs(family: str = "cuda") -> list[KernelSpec]:
     """bf16, up to 16 rows (a 16-token block at batch 1), no bias, the launches gemm_config picks for AOT_SHAPES,
-    and the merged gate|up one with the SwiGLU epilogue."""
+    and the merged gate|up one with the SwiGLU epilogue, with and without the norm in front."""
     specs = [gemm_spec(torch.bfloat16, 16, n, k, family=family) for n, k in AOT_SHAPES]
     specs.append(gemm_spec(torch.bfloat16, 16, *GATE_UP, family=family, glu=True))
+    specs.append(gemm_spec(torch.bfloat16, 16, *GATE_UP, family=family, glu=True, norm=True))
     return list({spec.name: spec for spec in specs}.values())
 
 
 register(Provider("linear", "triton", ("cuda", "rocm"), linear, priority=10, supports=linear_supports, traceable=True))
 register(Provider("linear_silu_mul", "triton", ("cuda", "rocm"), linear_silu_mul, priority=10,
                   supports=linear_silu_mul_supports, traceable=True))
+register(Provider("add_rms_norm_linear_silu_mul", "triton", ("cuda", "rocm"), add_rms_norm_linear_silu_mul,
+                  priority=10, supports=add_rms_norm_linear_silu_mul_supports, traceable=True))

@@ -35,8 +35,7 @@ from .aot import KernelSpec, pointer_args
 from .configs import launch_config
 from .launch import await_previous_grid, programmatic_launch, traced, wrap_triton
 from . import mhc_rows
-from .mhc_math import (comb_from_logits, comb_logits, comb_mr, comb_sinkhorn, layer_in, mix_partial, pre_post,
-                       slice_sum)
+from .mhc_math import comb_from_logits, comb_logits, comb_or_its_mixes, layer_in, mix_partial, pre_post, slice_sum
 
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _TL_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -107,12 +106,7 @@ def _finish_block(src_ptr, post_ptr, comb_ptr, base_ptr, scale_ptr, norm_w_ptr, 
         for k in tl.static_range(N):
             tl.store(coef_ptr + tt * (N + 1) + k, pre[k])
         tl.store(coef_ptr + tt * (N + 1) + N, r_in)
-    if COMB_IN_APPLY:
-        mr = comb_mr(m, r, N)
-        for q in tl.static_range(N * N):
-            tl.store(comb_out_ptr + tt * (N * N) + q, mr[q], mask=t_ok)
-    else:
-        comb_sinkhorn(m, r, base_ptr, scale_ptr, hc_eps, iters, comb_out_ptr, tt, t_ok, N)
+    comb_or_its_mixes(m, r, base_ptr, scale_ptr, hc_eps, iters, comb_out_ptr, tt, t_ok, N, COMB_IN_APPLY)
 
 
 @triton.jit

@@ -155,6 +155,19 @@ def comb_sinkhorn(m, r, base_ptr, scale_ptr, hc_eps, iters, comb_out_ptr, tt, t_
 
 
 @triton.jit
+def comb_or_its_mixes(m, r, base_ptr, scale_ptr, hc_eps, iters, comb_out_ptr, tt, t_ok, N: tl.constexpr,
+                      LATER: tl.constexpr):
+    """comb (comb_sinkhorn) to comb_out [tokens, N, N], or (LATER) the comb's mixes·r there, for a later launch to
+    finish with comb_logits and comb_from_logits — the same formulas in the same order."""
+    if LATER:
+        mr = comb_mr(m, r, N)
+        for q in tl.static_range(N * N):
+            tl.store(comb_out_ptr + tt * (N * N) + q, mr[q], mask=t_ok)
+    else:
+        comb_sinkhorn(m, r, base_ptr, scale_ptr, hc_eps, iters, comb_out_ptr, tt, t_ok, N)
+
+
+@triton.jit
 def layer_in(src_ptr, out_ptr, pre, tok, td_ok, d, D, N: tl.constexpr):
     """layer_in = Σ_k pre_k·src_k for tokens `tok` and columns `d` of src [tokens, N, D] (pre: a tuple of N
     [tokens] vectors), summed in fp32 and rounded to out's dtype as the reference rounds it."""

@@ -37,8 +37,7 @@ import triton
 import triton.language as tl
 
 from .launch import await_previous_grid, programmatic_launch, traced, wrap_triton
-from .mhc_math import (comb_from_logits, comb_logits, comb_mr, comb_sinkhorn, layer_in, mix_partial, pre_post,
-                       slice_sum)
+from .mhc_math import comb_from_logits, comb_logits, comb_or_its_mixes, layer_in, mix_partial, pre_post, slice_sum
 
 FINISH_WARPS = 4  # the finish kernel: 32·FINISH_WARPS tokens per program, one per thread
 
@@ -130,12 +129,7 @@ def _finish_tokens(ws_ptr, tok, tt, t_ok, ws_tokens, split, D, rms_eps, hc_eps, 
     pre = pre_post(m, r, base_ptr, scale_ptr, hc_eps, post_out_ptr, tt, t_ok, N)
     for k in tl.static_range(N):
         tl.store(coef_ptr + tok * N + k, pre[k], mask=t_ok)
-    if COMB_LATER:
-        mr = comb_mr(m, r, N)
-        for q in tl.static_range(N * N):
-            tl.store(comb_out_ptr + tt * (N * N) + q, mr[q], mask=t_ok)
-    else:
-        comb_sinkhorn(m, r, base_ptr, scale_ptr, hc_eps, iters, comb_out_ptr, tt, t_ok, N)
+    comb_or_its_mixes(m, r, base_ptr, scale_ptr, hc_eps, iters, comb_out_ptr, tt, t_ok, N, COMB_LATER)
 
 
 @triton.jit

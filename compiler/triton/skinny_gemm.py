@@ -50,10 +50,10 @@ def _store_tile(y_ptr, value, rm, rn, row_ok, pid_n, M, N, stride_ym, BLOCK_N: t
 
 @triton.jit
 def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                       front_ptr, ROWS, FRONT, stride_xb, stride_fb, stride_fm,
+                       front_ptr, ROWS, FRONT, stride_xb, stride_fb, stride_fm, res_ptr, s_ptr, eps,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                        EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, JOINED: tl.constexpr, GLU: tl.constexpr,
-                       WIDEN_DOT: tl.constexpr, PREFETCH_K: tl.constexpr, PDL: tl.constexpr):
+                       NORM: tl.constexpr, WIDEN_DOT: tl.constexpr, PREFETCH_K: tl.constexpr, PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     sl = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -84,6 +84,12 @@ def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, s
     else:
         x_ptrs = x_ptr + rm[None, :] * stride_xm + (k_start + rk)[:, None]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if NORM:  # x's rows are rms_norm(s) (no weight) for s = x + residual: x and residual go to the tensor cores as
+        # loaded (two dots, no register round trip in front of them), Σ s² of the rounded s accumulates beside
+        ssq = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+        s_rows = tl.where(pid_n == 0, M, 0)  # the N-tile-0 programs store s (a mask, not a branch in the loop)
+        r_ptrs = res_ptr + rm[None, :] * stride_xm + (k_start + rk)[:, None]
+        s_ptrs = s_ptr + rm[None, :] * stride_xm + (k_start + rk)[:, None]
     for k in range(k_start, k_end, BLOCK_K):
         k_ok = (k + rk) < K
         if EVEN:
@@ -91,12 +97,27 @@ def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, s
         else:
             w = tl.load(w_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         xt = tl.load(x_ptrs, mask=k_ok[:, None] & (rm[None, :] < M), other=0.0)
+        if NORM:
+            tk_ok = k_ok[:, None] & (rm[None, :] < M)
+            rt = tl.load(r_ptrs, mask=tk_ok, other=0.0)
+            st = (xt.to(tl.float32) + rt.to(tl.float32)).to(xt.dtype)
+            tl.store(s_ptrs, st, mask=k_ok[:, None] & (rm[None, :] < s_rows))
+            sf = st.to(tl.float32)
+            ssq += sf * sf
+            if WIDEN_DOT:
+                acc += tl.dot(w.to(tl.float32), rt.to(tl.float32))
+            else:
+                acc += tl.dot(w, rt)
+            r_ptrs += BLOCK_K
+            s_ptrs += BLOCK_K
         if WIDEN_DOT:   # the interpreter's bf16 tl.dot multiplies raw bits (attention_common.widen_dot)
             w = w.to(tl.float32)
             xt = xt.to(tl.float32)
         acc += tl.dot(w, xt)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
+    if NORM:  # one slice holds the whole row (the launcher's rule): its statistic scales the product's columns
+        acc *= tl.math.rsqrt(tl.sum(ssq, axis=0) / K + tl.cast(eps, tl.float32))[None, :]
     if HAS_BIAS:
         bias = tl.load(b_ptr + rn, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     else:
@@ -208,6 +229,31 @@ def skinny_gemm_glu(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None 
     return _launch(x, w, bias, x.shape[0], (x.stride(0), 0, 0, 0, 0), None, config, out, glu=True)
 
 
+def skinny_gemm_glu_norm(x: torch.Tensor, residual: torch.Tensor, eps: float, w: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, s): s = x + residual in x's dtype and h = skinny_gemm_glu(rms_norm(s, None, eps), w, bias) — the norm's
+    weight, if any, folded into w's columns beforehand (passes/add_rms_norm_linear_silu_mul.py). The GEMM applies
+    the norm: x and residual are both dot operands, Σ s² accumulates in the K loop, each row's 1/rms scales the
+    product before the bias and the SwiGLU; one K slice per program, so a program sees whole rows. The N-tile-0
+    programs store s. Not bitwise the two-kernel path, which rounds s and the normed row before the product."""
+    reason = unsupported(x, w, bias) or _norm_reason(x, residual, w)
+    if reason:
+        raise InputError(reason)
+    x, residual = x.contiguous(), residual.contiguous()
+    total = torch.empty_like(x)
+    h = _launch(x, w, bias, x.shape[0], (x.stride(0), 0, 0, 0, 0), None, None, None, glu=True,
+                norm=(residual, total, eps))
+    return h, total
+
+
+def _norm_reason(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor) -> str | None:
+    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+        return f"skinny_gemm: the residual must match x ({tuple(x.shape)} {x.dtype}), got {tuple(residual.shape)}."
+    if w.shape[0] % 2:
+        return f"skinny_gemm: a [gate; up] weight has an even row count, not {w.shape[0]}."
+    return None
+
+
 def skinny_gemm_joined(front: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
                        config: dict | None = None) -> torch.Tensor:
     """y [B·(C+S), N] = cat([front [B, C, K], x [B, S, K]], 1).flatten(0, 1) @ wᵀ (+ bias), B·(C+S) ≤ 32, without
@@ -232,13 +278,16 @@ def _unit_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch(x, w, bias, m, strides, front, config, out, glu: bool = False) -> torch.Tensor:
+def _launch(x, w, bias, m, strides, front, config, out, glu: bool = False, norm=None) -> torch.Tensor:
     """strides: (x's row, x's batch, front's batch, front's row, rows per batch) — the last four only with front.
-    glu: y holds silu(gate) · up, N / 2 columns (a tile's BLOCK_N rows: BLOCK_N / 2 gate, as many up)."""
+    glu: y holds silu(gate) · up, N / 2 columns (a tile's BLOCK_N rows: BLOCK_N / 2 gate, as many up).
+    norm: (residual, s, eps) — x's rows are rms_norm(x + residual) without a weight (the sum stored to s), one K
+    slice."""
     w = w.contiguous()
     n, k = w.shape
-    cfg = {**gemm_config(n, k, family_of(w)), **(config or {})}
+    cfg = {**gemm_config(n, k, family_of(w)), **(config or {}), **({"split_k": 1} if norm else {})}
     meta = plan(m, n, k, cfg)
+    residual, total, eps = norm or (x, x, 0.0)
     y = out if out is not None else torch.empty(m, n // 2 if glu else n, dtype=x.dtype, device=x.device)
     tiles, split = triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]
     ws = torch.empty(split * meta["BLOCK_M"] * n if split > 1 else 1, dtype=torch.float32, device=x.device)
@@ -247,30 +296,32 @@ def _launch(x, w, bias, m, strides, front, config, out, glu: bool = False) -> to
     wrap_triton(skinny_gemm_kernel)[(tiles, split)](
         x, w, x if bias is None else bias.contiguous(), y, ws, counters, m, n, k, stride_xm, w.stride(0),
         y.stride(0), x if front is None else front, rows, 0 if front is None else front.shape[1], stride_xb,
-        stride_fb, stride_fm, **meta, HAS_BIAS=bias is not None, JOINED=front is not None, GLU=glu,
-        WIDEN_DOT=x.device.type != "cuda", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        stride_fb, stride_fm, residual, total, eps, **meta, HAS_BIAS=bias is not None,
+        JOINED=front is not None, GLU=glu, NORM=norm is not None, WIDEN_DOT=x.device.type != "cuda",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **programmatic_launch(x.device))
     return y
 
 
 def gemm_spec(dtype: torch.dtype, block_m: int, n: int, k: int, bias: bool = False, family: str = "cuda",
-              joined: bool = False, glu: bool = False) -> KernelSpec:
+              joined: bool = False, glu: bool = False, norm: bool = False) -> KernelSpec:
     """The build gemm_config(n, k, family) launches for up to block_m rows (`joined`: from front and x; `glu`: the
-    SwiGLU product of w's halves): N and K tile multiples (EVEN), 16-byte aligned pointers and strides divisible
-    by 16."""
-    config = gemm_config(n, k, family)
+    SwiGLU product of w's halves; `norm`: x's rows normalized with a residual, one K slice): N and K tile multiples
+    (EVEN), 16-byte aligned pointers and strides divisible by 16."""
+    config = {**gemm_config(n, k, family), **({"split_k": 1} if norm else {})}
     meta = plan(block_m, n, k, config)
     split = meta["SPLIT_K"]
     constexprs = dict(BLOCK_M=block_m, BLOCK_N=config["block_n"], BLOCK_K=config["block_k"], SPLIT_K=split,
-                      EVEN=True, HAS_BIAS=bias, JOINED=joined, GLU=glu, WIDEN_DOT=False,
+                      EVEN=True, HAS_BIAS=bias, JOINED=joined, GLU=glu, NORM=norm, WIDEN_DOT=False,
                       PREFETCH_K=meta["PREFETCH_K"])
     fn = _compilable(skinny_gemm_kernel)
     dt = "*" + DTYPES[dtype]
     pointers = {"x_ptr": dt, "w_ptr": dt, "b_ptr": dt, "y_ptr": dt, "ws_ptr": "*fp32", "count_ptr": "*i32",
-                "front_ptr": dt}
-    signature = _signature(fn, pointers, (), constexprs)
+                "front_ptr": dt, "res_ptr": dt, "s_ptr": dt}
+    signature = _signature(fn, pointers, ("eps",), constexprs)
     strides = ("stride_xm", "stride_wn", "stride_ym") + (("stride_xb", "stride_fb", "stride_fm") if joined else ())
-    flags = "".join(f",{name}" for name, on in (("bias", bias), ("joined", joined), ("glu", glu)) if on)
+    flags = "".join(f",{name}" for name, on in (("bias", bias), ("joined", joined), ("glu", glu), ("norm", norm))
+                    if on)
     return KernelSpec(f"skinny_gemm[{DTYPES[dtype]},m{block_m},n{config['block_n']},k{config['block_k']},"
-                      f"split{split}{flags},{family}]", fn, signature, constexprs, num_warps=config["num_warps"], num_stages=config["num_stages"],
-                      divisible_by_16=pointer_args(signature) + ("N", "K") + strides)
+                      f"split{split}{flags},{family}]", fn, signature, constexprs, num_warps=config["num_warps"],
+                      num_stages=config["num_stages"], divisible_by_16=pointer_args(signature) + ("N", "K") + strides)

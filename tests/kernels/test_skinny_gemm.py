@@ -1,19 +1,20 @@
 """The split-K skinny GEMM (compiler/triton/skinny_gemm.py) and the dflash.linear / dflash.linear_silu_mul providers
 on it (compiler/triton/linear.py) vs fp32 references: interpreter numerics with tails in M, N and K, bias, one split
-and several (the last-arriving slice sums the partials; its tickets reset), the SwiGLU epilogue (GLU), one-sentence
-refusals, the config rule against the H100 sweep's best configs, the providers' run-time choice (kernel or
-F.linear) into NaN-poisoned outputs, and ahead-of-time builds for sm_80, sm_90, gfx942, gfx950 within shared
-memory."""
+and several (the last-arriving slice sums the partials; its tickets reset), the SwiGLU epilogue (GLU), the norm in
+front of it (NORM), one-sentence refusals, the config rule against the H100 sweep's best configs, the providers'
+run-time choice (kernel or F.linear) into NaN-poisoned outputs, and ahead-of-time builds for sm_80, sm_90, gfx942,
+gfx950 within shared memory."""
 
 import pytest
 import torch
 from aot_testing import COMPILE_SPECS, run_aot_script
 from test_triton_qkv_gemm import SHARED_LIMIT
 
+from torch_dflash.compiler.ops.linear import add_rms_norm_linear_silu_mul_reference
 from torch_dflash.compiler.ops.mlp import silu_mul_reference
 from torch_dflash.compiler.triton import configs
 from torch_dflash.compiler.triton import linear as linear_provider
-from torch_dflash.compiler.triton import mlp
+from torch_dflash.compiler.triton import mlp, norm_rope
 from torch_dflash.compiler.triton import skinny_gemm as sg
 from torch_dflash.errors import InputError
 
@@ -84,6 +85,57 @@ def test_linear_silu_mul_provider_picks_the_epilogue_or_the_pair(monkeypatch, m,
     y = _reference(x, w, b)
     torch.testing.assert_close(got[0].float(), silu_mul_reference(y[:, :40], y[:, 40:]).float(), atol=2e-2,
                                rtol=2e-2)
+
+
+def _norm_operands(m, inter, k, bias=False):
+    x, w, b = _operands(m, 2 * inter, k, bias)
+    g = torch.Generator().manual_seed(m + k)
+    residual = torch.randn(m, k, generator=g).to(torch.bfloat16).to(DEVICE)
+    norm_w = (1 + 0.1 * torch.randn(k, generator=g)).to(torch.bfloat16).to(DEVICE)
+    return x, residual, norm_w, w, b
+
+
+def assert_norm_close(got, want):
+    """h within bf16 rounding of the output's scale (the kernel scales by 1/rms after the product of the unrounded
+    x + residual, the reference rounds s and the normed row first; the interpreter also truncates where the GPU
+    rounds); s to one bf16 ulp."""
+    (h, total), (h_ref, total_ref) = got, want
+    torch.testing.assert_close(h.float(), h_ref.float(), rtol=2e-2, atol=2e-2 * h_ref.float().abs().max().item())
+    torch.testing.assert_close(total.float(), total_ref.float(), rtol=2 ** -7, atol=0)
+
+
+@pytest.mark.parametrize("m,inter,k,bias", [(16, 96, 256, False), (3, 36, 200, True), (1, 32, 128, False)])
+def test_norm_prologue_matches_add_rms_norm_then_the_glu_gemm(m, inter, k, bias):
+    """x + residual normalized inside the GEMM (one K slice; 200 is no multiple of BLOCK_K), s stored by the
+    N-tile-0 programs; the norm's weight folded into w's columns as the pass folds it."""
+    x, residual, norm_w, w, b = _norm_operands(m, inter, k, bias)
+    folded = (w.float() * norm_w.float()).to(w.dtype)
+    want = add_rms_norm_linear_silu_mul_reference(x, residual, norm_w, 1e-6, w, b)
+    for _ in range(2):
+        assert_norm_close(sg.skinny_gemm_glu_norm(x, residual, 1e-6, folded, b), want)
+
+
+@pytest.mark.parametrize("m,norm_weight,kernel", [(16, False, True), (33, False, False), (16, True, False)])
+def test_add_rms_norm_linear_silu_mul_provider_picks_the_norm_prologue_or_the_pair(monkeypatch, m, norm_weight,
+                                                                                    kernel):
+    """The kernel for served rows and a norm without a weight (folded into w); else add_rms_norm, then the GEMM."""
+    launched = []
+    monkeypatch.setattr(linear_provider, "skinny_gemm_glu_norm",
+                        lambda *a, **kw: launched.append("norm") or sg.skinny_gemm_glu_norm(*a, **kw))
+    monkeypatch.setattr(linear_provider, "add_rms_norm",
+                        lambda *a: launched.append("add_rms_norm") or norm_rope.add_rms_norm(*a))
+    x, residual, norm_w, w, b = _norm_operands(m, 40, 256)
+    norm_w = norm_w if norm_weight else None
+    got = linear_provider.add_rms_norm_linear_silu_mul(x[None], residual[None], norm_w, 1e-6, w, b)
+    assert launched == (["norm"] if kernel else ["add_rms_norm"]) and got[0].shape == (1, m, 40)
+    want = add_rms_norm_linear_silu_mul_reference(x, residual, norm_w, 1e-6, w, b)
+    assert_norm_close((got[0][0], got[1][0]), want)
+
+
+def test_norm_prologue_refuses_a_mismatched_residual():
+    x, residual, _, w, _ = _norm_operands(4, 8, 64)
+    with pytest.raises(InputError, match="the residual must match x"):
+        sg.skinny_gemm_glu_norm(x, residual[:3], 1e-6, w)
 
 
 @pytest.mark.parametrize("x,w,b,match", [
@@ -193,7 +245,7 @@ def test_compiles_for_every_arch():
     with the SwiGLU epilogue), a 32-row build with bias and a 32-row joined build (the draft's context + block rows
     of the merged qkv weight), for sm_80, sm_90, gfx942 and gfx950, within each target's shared memory."""
     results = run_aot_script(AOT_SCRIPT + COMPILE_SPECS)
-    assert len(results) == 4 * (6 + 2)   # 4 archs × (6 distinct provider specs, the GLU one included + 2)
+    assert len(results) == 4 * (7 + 2)   # 4 archs × (7 distinct provider specs, the GLU and GLU+norm ones + 2)
     failed = {name: r for name, r in results.items() if not isinstance(r, list) or r[0] == 0}
     assert not failed, failed
     over = {name: shared for name, (_, shared) in results.items() if shared > SHARED_LIMIT[name.split("@")[1]]}
@@ -221,3 +273,10 @@ def test_gpu_qwen3_shapes(m):
                                rtol=2e-2)
     pair = mlp.silu_mul(*sg.skinny_gemm(x, w).chunk(2, dim=-1))
     assert (got != pair).float().mean() < 1e-3   # the same bf16 y and formula: equal but for rare last-bit ties
+    residual = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)   # and with the norm in front
+    norm_w = 1 + 0.1 * torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    got = linear_provider.add_rms_norm_linear_silu_mul(x, residual, None, 1e-6,
+                                                       (w.float() * norm_w.float()).to(w.dtype), None)
+    want = add_rms_norm_linear_silu_mul_reference(x, residual, norm_w, 1e-6, w, None)
+    assert_norm_close(got, want)
+    assert torch.equal(got[1], want[1])   # s: one rounding of the same fp32 sum on the GPU

@@ -46,8 +46,9 @@ def test_pass_order_and_disabling():
                                                 "merge_sibling_projections", "attention_masks", "kv_cache_writes",
                                                 "context_qkv", "rms_norms", "add_rms_norm", "embedding_rms_norm",
                                                 "silu_mul", "rope_cos_sin", "cleanup", "weight_linears",
-                                                "linear_silu_mul"]
-    assert [p.name for p in default_pass_manager(disabled=("linear_silu_mul",)).passes][-1] == "weight_linears"
+                                                "linear_silu_mul", "add_rms_norm_linear_silu_mul"]
+    assert [p.name for p in default_pass_manager(disabled=("add_rms_norm_linear_silu_mul",)).passes][-1] == \
+        "linear_silu_mul"
     with pytest.raises(InputError, match="Unknown pass"):
         default_pass_manager(disabled=("qkv_norm_rop",))
 
@@ -98,15 +99,13 @@ def forward(self, input_ids, use_cache):
     transpose_3 = torch.ops.aten.transpose.int(attention_default, 1, 2);  attention_default = None
     reshape_3 = torch.ops.aten.reshape.default(transpose_3, [2, sym_size_int_7, -1]);  transpose_3 = sym_size_int_7 = None
     linear_default_1 = torch.ops.dflash.linear.default(reshape_3, model_layers_0_self_attn_o_proj_weight, None);  reshape_3 = model_layers_0_self_attn_o_proj_weight = None
-    model_layers_0_post_attention_layernorm_weight = getattr(self.model.layers, "0").post_attention_layernorm.weight
-    add_rms_norm_default = torch.ops.dflash.add_rms_norm.default(getitem_7, linear_default_1, model_layers_0_post_attention_layernorm_weight, 1e-06);  getitem_7 = linear_default_1 = model_layers_0_post_attention_layernorm_weight = None
-    getitem_3 = add_rms_norm_default[0]
-    getitem_4 = add_rms_norm_default[1];  add_rms_norm_default = None
-    dflash_sibling_weight_0 = self.dflash_sibling_weight_0
-    linear_silu_mul_default = torch.ops.dflash.linear_silu_mul.default(getitem_3, dflash_sibling_weight_0, None);  getitem_3 = dflash_sibling_weight_0 = None
-    linear_default_3 = torch.ops.dflash.linear.default(linear_silu_mul_default, model_layers_0_mlp_down_proj_weight, None);  linear_silu_mul_default = model_layers_0_mlp_down_proj_weight = None
+    dflash_norm_folded_w_0 = self.dflash_norm_folded_w_0
+    add_rms_norm_linear_silu_mul_default = torch.ops.dflash.add_rms_norm_linear_silu_mul.default(getitem_7, linear_default_1, None, 1e-06, dflash_norm_folded_w_0, None);  getitem_7 = linear_default_1 = dflash_norm_folded_w_0 = None
+    getitem_9 = add_rms_norm_linear_silu_mul_default[0]
+    getitem_10 = add_rms_norm_linear_silu_mul_default[1];  add_rms_norm_linear_silu_mul_default = None
+    linear_default_3 = torch.ops.dflash.linear.default(getitem_9, model_layers_0_mlp_down_proj_weight, None);  getitem_9 = model_layers_0_mlp_down_proj_weight = None
     model_norm_weight = self.model.norm.weight
-    add_rms_norm_default_1 = torch.ops.dflash.add_rms_norm.default(getitem_4, linear_default_3, model_norm_weight, 1e-06);  getitem_4 = linear_default_3 = model_norm_weight = None
+    add_rms_norm_default_1 = torch.ops.dflash.add_rms_norm.default(getitem_10, linear_default_3, model_norm_weight, 1e-06);  getitem_10 = linear_default_3 = model_norm_weight = None
     getitem_5 = add_rms_norm_default_1[0];  add_rms_norm_default_1 = None
     linear_default_4 = torch.ops.dflash.linear.default(getitem_5, lm_head_weight, None);  getitem_5 = lm_head_weight = None
     return pytree.tree_unflatten((linear_default_4,), self._out_spec)""")
@@ -157,14 +156,12 @@ def forward(self, position_ids, noise_embedding, target_hidden):
     transpose_3 = torch.ops.aten.transpose.int(attention_default, 1, 2);  attention_default = None
     reshape_1 = torch.ops.aten.reshape.default(transpose_3, [1, sym_size_int_4, -1]);  transpose_3 = sym_size_int_4 = None
     linear_default_2 = torch.ops.dflash.linear.default(reshape_1, layers_0_self_attn_o_proj_weight, None);  reshape_1 = layers_0_self_attn_o_proj_weight = None
-    layers_0_post_attention_layernorm_weight = getattr(self.layers, "0").post_attention_layernorm.weight
-    add_rms_norm_default = torch.ops.dflash.add_rms_norm.default(noise_embedding, linear_default_2, layers_0_post_attention_layernorm_weight, 1e-06);  noise_embedding = linear_default_2 = layers_0_post_attention_layernorm_weight = None
-    getitem_5 = add_rms_norm_default[0]
-    getitem_6 = add_rms_norm_default[1];  add_rms_norm_default = None
-    dflash_sibling_weight_0 = self.dflash_sibling_weight_0
-    linear_silu_mul_default = torch.ops.dflash.linear_silu_mul.default(getitem_5, dflash_sibling_weight_0, None);  getitem_5 = dflash_sibling_weight_0 = None
-    linear_default_4 = torch.ops.dflash.linear.default(linear_silu_mul_default, layers_0_mlp_down_proj_weight, None);  linear_silu_mul_default = layers_0_mlp_down_proj_weight = None
+    dflash_norm_folded_w_0 = self.dflash_norm_folded_w_0
+    add_rms_norm_linear_silu_mul_default = torch.ops.dflash.add_rms_norm_linear_silu_mul.default(noise_embedding, linear_default_2, None, 1e-06, dflash_norm_folded_w_0, None);  noise_embedding = linear_default_2 = dflash_norm_folded_w_0 = None
+    getitem_9 = add_rms_norm_linear_silu_mul_default[0]
+    getitem_10 = add_rms_norm_linear_silu_mul_default[1];  add_rms_norm_linear_silu_mul_default = None
+    linear_default_4 = torch.ops.dflash.linear.default(getitem_9, layers_0_mlp_down_proj_weight, None);  getitem_9 = layers_0_mlp_down_proj_weight = None
     norm_weight = self.norm.weight
-    add_rms_norm_default_1 = torch.ops.dflash.add_rms_norm.default(getitem_6, linear_default_4, norm_weight, 1e-06);  getitem_6 = linear_default_4 = norm_weight = None
+    add_rms_norm_default_1 = torch.ops.dflash.add_rms_norm.default(getitem_10, linear_default_4, norm_weight, 1e-06);  getitem_10 = linear_default_4 = norm_weight = None
     getitem_7 = add_rms_norm_default_1[0];  add_rms_norm_default_1 = None
     return pytree.tree_unflatten((getitem_7,), self._out_spec)""")

@@ -41,15 +41,16 @@ class Projections(torch.nn.Module):
 
 def test_our_ar_step_takes_every_weight_linear():
     """The verify step at block 1 (the target's AR step), batch 1..2: o, gate|up, down per layer and lm_head (each
-    gate|up then joined with its SwiGLU product: pass linear_silu_mul)."""
+    gate|up then joined with its SwiGLU product and the norm in front: passes linear_silu_mul,
+    add_rms_norm_linear_silu_mul)."""
     target, program, report = demo_verify_program(1, "ar")
     layers = target.config.num_hidden_layers
     assert report.fusions[KIND] == 3 * layers + 1 and not report.rejections
     counts = op_counts(program)
-    assert counts[LINEAR] == 2 * layers + 1 and counts["dflash.linear_silu_mul.default"] == layers
+    assert counts[LINEAR] == 2 * layers + 1 and counts["dflash.add_rms_norm_linear_silu_mul.default"] == layers
     assert counts["aten.linear.default"] == 0
     assert report.providers["linear"] == ["reference"] * (2 * layers + 1)
-    assert report.providers["linear_silu_mul"] == ["reference"] * layers
+    assert report.providers["add_rms_norm_linear_silu_mul"] == ["reference"] * layers
     assert_verify_program_matches(target, program, 1)
 
 
@@ -171,14 +172,15 @@ def test_mlir_export_decomposes_dflash_linear():
 def test_gpu_bf16_steps_run_the_skinny_gemm(block):
     """The demo target in bf16 on the GPU, AR (block 1, batch 1 and 2) and verify (block 16, batch 1: at batch 2 the
     32 rows are left to cuBLAS for the demo's small weights, by the serve rule) steps: every dflash.linear and
-    dflash.linear_silu_mul lowers to Triton, and the step's logits are as close to the fp32 model's as eager bf16's are."""
+    dflash.add_rms_norm_linear_silu_mul (the gate|up GEMMs with the norm in front) lowers to Triton, and the step's
+    logits are as close to the fp32 model's as eager bf16's are."""
     max_batch = 2 if block == 1 else 1
     target, _ = build_demo_pair(seed=3, device="cuda", dtype=torch.bfloat16, max_batch=max_batch, max_seq_len=64)
     fp32, _ = build_demo_pair(seed=3, device="cuda", max_batch=max_batch, max_seq_len=64)
     compile_step = pipeline_compile_step("cuda")
     program = compile_step(capture_verify(target, block_size=block, max_batch=max_batch).module(), "step")
     providers = compile_step.reports["step"].providers
-    assert set(providers["linear"]) == set(providers["linear_silu_mul"]) == {"triton"}
+    assert set(providers["linear"]) == set(providers["add_rms_norm_linear_silu_mul"]) == {"triton"}
 
     def error(logits, reference):
         return ((logits.float() - reference).norm() / reference.norm()).item()
