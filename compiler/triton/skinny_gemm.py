@@ -9,7 +9,9 @@ partial tile to a workspace and takes an arrival ticket (the pattern of mhc.py);
 arrive sums the SPLIT_K partials in slice order (deterministic) and stores y — one launch, no memset, no atomics
 on the data. An optional bias is added in fp32 by whichever program stores y. `skinny_gemm_joined` (constexpr
 JOINED) takes the rows of cat([front, x], 1) from the two tensors — each row's pointer chosen once, before the K
-loop — so the draft's context and block rows share one weight stream without a cat.
+loop — so the draft's context and block rows share one weight stream without a cat. `skinny_gemm_glu` (GLU) stores
+silu(gate)·up of w's halves; `skinny_gemm_glu_norm` (GLU + NORM) takes the rows as rms_norm(x + residual), the norm
+applied inside the K loop (one slice; docs/kernels/skinny_gemm.md "The norm in front").
 
 `gemm_config(m, n, k, family)` derives the launch from configs.TABLE["skinny_gemm"] (the rule and the H100 sweep
 behind it: docs/kernels/skinny_gemm.md); compiler/triton/linear.py serves dflash.linear with it.
