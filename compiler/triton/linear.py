@@ -18,7 +18,6 @@ from torch import Tensor
 from ..ops.mlp import silu_mul_reference
 from ..providers import Provider, register
 from .aot import KernelSpec
-from ..ops.norm_rope import add_rms_norm_reference
 from .norm_rope import add_rms_norm, add_rms_norm_supports, device_reason, dtype_reason, family_of, first_reason
 from .mlp import silu_mul, silu_mul_supports
 from .skinny_gemm import gemm_spec, serves, skinny_gemm, skinny_gemm_glu, skinny_gemm_glu_norm
@@ -78,14 +77,13 @@ def add_rms_norm_linear_silu_mul(x: Tensor, residual: Tensor, norm_w: Tensor | N
                                  b: Tensor | None) -> tuple[Tensor, Tensor]:
     """The dflash.add_rms_norm_linear_silu_mul provider: the skinny GEMM normalizing its input rows where
     `linear_silu_mul` would launch the skinny GEMM and the norm has no weight (the pass folds a constant one into
-    w); else add_rms_norm (its Triton kernel, or the reference for what that declines), then `linear_silu_mul`."""
+    w); else add_rms_norm's kernel (supports() asked it), then `linear_silu_mul`."""
     (n, k), lead = w.shape, x.shape[:-1]
     rows = lead.numel()
     if norm_w is None and x.dtype in (torch.bfloat16, torch.float16) and serves(rows, n, k, family_of(x)):
         h, total = skinny_gemm_glu_norm(x.reshape(rows, k), residual.reshape(rows, k), eps, w, b)
         return h.view(*lead, n // 2), total.view(x.shape)
-    add_norm = add_rms_norm if add_rms_norm_supports(x, residual, norm_w, eps) is None else add_rms_norm_reference
-    normed, total = add_norm(x, residual, norm_w, eps)
+    normed, total = add_rms_norm(x, residual, norm_w, eps)
     return linear_silu_mul(normed, w, b), total
 
 
