@@ -418,7 +418,7 @@ def _launch(op, res, x=None, post=None, comb=None, fn=None, base=None, scale=Non
             return res2 if t is None else t.reshape(shape or t.shape).contiguous()
 
         if has_pre and cfg["apply_launch"] == 3:
-            counters = _arrival_counters(res2, triton.cdiv(tokens, meta["BLOCK_T"]))
+            counters = _arrival_counters(res2, triton.cdiv(tokens, meta["BLOCK_T"])) if cfg.get("finish_here") else res2
             mhc_rows.launch(meta, split, cfg, tokens, d, pointer(x, tokens, d), res2, pointer(post, tokens, n),
                             pointer(comb, tokens, n, n), fn, base, scale, pointer(norm_w), new_res, out, post_out,
                             comb_out, rms_eps, hc_eps, iters, norm_eps, counters, launches)

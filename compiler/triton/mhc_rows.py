@@ -218,8 +218,8 @@ def launch(meta: dict, split: int, cfg: dict, tokens: int, d: int, x, res, post,
            new_res, out, post_out, comb_out, rms_eps, hc_eps, iters, norm_eps, counters,
            launches=("main", "apply")) -> None:
     """The launches into the caller's outputs. x, post, comb: stand-ins for mhc_pre (never read: HAS_POST off);
-    new_res None for mhc_pre (the rows kernel then reads res); counters: zeroed tickets, one per token block (read
-    only with the row's finish_here). `launches` (benchmarks): "main" is phase 1 and the finish, "apply" the rows
+    new_res None for mhc_pre (the rows kernel then reads res); counters: zeroed tickets, one per token block (with
+    the row's finish_here; else a stand-in, never read). `launches` (benchmarks): "main" is phase 1 and the finish, "apply" the rows
     kernel."""
     n, block_t = meta["N"], meta["BLOCK_T"]
     ws_tokens = triton.cdiv(tokens, block_t) * block_t
