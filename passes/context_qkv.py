@@ -36,7 +36,7 @@ QKV_CACHE = torch.ops.dflash.qkv_norm_rope_cache.default
 KV_ARGS = ("ctx", "w_kv", "b_kv", "k_norm_w", "eps", "cos", "sin", "n_kv", "head_dim", "k_cache", "v_cache",
            "cache_positions")
 QKV_ARGS = ("x", "w_qkv", "b_qkv", "q_norm_w", "k_norm_w", "eps", "cos", "sin", "n_q", "n_kv", "head_dim", "k_cache",
-            "v_cache", "cache_positions")
+            "v_cache", "cache_positions", "x_sumsq", "x_eps")
 
 
 def _args(node: fx.Node, names: tuple[str, ...]) -> dict:
@@ -125,7 +125,8 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> None:
             fused = gm.graph.call_function(torch.ops.dflash.context_qkv_norm_rope_cache.default, (
                 kv["ctx"], qkv["x"], qkv["w_qkv"], qkv["b_qkv"], qkv["q_norm_w"], qkv["k_norm_w"], qkv["eps"],
                 table["cos"], table["sin"], qkv["n_q"], qkv["n_kv"], qkv["head_dim"]),
-                {"k_cache": qkv["k_cache"], "v_cache": qkv["v_cache"], "cache_positions": positions})
+                {"k_cache": qkv["k_cache"], "v_cache": qkv["v_cache"], "cache_positions": positions,
+                 **({"x_sumsq": qkv["x_sumsq"], "x_eps": qkv["x_eps"]} if qkv["x_sumsq"] is not None else {})})
         infer_meta(fused)
         fused.meta.setdefault("stack_trace", qkv_node.meta.get("stack_trace"))
         qkv_node.replace_all_uses_with(fused)

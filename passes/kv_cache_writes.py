@@ -37,6 +37,7 @@ from .manager import GraphPass, PassContext
 
 NAME = "kv_cache_writes"
 aten = torch.ops.aten
+PROJECTION_ARGS = 11  # qkv_norm_rope's arguments up to head_dim; the cache op takes the caches after them
 
 
 def _leading_ones_dropped(shape) -> list:
@@ -189,8 +190,9 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> None:
                 gm.graph.call_function(torch.ops.dflash.kv_materialize_cache.default, kvm.args,
                                        {**kvm.kwargs, **caches, "cache_positions": ctx_positions})
         with gm.graph.inserting_before(points[1]):
-            fused = gm.graph.call_function(torch.ops.dflash.qkv_norm_rope_cache.default, qkv.args,
-                                           {**qkv.kwargs, **caches, "cache_positions": positions})
+            finish = dict(zip(("x_sumsq", "x_eps"), qkv.args[PROJECTION_ARGS:]))  # after the caches in the new op
+            fused = gm.graph.call_function(torch.ops.dflash.qkv_norm_rope_cache.default, qkv.args[:PROJECTION_ARGS],
+                                           {**finish, **qkv.kwargs, **caches, "cache_positions": positions})
         infer_meta(fused)
         fused.meta.setdefault("stack_trace", qkv.meta.get("stack_trace"))
         q = outputs[0]

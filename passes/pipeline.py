@@ -9,7 +9,8 @@ cache-writing ops per layer into one; rms_norms runs after the fusions, so it ta
 add_rms_norm and embedding_rms_norm extend those; weight_linears runs after cleanup, so it takes only the live
 linears left (o, gate|up, down, lm_head, fc, mHC's hc_head) — cleanup has dropped the ones the fusions replaced and
 the no-op casts on weights; linear_silu_mul joins each gate|up linear it made with the SwiGLU product of its
-halves, and add_rms_norm_linear_silu_mul, last, each of those with the add_rms_norm in front of it. rope_cos_sin
+halves, and add_rms_norm_linear_silu_mul each of those with the add_rms_norm in front of it; deferred_rms_norm, last,
+gives the down linears the add_rms_norm after them whose rows a cache-writing qkv op reads. rope_cos_sin
 runs after the fusions (and silu_mul), which take the cos/sin tables as the graph spells them, and replaces what is
 left of the table chain.
 
@@ -23,17 +24,18 @@ import it. Those callers skip them (`skipped_before_export`, `skipped_before_ind
 from torch_dflash.errors import InputError
 
 from . import (add_rms_norm, add_rms_norm_linear_silu_mul, attention_masks, canonicalize, cleanup, context_qkv,
-               embedding_rms_norm, kv_cache_writes, kv_materialize, linear_silu_mul, mhc_post_pre, qkv_norm_rope,
-               rms_norms, rope_tables, sibling_projections, silu_mul, weight_linears)
+               deferred_rms_norm, embedding_rms_norm, kv_cache_writes, kv_materialize, linear_silu_mul, mhc_post_pre,
+               qkv_norm_rope, rms_norms, rope_tables, sibling_projections, silu_mul, weight_linears)
 from .manager import PassManager
 
 DEFAULT_PASSES = (canonicalize.PASS, kv_materialize.PASS, qkv_norm_rope.PASS, mhc_post_pre.PASS,
                   sibling_projections.PASS, attention_masks.PASS, kv_cache_writes.PASS, context_qkv.PASS,
                   rms_norms.PASS, add_rms_norm.PASS, embedding_rms_norm.PASS, silu_mul.PASS, rope_tables.PASS,
-                  cleanup.PASS, weight_linears.PASS, linear_silu_mul.PASS, add_rms_norm_linear_silu_mul.PASS)
+                  cleanup.PASS, weight_linears.PASS, linear_silu_mul.PASS, add_rms_norm_linear_silu_mul.PASS,
+                  deferred_rms_norm.PASS)
 PASS_NAMES = tuple(p.name for p in DEFAULT_PASSES)
 INDUCTOR_FUSES = (rms_norms.NAME, add_rms_norm.NAME, embedding_rms_norm.NAME, silu_mul.NAME, linear_silu_mul.NAME,
-                  rope_tables.NAME, add_rms_norm_linear_silu_mul.NAME)
+                  rope_tables.NAME, add_rms_norm_linear_silu_mul.NAME, deferred_rms_norm.NAME)
 IN_PLACE_ONLY = (kv_cache_writes.NAME, context_qkv.NAME)
 
 

@@ -28,6 +28,12 @@ def _randn(gen, *shape, dtype=torch.float32, scale=1.0):
     return (torch.randn(*shape, generator=gen) * scale).to(dtype)
 
 
+def _rope_tables(gen, dtype):
+    """cos, sin [2, 5, 16] of random angles, each half duplicated as HF builds them."""
+    angles = torch.rand(2, 5, 8, generator=gen) * 3
+    return (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+
+
 class Layer(nn.Module):
     """qkv_norm_rope → KV written at q_pos → attention(kind) → o-proj → mhc_post_pre, all dflash ops called
     directly (what the passes produce)."""
@@ -304,8 +310,7 @@ class Pieces(nn.Module):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32), (torch.bfloat16, BF16)])
 def test_other_ops_match_graph(dtype, tol):
     gen = torch.Generator().manual_seed(2)
-    angles = torch.rand(2, 5, 8, generator=gen) * 3
-    cos, sin = (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+    cos, sin = _rope_tables(gen, dtype)
     args = (_randn(gen, 2, 5, 24, dtype=dtype), _randn(gen, 64, 24, dtype=dtype, scale=0.3),
             _randn(gen, 16, dtype=dtype), cos, sin, _randn(gen, 3, 40, dtype=dtype), _randn(gen, 40))
     gm = exported(Pieces(), args)
@@ -347,6 +352,32 @@ def test_add_rms_norm_linear_silu_mul_is_npu_add_rms_norm_then_the_linear_and_np
     gm = exported(NormGateUpSwiGLU(), args)
     source = generate_ascend_module(gm)
     assert source.count("npu.npu_add_rms_norm(") == 2 and source.count("npu.npu_swiglu(") == 2
+    assert_outputs_close(load_generated(source, emulation, gm)(*args), gm(*args), tol)
+
+
+class DeferredNormProjection(nn.Module):
+    """A down GEMM storing the next norm's weighted rows and sums of squares, the projection finishing the norm."""
+
+    def forward(self, h, w_down, residual, norm_w, w_qkv, q_norm_w, k_norm_w, cos, sin):
+        total, weighted, sumsq = torch.ops.dflash.linear_add_norm_stats(h, w_down, None, residual, norm_w)
+        q, k, v = torch.ops.dflash.qkv_norm_rope(weighted, w_qkv, None, q_norm_w, k_norm_w, 1e-6, cos, sin, 4, 2, 16,
+                                                 x_sumsq=sumsq, x_eps=1e-6)
+        return total, q, k, v
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32), (torch.bfloat16, BF16)])
+def test_deferred_norm_is_torch_ops_then_the_finished_rows_projected(dtype, tol):
+    gen = torch.Generator().manual_seed(7)
+    cos, sin = _rope_tables(gen, dtype)
+    args = (_randn(gen, 2, 5, 96, dtype=dtype), _randn(gen, 64, 96, dtype=dtype, scale=0.1),
+            _randn(gen, 2, 5, 64, dtype=dtype), 1 + _randn(gen, 64, dtype=dtype, scale=0.1),
+            _randn(gen, 128, 64, dtype=dtype, scale=0.1), 1 + _randn(gen, 16, dtype=dtype, scale=0.1),
+            1 + _randn(gen, 16, dtype=dtype, scale=0.1), cos, sin)
+    gm = exported(DeferredNormProjection(), args)
+    source = generate_ascend_module(gm)
+    assert "x's RMSNorm finished from x_sumsq" in source and "normed = (" in source
+    assert "dflash.linear_add_norm_stats -> torch ops (the reference formula traced by torch.fx)" in source
+    assert ("split_qkv_rmsnorm_rope(" in source) == (dtype == torch.bfloat16)
     assert_outputs_close(load_generated(source, emulation, gm)(*args), gm(*args), tol)
 
 
@@ -413,8 +444,7 @@ def test_cache_writing_ops_match_the_reference_ops():
     """Both cache-writing ops lowered (npu_rotary_mul for the context, split_qkv_rmsnorm_rope for the block, then
     index assignments into the caches): q and both caches equal the reference ops' on the emulation (bf16)."""
     gen, dtype = torch.Generator().manual_seed(5), torch.bfloat16
-    angles = torch.rand(2, 5, 8, generator=gen) * 3
-    cos, sin = (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+    cos, sin = _rope_tables(gen, dtype)
     positions = torch.stack([torch.randperm(12, generator=gen)[:5] for _ in range(2)])
     args = (_randn(gen, 2, 3, 24, dtype=dtype), _randn(gen, 128, 24, dtype=dtype, scale=0.3),
             _randn(gen, 2, 2, 24, dtype=dtype), _randn(gen, 64, 24, dtype=dtype, scale=0.3),
@@ -447,8 +477,7 @@ def test_context_qkv_op_matches_the_two_reference_ops():
     index assignments first): q and both caches equal kv_materialize_cache + qkv_norm_rope_cache's (bf16), also
     for a slot both halves name (the block's k/v stays, as in the two ops)."""
     gen, dtype = torch.Generator().manual_seed(6), torch.bfloat16
-    angles = torch.rand(2, 5, 8, generator=gen) * 3
-    cos, sin = (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+    cos, sin = _rope_tables(gen, dtype)
     positions = torch.stack([torch.randperm(12, generator=gen)[:5] for _ in range(2)])
     positions[1, 0] = positions[1, 4]
     x, w_qkv, ctx = (_randn(gen, 2, 3, 24, dtype=dtype), _randn(gen, 128, 24, dtype=dtype, scale=0.3),

@@ -93,6 +93,29 @@ def test_linear_silu_mul_matches_a_swiglu_front_of_two_linears(seed, lead, k, in
 
 
 @property_test
+@given(seed=seeds, lead=st.lists(st.integers(1, 3), min_size=1, max_size=2), k=st.integers(1, 32),
+       groups=st.integers(1, 3), bias=st.booleans(), magnitude=st.sampled_from([1e-2, 1.0, 1e2]))
+def test_linear_add_norm_stats_is_the_residual_sum_and_its_rms_norm_in_parts(seed, lead, k, groups, bias,
+                                                                             magnitude):
+    """s = down(x) + residual; s · w and s's sums of squares per 64 columns (a loop), and the norm they finish —
+    s_w · rsqrt(Σ sumsq / N + eps) — is Qwen3RMSNorm(s)."""
+    g = torch.Generator().manual_seed(seed)
+    n = 64 * groups
+    x, w, residual = randn(g, *lead, k), randn(g, n, k, scale=k ** -0.5), randn(g, *lead, n, scale=magnitude)
+    b = randn(g, n) if bias else None
+    norm = qwen3_norm(g, n)
+    total, weighted, sumsq = ops.linear_add_norm_stats(x, w, b, residual, norm.weight.detach())
+    want = F.linear(x.double(), w.double(), None if b is None else b.double()) + residual.double()
+    torch.testing.assert_close(total, want.float(), **FP32)
+    torch.testing.assert_close(weighted, (want * norm.weight.detach().double()).float(), **FP32)
+    loops = torch.stack([want[..., 64 * i:64 * (i + 1)].pow(2).sum(-1) for i in range(groups)], -1)
+    torch.testing.assert_close(sumsq, loops.float(), rtol=1e-5, atol=1e-5 * magnitude ** 2)
+    finished = weighted * torch.rsqrt(sumsq.sum(-1, keepdim=True) / n + EPS)
+    with torch.no_grad():
+        torch.testing.assert_close(finished, norm(total), **FP32)
+
+
+@property_test
 @given(seed=seeds, b=st.integers(1, 3), s=st.integers(1, 6), half=st.integers(1, 64), bf16=st.booleans(),
        theta=st.sampled_from([1e4, 1e6]))
 def test_rope_cos_sin_equals_transformers_rotary_embedding(seed, b, s, half, bf16, theta):
@@ -439,6 +462,19 @@ SAMPLES = {
         lambda g, b, s, k: (randn(g, b, s, 16), randn(g, b, s, 16), 1 + randn(g, 16, scale=0.1), EPS,
                             randn(g, 48, 16, scale=0.25), randn(g, 48)),
         lambda B, S, K: ({0: B, 1: S}, {0: B, 1: S}, None, None, None)),
+    "linear_add_norm_stats": Sample(  # 128 columns: two groups of 64 per row
+        ops.linear_add_norm_stats,
+        lambda g, b, s, k: (randn(g, b, s, 16), randn(g, 128, 16, scale=0.25), randn(g, 128), randn(g, b, s, 128),
+                            1 + randn(g, 128, scale=0.1)),
+        lambda B, S, K: ({0: B, 1: S}, None, None, {0: B, 1: S}, None), fp32_outputs=(2,)),
+    "qkv_norm_rope_cache.x_sumsq": Sample(  # x: weighted rows of width 64, their norm finished from x_sumsq
+        ops.qkv_norm_rope_cache,
+        lambda g, b, s, k: (randn(g, b, s, 64), randn(g, 64, 64, scale=0.125), None, 1 + randn(g, 8),
+                            1 + randn(g, 8), EPS, *_tables(g, b, s, 8), 4, 2, 8, randn(g, b, 2, k, 8),
+                            randn(g, b, 2, k, 8), torch.stack([torch.randperm(k, generator=g)[:s] for _ in range(b)]),
+                            1 + 64 * randn(g, b, s, 1).abs(), EPS),
+        lambda B, S, K: ({0: B, 1: S}, None, None, None, {0: B, 1: S}, {0: B, 1: S}, {0: B, 2: K}, {0: B, 2: K},
+                         {0: B, 1: S}, {0: B, 1: S}), mutated=(11, 12)),
 }
 # Tracing tests need one attention kind without a mask and `custom` (the other kinds share the same fake).
 TRACED = [name for name in SAMPLES if name not in ("attention.non_causal", "attention.sliding")]
@@ -561,6 +597,12 @@ def _qkv_args_with_wrong_width() -> tuple:
     return tuple(args)
 
 
+def _qkv_args_with_sumsq(shape: tuple[int, ...]) -> tuple:
+    args = list(sample_args("qkv_norm_rope_cache.x_sumsq", FIRST))
+    args[-2] = torch.ones(shape)
+    return tuple(args)
+
+
 def _attention_args(kind: str, window: int = 0) -> tuple:
     q, k, v = (randn(torch.Generator().manual_seed(i), 1, 2, 3, 4) for i in range(3))
     return q, k, v, kind, 0.5, window
@@ -583,6 +625,11 @@ ERRORS = {  # case -> (op, args, message)
                      r"linear: x has 8 features but w \(4, 6\) takes 6"),
     "gate|up rows": (ops.linear_silu_mul, (torch.zeros(2, 3, 8), torch.zeros(5, 8), None),
                      r"linear_silu_mul: w must be \[gate; up\] \[2·I, K\], got \(5, 8\)"),
+    "norm stats width": (ops.linear_add_norm_stats, (torch.zeros(2, 3, 8), torch.zeros(96, 8), None,
+                                                     torch.zeros(2, 3, 96), None),
+                         r"linear_add_norm_stats: w has 96 rows, not a multiple of 64"),
+    "x_sumsq shape": (ops.qkv_norm_rope_cache, _qkv_args_with_sumsq((2, 3, 2)),
+                      r"x_sumsq must be \(5, 7, 1\) for x \(5, 7, 64\) \(one sum per 64 columns\), got \(2, 3, 2\)"),
     "mhc fn rows": (ops.mhc_pre, (torch.zeros(2, 4, 8), torch.zeros(20, 32), torch.zeros(24), torch.ones(3),
                                   EPS, EPS, 20), r"mhc: fn has 20 rows, expected \(2\+n\)·n = 24 for n = 4"),
 }

@@ -240,21 +240,33 @@ def _qkv_lines(a: dict[str, Operand]) -> tuple[str, list[str], tuple[str, str, s
             ("q", "k", f"v.unflatten(-1, ({n_kv}, {head_dim})).contiguous()"))
 
 
+def _finished_x(a: dict[str, Operand]) -> tuple[tuple[str, ...], dict[str, Operand], str]:
+    """With a run-time x_sumsq (linear_add_norm_stats's): the line applying the rows' 1/rms to x, the operands with
+    x the finished rows, and a note for the comment; else nothing, a unchanged, ''."""
+    if not a["x_sumsq"].runtime:
+        return (), a, ""
+    x, sumsq, eps = a["x"].src, a["x_sumsq"].src, a["x_eps"].src
+    line = f"normed = ({x}.float() * torch.rsqrt({sumsq}.sum(-1, keepdim=True) / {x}.shape[-1] + {eps})).to({x}.dtype)"
+    return (line,), {**a, "x": Operand("normed", a["x"].value, True)}, "x's RMSNorm finished from x_sumsq, then "
+
+
 def _qkv_norm_rope(op: str, a: dict[str, Operand]) -> Lowered:
+    finish, a, note = _finished_x(a)
     lowered = _qkv_lines(a)
     if isinstance(lowered, str):
         return reference(op, a, lowered)
     what, lines, (q, k, v) = lowered
-    return Lowered(f"dflash.qkv_norm_rope -> {what}", (*lines, f"return {q}, {k}, {v}"))
+    return Lowered(f"dflash.qkv_norm_rope -> {note}{what}", (*finish, *lines, f"return {q}, {k}, {v}"))
 
 
 def _qkv_norm_rope_cache(op: str, a: dict[str, Operand]) -> Lowered:
+    finish, a, note = _finished_x(a)
     lowered = _qkv_lines(a)
     if isinstance(lowered, str):
         return reference(op, a, lowered)
     what, lines, (q, k, v) = lowered
-    return Lowered(f"dflash.qkv_norm_rope_cache -> {what}; k, v written into the caches by index_put",
-                   (*lines, *_cache_writes(a["x"].src, a, k, v), f"return {q}"))
+    return Lowered(f"dflash.qkv_norm_rope_cache -> {note}{what}; k, v written into the caches by index_put",
+                   (*finish, *lines, *_cache_writes(a["x"].src, a, k, v), f"return {q}"))
 
 
 def _cache_writes(x: str, a: dict[str, Operand], k: str = "k", v: str = "v") -> tuple[str, ...]:
@@ -299,6 +311,7 @@ def _kv_materialize_cache(op: str, a: dict[str, Operand]) -> Lowered:
 def _context_qkv_norm_rope_cache(op: str, a: dict[str, Operand]) -> Lowered:
     """The context and block rows through one projection (qkv_norm_rope's lowering over cat([ctx, x], 1); the
     context rows' q is computed and dropped), then the context's k/v into the caches before the block's."""
+    finish, a, note = _finished_x(a)
     lowered = _qkv_lines({**a, "x": Operand("rows", a["x"].value, True)})
     if isinstance(lowered, str):
         return reference(op, a, lowered)
@@ -307,9 +320,9 @@ def _context_qkv_norm_rope_cache(op: str, a: dict[str, Operand]) -> Lowered:
     k_cache, v_cache = a["k_cache"].src, a["v_cache"].src
     writes = [f"{cache}[batch_rows, :, {positions}[:, {half}]] = {value}[:, {half}]"
               for half in (":c", "c:") for cache, value in ((k_cache, "k"), (v_cache, "v"))]
-    return Lowered(f"dflash.context_qkv_norm_rope_cache -> over cat(ctx, x): {what}; k, v written into the caches "
-                   "by index_put, the context's first",
-                   (f"rows, c = torch.cat([{ctx}, {x}], 1), {ctx}.shape[1]", *lines, f"k, v = {k}, {v}",
+    return Lowered(f"dflash.context_qkv_norm_rope_cache -> {note}over cat(ctx, x): {what}; k, v written into the "
+                   "caches by index_put, the context's first",
+                   (*finish, f"rows, c = torch.cat([{ctx}, {x}], 1), {ctx}.shape[1]", *lines, f"k, v = {k}, {v}",
                     f"batch_rows = torch.arange({x}.shape[0], device={x}.device)[:, None]", *writes,
                     f"return {q}[:, c:].contiguous()"))
 
@@ -382,4 +395,5 @@ _LOWERINGS = {
     "linear": _linear,
     "linear_silu_mul": _linear_silu_mul,
     "add_rms_norm_linear_silu_mul": _add_rms_norm_linear_silu_mul,
+    "linear_add_norm_stats": _traced_reference,
 }

@@ -4,7 +4,8 @@ implementation for symbolic shapes, and provider slots per target (see compiler/
 from . import attention, embedding, linear, mhc, mlp, norm_rope, projections, rope_tables
 from .attention import attention_reference
 from .embedding import embedding_rms_norm_reference
-from .linear import add_rms_norm_linear_silu_mul_reference, linear_reference, linear_silu_mul_reference
+from .linear import (add_rms_norm_linear_silu_mul_reference, linear_add_norm_stats_reference, linear_reference,
+                     linear_silu_mul_reference)
 from .mhc import mhc_post_pre_reference, mhc_post_reference, mhc_pre_reference
 from .mlp import silu_mul_reference
 from .norm_rope import add_rms_norm_reference, rms_norm_reference, rope_reference, rotate_half
@@ -31,6 +32,7 @@ REFERENCES = {
     "linear": linear_reference,
     "linear_silu_mul": linear_silu_mul_reference,
     "add_rms_norm_linear_silu_mul": add_rms_norm_linear_silu_mul_reference,
+    "linear_add_norm_stats": linear_add_norm_stats_reference,
 }
 OP_NAMES = tuple(REFERENCES)
 

@@ -11,6 +11,9 @@ context_qkv_norm_rope_cache: the draft's [context ; block] rows through ONE proj
                 rows of w_qkv, …, cos/sin/cache_positions[:, :C]) then qkv_norm_rope_cache(x, …, [:, C:]); returns
                 the block's q [B, S, n_q, hd] (a slot both halves name keeps the block's k/v)
 Norm weights are optional (Llama has none); eps is shared by q and k (a pass refuses to fuse otherwise).
+qkv_norm_rope and the cache-writing forms take x_sumsq [B, S, H / 64] (with x_eps): x then holds the weighted rows of
+an RMSNorm whose statistic is not applied yet (dflash.linear_add_norm_stats) and the op projects
+x · rsqrt(Σ x_sumsq / H + x_eps)   (x_eps the norm's eps; eps stays the q/k norms').
 """
 
 import torch
@@ -18,6 +21,7 @@ from torch import Tensor
 
 from torch_dflash.errors import InputError
 
+from .linear import check_sumsq, finish_rms_norm
 from .norm_rope import rms_norm_reference, rope_reference
 
 
@@ -27,9 +31,10 @@ def _norm_rope(t: Tensor, norm_w: Tensor | None, eps: float, cos: Tensor, sin: T
     return rope_reference(t, cos, sin)
 
 
-def qkv_norm_rope_reference(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim):
+def qkv_norm_rope_reference(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim, x_sumsq=None,
+                            x_eps=0.0):
     _check_width(w_qkv, n_q + 2 * n_kv, head_dim, "qkv_norm_rope")
-    qkv = torch.nn.functional.linear(x, w_qkv, b_qkv)
+    qkv = torch.nn.functional.linear(finish_rms_norm(x, x_sumsq, x_eps), w_qkv, b_qkv)
     q, k, v = qkv.split([n_q * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
     q = q.unflatten(-1, (n_q, head_dim))
     k = k.unflatten(-1, (n_kv, head_dim))
@@ -38,8 +43,9 @@ def qkv_norm_rope_reference(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, 
 
 
 def qkv_norm_rope_cache_reference(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim,
-                                  k_cache, v_cache, cache_positions):
-    q, k, v = qkv_norm_rope_reference(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim)
+                                  k_cache, v_cache, cache_positions, x_sumsq=None, x_eps=0.0):
+    q, k, v = qkv_norm_rope_reference(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim,
+                                      x_sumsq, x_eps)
     _write_cache(k_cache, v_cache, k, v, cache_positions)
     return q
 
@@ -58,7 +64,8 @@ def kv_materialize_cache_reference(ctx, w_kv, b_kv, k_norm_w, eps, cos, sin, n_k
 
 
 def context_qkv_norm_rope_cache_reference(ctx, x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv,
-                                          head_dim, k_cache, v_cache, cache_positions):
+                                          head_dim, k_cache, v_cache, cache_positions, x_sumsq=None, x_eps=0.0):
+    x = finish_rms_norm(x, x_sumsq, x_eps)
     c, q_rows = ctx.shape[1], n_q * head_dim
     kv_materialize_cache_reference(ctx, w_qkv[q_rows:], None if b_qkv is None else b_qkv[q_rows:], k_norm_w, eps,
                                    cos[:, :c], sin[:, :c], n_kv, head_dim, k_cache, v_cache, cache_positions[:, :c])
@@ -87,14 +94,16 @@ def _check_width(w: Tensor, heads: int, head_dim: int, op: str) -> None:
 
 @torch.library.custom_op("dflash::qkv_norm_rope", mutates_args=())
 def qkv_norm_rope(x: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, q_norm_w: Tensor | None,
-                  k_norm_w: Tensor | None, eps: float, cos: Tensor, sin: Tensor,
-                  n_q: int, n_kv: int, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
-    return qkv_norm_rope_reference(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim)
+                  k_norm_w: Tensor | None, eps: float, cos: Tensor, sin: Tensor, n_q: int, n_kv: int, head_dim: int,
+                  x_sumsq: Tensor | None = None, x_eps: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    return qkv_norm_rope_reference(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim, x_sumsq,
+                                   x_eps)
 
 
 @qkv_norm_rope.register_fake
-def _(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim):
+def _(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim, x_sumsq=None, x_eps=0.0):
     _check_width(w_qkv, n_q + 2 * n_kv, head_dim, "qkv_norm_rope")
+    check_sumsq(x, x_sumsq)
     lead = x.shape[:-1]
     return (x.new_empty(*lead, n_q, head_dim), x.new_empty(*lead, n_kv, head_dim),
             x.new_empty(*lead, n_kv, head_dim))
@@ -103,14 +112,17 @@ def _(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim):
 @torch.library.custom_op("dflash::qkv_norm_rope_cache", mutates_args=("k_cache", "v_cache"))
 def qkv_norm_rope_cache(x: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, q_norm_w: Tensor | None,
                         k_norm_w: Tensor | None, eps: float, cos: Tensor, sin: Tensor, n_q: int, n_kv: int,
-                        head_dim: int, k_cache: Tensor, v_cache: Tensor, cache_positions: Tensor) -> Tensor:
+                        head_dim: int, k_cache: Tensor, v_cache: Tensor, cache_positions: Tensor,
+                        x_sumsq: Tensor | None = None, x_eps: float = 0.0) -> Tensor:
     return qkv_norm_rope_cache_reference(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim,
-                                         k_cache, v_cache, cache_positions)
+                                         k_cache, v_cache, cache_positions, x_sumsq, x_eps)
 
 
 @qkv_norm_rope_cache.register_fake
-def _(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim, k_cache, v_cache, cache_positions):
+def _(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim, k_cache, v_cache, cache_positions,
+      x_sumsq=None, x_eps=0.0):
     _check_width(w_qkv, n_q + 2 * n_kv, head_dim, "qkv_norm_rope_cache")
+    check_sumsq(x, x_sumsq)
     return x.new_empty(*x.shape[:-1], n_q, head_dim)
 
 
@@ -143,13 +155,15 @@ def _(ctx, w_kv, b_kv, k_norm_w, eps, cos, sin, n_kv, head_dim, k_cache, v_cache
 @torch.library.custom_op("dflash::context_qkv_norm_rope_cache", mutates_args=("k_cache", "v_cache"))
 def context_qkv_norm_rope_cache(ctx: Tensor, x: Tensor, w_qkv: Tensor, b_qkv: Tensor | None, q_norm_w: Tensor | None,
                                 k_norm_w: Tensor | None, eps: float, cos: Tensor, sin: Tensor, n_q: int, n_kv: int,
-                                head_dim: int, k_cache: Tensor, v_cache: Tensor, cache_positions: Tensor) -> Tensor:
+                                head_dim: int, k_cache: Tensor, v_cache: Tensor, cache_positions: Tensor,
+                                x_sumsq: Tensor | None = None, x_eps: float = 0.0) -> Tensor:
     return context_qkv_norm_rope_cache_reference(ctx, x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv,
-                                                 head_dim, k_cache, v_cache, cache_positions)
+                                                 head_dim, k_cache, v_cache, cache_positions, x_sumsq, x_eps)
 
 
 @context_qkv_norm_rope_cache.register_fake
 def _(ctx, x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim, k_cache, v_cache,
-      cache_positions):
+      cache_positions, x_sumsq=None, x_eps=0.0):
     _check_width(w_qkv, n_q + 2 * n_kv, head_dim, "context_qkv_norm_rope_cache")
+    check_sumsq(x, x_sumsq)
     return x.new_empty(*x.shape[:-1], n_q, head_dim)

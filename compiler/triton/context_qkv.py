@@ -24,7 +24,8 @@ from .skinny_gemm import gemm_spec, launch_joined, unsupported
 
 
 def context_qkv_norm_rope_cache_supports(ctx, x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv,
-                                         head_dim, k_cache, v_cache, cache_positions) -> str | None:
+                                         head_dim, k_cache, v_cache, cache_positions, x_sumsq=None,
+                                         x_eps=0.0) -> str | None:
     if ctx.dim() != 3 or x.dim() != 3 or ctx.shape[0] != x.shape[0] or ctx.shape[2] != x.shape[2]:
         return f"ctx and x must be [B, C, H] and [B, S, H], got {tuple(ctx.shape)} and {tuple(x.shape)}"
     if ctx.dtype != x.dtype or ctx.device != x.device:
@@ -33,14 +34,15 @@ def context_qkv_norm_rope_cache_supports(ctx, x, w_qkv, b_qkv, q_norm_w, k_norm_
     return first_reason(
         rope_reason(cos, sin, joined.shape[:-1], head_dim, x.device),
         qkv_norm_rope_supports(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos[..., ctx.shape[1]:, :],
-                               sin[..., ctx.shape[1]:, :], n_q, n_kv, head_dim),
+                               sin[..., ctx.shape[1]:, :], n_q, n_kv, head_dim, x_sumsq),
         cache_reason(joined, k_cache[: x.shape[0]], v_cache[: x.shape[0]], cache_positions, n_kv, head_dim))
 
 
 def context_qkv_norm_rope_cache(ctx, x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim,
-                                k_cache, v_cache, cache_positions) -> Tensor:
-    """The dflash.context_qkv_norm_rope_cache provider: the batch rows are the caches' first rows. The lowering
-    checked context_qkv_norm_rope_cache_supports; the call does not check again."""
+                                k_cache, v_cache, cache_positions, x_sumsq=None, x_eps=0.0) -> Tensor:
+    """The dflash.context_qkv_norm_rope_cache provider: the batch rows are the caches' first rows; with x_sumsq
+    the block rows' RMSNorm is finished in the epilogue. The lowering checked context_qkv_norm_rope_cache_supports;
+    the call does not check again."""
     batch, front, rows = x.shape[0], ctx.shape[1], ctx.shape[1] + x.shape[1]
     if unsupported(x, w_qkv, b_qkv, front=ctx) is None:
         proj = launch_joined(ctx, x, w_qkv, b_qkv)
@@ -50,16 +52,18 @@ def context_qkv_norm_rope_cache(ctx, x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, c
     lead = torch.Size((batch, rows))
     launch_norm_rope_heads(proj, rope_table(cos, lead), rope_table(sin, lead), q_norm_w, k_norm_w, eps, n_q, n_kv,
                            head_dim, q, (k_cache[None, :batch].transpose(2, 3), v_cache[None, :batch].transpose(2, 3)),
-                           cache_positions, front=front)
+                           cache_positions, front=front, row_sumsq=None if x_sumsq is None else (x_sumsq, x_eps))
     return q
 
 
 def aot_specs(family: str = "cuda") -> list[KernelSpec]:
     """bf16, head_dim 128, full rotary, `family`'s launch configs: the joined GEMM for 32 rows of the Qwen3-8B
     draft's merged qkv weight (a 16-token context and block) and the epilogue with q/k norms, context rows in front
-    of blocks of up to 16 tokens."""
+    of blocks of up to 16 tokens, with and without finishing the block rows' RMSNorm (width 4096)."""
     return [gemm_spec(torch.bfloat16, 32, 6144, 4096, family=family, joined=True),
-            heads_spec(torch.bfloat16, 128, 128, q_norm=True, k_norm=True, cache=True, family=family, block_j=16)]
+            heads_spec(torch.bfloat16, 128, 128, q_norm=True, k_norm=True, cache=True, family=family, block_j=16),
+            heads_spec(torch.bfloat16, 128, 128, q_norm=True, k_norm=True, cache=True, family=family, block_j=16,
+                       stats_width=4096)]
 
 
 register(Provider("context_qkv_norm_rope_cache", "triton", ("cuda", "rocm"), context_qkv_norm_rope_cache,

@@ -8,6 +8,9 @@ epilogue (GLU) ─▶ h[..., I]; otherwise the linear above, then silu_mul_kerne
 add_rms_norm_linear_silu_mul: served rows (bf16/fp16, the norm's weight folded into w) → the same kernel normalizing
 x + residual as it streams w (NORM: one K slice per program), s stored beside ─▶ (h, s); otherwise add_rms_norm,
 then the above.
+linear_add_norm_stats: served rows → the same kernel adding the residual where it stores the tile, with the norm's
+weighted rows and the sums of squares per 64 columns beside (STATS) ─▶ (s, s_w, sumsq); otherwise F.linear, then
+rms_norm_rows_kernel storing the same three (STATS).
 """
 
 import math
@@ -18,9 +21,10 @@ from torch import Tensor
 from ..ops.mlp import silu_mul_reference
 from ..providers import Provider, register
 from .aot import KernelSpec
-from .norm_rope import add_rms_norm, add_rms_norm_supports, device_reason, dtype_reason, family_of, first_reason
+from .norm_rope import (add_norm_stats, add_rms_norm, add_rms_norm_supports, device_reason, dtype_reason, family_of,
+                        first_reason, shape_reason)
 from .mlp import silu_mul, silu_mul_supports
-from .skinny_gemm import gemm_spec, serves, skinny_gemm, skinny_gemm_glu, skinny_gemm_glu_norm
+from .skinny_gemm import gemm_spec, serves, skinny_gemm, skinny_gemm_add_stats, skinny_gemm_glu, skinny_gemm_glu_norm
 
 # Qwen3-8B (H 4096, inter 12288, vocab 151936) and its 5-layer DFlash draft's fc: o, gate|up, down, lm_head, fc;
 # the GEMMs of qkv_norm_rope's and kv_materialize's epilogue paths: merged qkv, one layer's k|v, 5 layers' k|v
@@ -87,12 +91,35 @@ def add_rms_norm_linear_silu_mul(x: Tensor, residual: Tensor, norm_w: Tensor | N
     return linear_silu_mul(normed, w, b), total
 
 
+def linear_add_norm_stats_supports(x: Tensor, w: Tensor, b: Tensor | None, residual: Tensor,
+                                   norm_w: Tensor | None) -> str | None:
+    n = w.shape[0] if w.dim() == 2 else -1
+    return first_reason(
+        device_reason(x), dtype_reason(x, w=w, b=b, residual=residual, norm_w=norm_w),
+        None if w.dim() == 2 and n % 64 == 0 else f"w must be [N, K] with N a multiple of 64, got {tuple(w.shape)}",
+        shape_reason("residual", residual, (*x.shape[:-1], n)), shape_reason("norm_w", norm_w, (n,)))
+
+
+def linear_add_norm_stats(x: Tensor, w: Tensor, b: Tensor | None, residual: Tensor,
+                          norm_w: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The dflash.linear_add_norm_stats provider: the skinny GEMM storing the three outputs where `linear` would
+    launch it, else `linear` and rms_norm_rows_kernel's STATS form."""
+    (n, k), lead = w.shape, x.shape[:-1]
+    rows = lead.numel()
+    if x.dtype in (torch.bfloat16, torch.float16) and serves(rows, n, k, family_of(x)):
+        total, weighted, sumsq = skinny_gemm_add_stats(x.reshape(rows, k), w, b, residual.reshape(rows, n), norm_w)
+        return total.view(*lead, n), weighted.view(*lead, n), sumsq.view(*lead, n // 64)
+    return add_norm_stats(linear(x, w, b), residual, w.new_ones(n) if norm_w is None else norm_w)
+
+
 def aot_specs(family: str = "cuda") -> list[KernelSpec]:
     """bf16, up to 16 rows (a 16-token block at batch 1), no bias, the launches gemm_config picks for AOT_SHAPES,
-    and the merged gate|up one with the SwiGLU epilogue, with and without the norm in front."""
+    and the merged gate|up one with the SwiGLU epilogue, with and without the norm in front, and the down one
+    storing the residual sum and the next norm's statistic."""
     specs = [gemm_spec(torch.bfloat16, 16, n, k, family=family) for n, k in AOT_SHAPES]
     specs.append(gemm_spec(torch.bfloat16, 16, *GATE_UP, family=family, glu=True))
     specs.append(gemm_spec(torch.bfloat16, 16, *GATE_UP, family=family, glu=True, norm=True))
+    specs.append(gemm_spec(torch.bfloat16, 16, 4096, 12288, family=family, stats=True))
     return list({spec.name: spec for spec in specs}.values())
 
 
@@ -101,3 +128,5 @@ register(Provider("linear_silu_mul", "triton", ("cuda", "rocm"), linear_silu_mul
                   supports=linear_silu_mul_supports, traceable=True))
 register(Provider("add_rms_norm_linear_silu_mul", "triton", ("cuda", "rocm"), add_rms_norm_linear_silu_mul,
                   priority=10, supports=add_rms_norm_linear_silu_mul_supports, traceable=True))
+register(Provider("linear_add_norm_stats", "triton", ("cuda", "rocm"), linear_add_norm_stats, priority=10,
+                  supports=linear_add_norm_stats_supports, traceable=True))

@@ -29,12 +29,13 @@ MAX_ROW = 32768     # widest rms_norm row: one tile of next_pow2(N) fp32 values 
 
 @triton.jit
 def norm_rope_heads_kernel(
-        proj_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, q_ptr, k_ptr, v_ptr, pos_ptr,
-        T, S, N_Q, N_KV, S_DST, FRONT, eps,
+        proj_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, sq_ptr,
+        T, S, N_Q, N_KV, S_DST, FRONT, eps, X_WIDTH, x_eps,
         stride_proj_l, stride_proj_t, stride_cos_b, stride_cos_s, stride_k_norm_l,
         stride_kv_l, stride_kv_b, stride_kv_s, stride_kv_h,
         HD: tl.constexpr, ROT: tl.constexpr, HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr,
-        CACHE: tl.constexpr, JOINED: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr):
+        CACHE: tl.constexpr, JOINED: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr,
+        ROW_SUMSQ: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
     eps = tl.cast(eps, tl.float32)  # fp32 as eager Triton types Python floats (Inductor passes fp64)
     await_previous_grid(PDL)
     head = tl.program_id(1)
@@ -65,13 +66,23 @@ def norm_rope_heads_kernel(
         mask_dst = mask_dst & (block_row | ~shadowed)[:, None]
         mask_q = mask & block_row[:, None]
     else:
+        block_row = rows
         q_row = t
         mask_q = mask
+    if ROW_SUMSQ:  # the block rows were projected from an RMSNorm's weighted rows: its 1/rms first (sq [rows, P])
+        p = tl.arange(0, BLOCK_P)
+        stat_ok = rows & block_row
+        sums = tl.load(sq_ptr + q_row[:, None] * (X_WIDTH // 64) + p[None, :],
+                       mask=stat_ok[:, None] & (p < X_WIDTH // 64)[None, :], other=0.0)
+        row_scale = tl.where(stat_ok, tl.rsqrt(tl.sum(sums, axis=1) / X_WIDTH + tl.cast(x_eps, tl.float32)), 1.0)
+        x = x * row_scale[:, None]
     kv_dst = layer * stride_kv_l + b[:, None] * stride_kv_b + s_dst[:, None] * stride_kv_s + d[None, :]
     if head < N_Q + N_KV:
         HALF: tl.constexpr = ROT // 2
         partner = tl.where(d < HALF, d + HALF, d - HALF)     # channels ≥ ROT: sin = 0 masks it
         xp = tl.load(src + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+        if ROW_SUMSQ:
+            xp = xp * row_scale[:, None]
         if HAS_Q_NORM or HAS_K_NORM:
             if ((head < N_Q) & HAS_Q_NORM) | ((head >= N_Q) & HAS_K_NORM):
                 w_ptr = k_norm_ptr + layer * stride_k_norm_l
@@ -105,9 +116,9 @@ def normalized_rows(x, w_ptr, cols, N, eps, HAS_WEIGHT: tl.constexpr):
 
 
 @triton.jit
-def rms_norm_rows_kernel(x_ptr, residual_ptr, w_ptr, y_ptr, sum_ptr, M, N, eps, HAS_RESIDUAL: tl.constexpr,
-                         HAS_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         PDL: tl.constexpr):
+def rms_norm_rows_kernel(x_ptr, residual_ptr, w_ptr, y_ptr, sum_ptr, sq_ptr, M, N, eps, HAS_RESIDUAL: tl.constexpr,
+                         HAS_WEIGHT: tl.constexpr, STATS: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     eps = tl.cast(eps, tl.float32)  # fp32 as eager Triton types Python floats (Inductor passes fp64)
     await_previous_grid(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -119,7 +130,15 @@ def rms_norm_rows_kernel(x_ptr, residual_ptr, w_ptr, y_ptr, sum_ptr, M, N, eps, 
         x = (x.to(tl.float32) + tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32))
         x = x.to(sum_ptr.dtype.element_ty)
         tl.store(sum_ptr + offs, x, mask=mask)
-    y = normalized_rows(x, w_ptr, cols, N, eps, HAS_WEIGHT)
+    if STATS:  # the statistic left to the reader: y = x · w, and Σ x² of each 64 columns into sq [M, N / 64]
+        exact = x.to(tl.float32)
+        y = exact * tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        groups = tl.arange(0, BLOCK_N // 64)
+        sums = tl.sum(tl.reshape(exact * exact, (BLOCK_M, BLOCK_N // 64, 64)), axis=2)
+        tl.store(sq_ptr + rows[:, None] * (N // 64) + groups[None, :], sums,
+                 mask=(rows < M)[:, None] & (groups < N // 64)[None, :])
+    else:
+        y = normalized_rows(x, w_ptr, cols, N, eps, HAS_WEIGHT)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -215,7 +234,8 @@ def _heads_block(cfg: dict, head_dim: int, tokens: int, heads: int, layers: int)
 def launch_norm_rope_heads(proj: Tensor, cos: Tensor, sin: Tensor, q_norm_w: Tensor | None,
                            k_norm_w: Tensor | None, eps: float, n_q: int, n_kv: int, head_dim: int,
                            q_out: Tensor | None, kv_dst: tuple[Tensor, Tensor] | None,
-                           positions: Tensor | None = None, front: int = 0) -> None:
+                           positions: Tensor | None = None, front: int = 0,
+                           row_sumsq: tuple[Tensor, float] | None = None) -> None:
     """One launch of the head epilogue.
 
     proj [B·S, L·(n_q+2·n_kv)·hd] (row-major GEMM output); cos/sin [B, S, rot]; q_norm_w [hd]; k_norm_w [hd] or
@@ -224,6 +244,8 @@ def launch_norm_rope_heads(proj: Tensor, cos: Tensor, sin: Tensor, q_norm_w: Ten
     s_dst = positions[b, s] (rows outside [0, S_dst) are dropped, never written out of bounds).
     front > 0 (with positions): the first `front` rows of each batch row are context rows — k/v only, q_out is
     [B, S - front, n_q, hd], and a context row's slot that a later row of its batch row names is left to that row.
+    row_sumsq (sumsq [B·(S - front), P], x_eps): the (block) rows were projected from an RMSNorm's weighted rows of
+    width 64·P; each is scaled by rsqrt(Σ sumsq[row] / (64·P) + x_eps) before anything else.
     """
     B, S = cos.shape[0], cos.shape[1]
     layers = 1 if kv_dst is None else kv_dst[0].shape[0]
@@ -241,24 +263,29 @@ def launch_norm_rope_heads(proj: Tensor, cos: Tensor, sin: Tensor, q_norm_w: Ten
         assert k_dst.stride() == v_dst.stride() and k_dst.stride(-1) == 1 and k_dst.shape[3] == n_kv
         kv_strides = (k_dst.stride(0), k_dst.stride(1), k_dst.stride(2), k_dst.stride(3))
     k_norm_stride = k_norm_w.stride(0) if k_norm_w is not None and k_norm_w.dim() == 2 else 0
+    sumsq, x_eps = (row_sumsq[0].contiguous(), row_sumsq[1]) if row_sumsq else (None, 0.0)
     cfg = launch_config("norm_rope_heads", family_of(proj))
     block_t = _heads_block(cfg, head_dim, B * S, heads, layers)
     grid = (triton.cdiv(B * S, block_t), heads, layers)
     wrap_triton(norm_rope_heads_kernel)[grid](
         proj, cos, sin, proj if q_norm_w is None else q_norm_w, proj if k_norm_w is None else k_norm_w,
         k_dst if q_out is None else q_out, k_dst, v_dst, proj if positions is None else positions.contiguous(),
-        B * S, S, n_q, n_kv, k_dst.shape[2] if kv_dst is not None else 0, front, eps,
+        proj if row_sumsq is None else sumsq, B * S, S, n_q, n_kv, k_dst.shape[2] if kv_dst is not None else 0, front,
+        eps, 64 * sumsq.shape[-1] if row_sumsq else 0, x_eps,
         heads * head_dim, proj.stride(0), cos.stride(0), cos.stride(1), k_norm_stride, *kv_strides,
         HD=head_dim, ROT=cos.shape[-1], HAS_Q_NORM=q_norm_w is not None, HAS_K_NORM=k_norm_w is not None,
         CACHE=positions is not None, JOINED=front > 0, BLOCK_J=triton.next_power_of_2(S - front) if front else 1,
-        BLOCK_T=block_t, num_warps=_num_warps(cfg, block_t * head_dim),
+        BLOCK_T=block_t, ROW_SUMSQ=row_sumsq is not None,
+        BLOCK_P=triton.next_power_of_2(sumsq.shape[-1]) if row_sumsq else 1,
+        num_warps=_num_warps(cfg, block_t * head_dim),
         **programmatic_launch(proj.device))
 
 
 # ---- dflash.rms_norm and dflash.rope providers ----
 
 def _launch_rms_norm_rows(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps: float, y: Tensor,
-                          total: Tensor | None) -> None:
+                          total: Tensor | None, sumsq: Tensor | None = None) -> None:
+    """sumsq given (with weight and residual): y = total · weight unnormalized, the sums of squares into sumsq."""
     n = x.shape[-1]
     rows = x.numel() // n if n else 0
     if rows == 0:
@@ -268,9 +295,9 @@ def _launch_rms_norm_rows(x: Tensor, residual: Tensor | None, weight: Tensor | N
     block_m = max(1, min(cfg["elems"] // block_n, triton.next_power_of_2(rows)))
     wrap_triton(rms_norm_rows_kernel)[(triton.cdiv(rows, block_m),)](
         x, x if residual is None else residual, x if weight is None else weight, y, y if total is None else total,
-        rows, n, eps, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(cfg, block_m * block_n),
-        **programmatic_launch(x.device))
+        y if sumsq is None else sumsq, rows, n, eps, HAS_RESIDUAL=residual is not None,
+        HAS_WEIGHT=weight is not None, STATS=sumsq is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=_num_warps(cfg, block_m * block_n), **programmatic_launch(x.device))
 
 
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float, *, out: Tensor | None = None) -> Tensor:
@@ -287,6 +314,15 @@ def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor | None, eps: float)
     y, total = torch.empty_like(x), torch.empty_like(x)
     _launch_rms_norm_rows(x, residual, weight, eps, y, total)
     return y, total
+
+
+def add_norm_stats(x: Tensor, residual: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(s, s · weight, Σ s² per 64 columns) for s = x + residual: linear_add_norm_stats after a vendor GEMM."""
+    x, residual = x.contiguous(), residual.contiguous()
+    total, weighted = torch.empty_like(x), torch.empty_like(x)
+    sumsq = x.new_empty(*x.shape[:-1], x.shape[-1] // 64, dtype=torch.float32)
+    _launch_rms_norm_rows(x, residual, weight.contiguous(), 0.0, weighted, total, sumsq)
+    return total, weighted, sumsq
 
 
 def rms_norm_supports(x: Tensor, weight: Tensor | None, eps: float) -> str | None:
@@ -341,21 +377,23 @@ HEADS_ALIGNED_INTS = ("stride_proj_l", "stride_proj_t", "stride_k_norm_l", "stri
 
 
 def heads_spec(dtype: torch.dtype, head_dim: int, rot: int, q_norm: bool, k_norm: bool, cache: bool,
-               family: str = "cuda", block_j: int = 0) -> KernelSpec:
+               family: str = "cuda", block_j: int = 0, stats_width: int = 0) -> KernelSpec:
     """The epilogue configured like `launch_norm_rope_heads` would for a large token count, with 16-byte aligned
     pointers and the strides that are multiples of hd (and of rot, for the rope tables) divisible by 16;
-    block_j > 0: context rows in front of block rows of up to block_j tokens (front > 0)."""
+    block_j > 0: context rows in front of block rows of up to block_j tokens (front > 0); stats_width > 0: the rows'
+    RMSNorm finished from sums of squares over that width (row_sumsq)."""
     dt = "*" + DTYPES[dtype]
     cfg = launch_config("norm_rope_heads", family)
     block_t = max(1, cfg["elems"] // head_dim)
     constexprs = {"HD": head_dim, "ROT": rot, "HAS_Q_NORM": q_norm, "HAS_K_NORM": k_norm, "CACHE": cache,
-                  "JOINED": block_j > 0, "BLOCK_J": max(block_j, 1), "BLOCK_T": block_t}
+                  "JOINED": block_j > 0, "BLOCK_J": max(block_j, 1), "BLOCK_T": block_t,
+                  "ROW_SUMSQ": stats_width > 0, "BLOCK_P": max(1, triton.next_power_of_2(stats_width // 64))}
     pointers = {n: dt for n in ("proj_ptr", "cos_ptr", "sin_ptr", "q_norm_ptr", "k_norm_ptr", "q_ptr", "k_ptr",
-                                "v_ptr")} | {"pos_ptr": "*i64"}
+                                "v_ptr")} | {"pos_ptr": "*i64", "sq_ptr": "*fp32"}
     fn = _compilable(norm_rope_heads_kernel)
     flags = "".join(f for f, on in ((",qnorm", q_norm), (",knorm", k_norm), (",cache", cache),
-                                    (f",front{block_j}", block_j)) if on)
-    signature = _signature(fn, pointers, ("eps",), constexprs)
+                                    (f",front{block_j}", block_j), (f",sumsq{stats_width}", stats_width)) if on)
+    signature = _signature(fn, pointers, ("eps", "x_eps"), constexprs)
     ints = (HEADS_ALIGNED_INTS if head_dim % 16 == 0 else ()) + (
         ("stride_cos_b", "stride_cos_s") if rot % 16 == 0 else ())
     return KernelSpec(f"norm_rope_heads[{DTYPES[dtype]},hd{head_dim},rot{rot}{flags},{family}]", fn, signature,
@@ -363,26 +401,29 @@ def heads_spec(dtype: torch.dtype, head_dim: int, rot: int, q_norm: bool, k_norm
                       divisible_by_16=pointer_args(signature) + ints)
 
 
-def rows_spec(dtype: torch.dtype, width: int, weight: bool, family: str = "cuda", residual: bool = False) -> KernelSpec:
+def rows_spec(dtype: torch.dtype, width: int, weight: bool, family: str = "cuda", residual: bool = False,
+              stats: bool = False) -> KernelSpec:
     dt = "*" + DTYPES[dtype]
     cfg = launch_config("rms_norm_rows", family)
     block_n = triton.next_power_of_2(width)
-    constexprs = {"HAS_RESIDUAL": residual, "HAS_WEIGHT": weight, "BLOCK_M": max(1, cfg["elems"] // block_n),
-                  "BLOCK_N": block_n}
+    constexprs = {"HAS_RESIDUAL": residual, "HAS_WEIGHT": weight, "STATS": stats,
+                  "BLOCK_M": max(1, cfg["elems"] // block_n), "BLOCK_N": block_n}
     fn = _compilable(rms_norm_rows_kernel)
-    pointers = {n: dt for n in ("x_ptr", "residual_ptr", "w_ptr", "y_ptr", "sum_ptr")}
+    pointers = {n: dt for n in ("x_ptr", "residual_ptr", "w_ptr", "y_ptr", "sum_ptr")} | {"sq_ptr": "*fp32"}
     signature = _signature(fn, pointers, ("eps",), constexprs)
-    flags = ("w" if weight else "no_w") + (",residual" if residual else "")
+    flags = ("w" if weight else "no_w") + (",residual" if residual else "") + (",stats" if stats else "")
     return KernelSpec(f"rms_norm_rows[{DTYPES[dtype]},n{width},{flags},{family}]", fn,
                       signature, constexprs, num_warps=_num_warps(cfg, constexprs["BLOCK_M"] * block_n),
                       divisible_by_16=pointer_args(signature) + (("N",) if width % 16 == 0 else ()))
 
 
 def aot_specs(family: str = "cuda") -> list[KernelSpec]:
-    """bf16 with `family`'s launch configs: rms_norm rows of 4096 with and without weight, and with a residual; rope
+    """bf16 with `family`'s launch configs: rms_norm rows of 4096 with and without weight, with a residual, and with
+    a residual and the statistic left to the reader (linear_add_norm_stats after a vendor GEMM); rope
     alone (the head epilogue without norm, hd 128)."""
     return [rows_spec(torch.bfloat16, 4096, True, family), rows_spec(torch.bfloat16, 4096, False, family),
             rows_spec(torch.bfloat16, 4096, True, family, residual=True),
+            rows_spec(torch.bfloat16, 4096, True, family, residual=True, stats=True),
             heads_spec(torch.bfloat16, 128, 128, q_norm=False, k_norm=False, cache=False, family=family)]
 
 

@@ -24,9 +24,22 @@ from .qkv_gemm import fused_gemm_chosen, gemm_config, launch_qkv_gemm
 PATHS = ("fused_gemm", "gemm_epilogue")
 
 
-def qkv_norm_rope_supports(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim) -> str | None:
+def sumsq_reason(x: Tensor, b_qkv: Tensor | None, x_sumsq: Tensor | None) -> str | None:
+    """Why the epilogue cannot finish x's RMSNorm from x_sumsq (linear_add_norm_stats's sums of squares)."""
+    if x_sumsq is None:
+        return None
+    if b_qkv is not None:
+        return "the rows' 1/rms is applied after the GEMM, which adds b_qkv: a bias would be scaled with them"
+    want = (*x.shape[:-1], x.shape[-1] // 64)
+    if x.shape[-1] % 64 or tuple(x_sumsq.shape) != want or x_sumsq.dtype != torch.float32:
+        return f"x_sumsq must be {list(want)} fp32 (x's width a multiple of 64), got {tuple(x_sumsq.shape)}"
+    return None if x_sumsq.device == x.device else f"x_sumsq is on {x_sumsq.device} but x on {x.device}"
+
+
+def qkv_norm_rope_supports(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim, x_sumsq=None,
+                           x_eps=0.0) -> str | None:
     width = (n_q + 2 * n_kv) * head_dim
-    return first_reason(
+    return first_reason(sumsq_reason(x, b_qkv, x_sumsq),
         device_reason(x), dtype_reason(x, w_qkv=w_qkv, b_qkv=b_qkv, q_norm_w=q_norm_w, k_norm_w=k_norm_w),
         head_dim_reason(head_dim), shape_reason("w_qkv", w_qkv, (width, x.shape[-1])),
         shape_reason("b_qkv", b_qkv, (width,)), shape_reason("q_norm_w", q_norm_w, (head_dim,)),
@@ -38,33 +51,37 @@ def _unit_rows(t: Tensor) -> Tensor:
 
 
 def _run(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim, q: Tensor,
-         kv_dst: tuple[Tensor, Tensor], positions: Tensor | None, path: str | None) -> None:
-    """q contiguous [..., n_q, hd]; kv_dst (k, v) each [B, S_dst, n_kv, hd] with unit last stride."""
+         kv_dst: tuple[Tensor, Tensor], positions: Tensor | None, path: str | None,
+         row_sumsq: tuple[Tensor, float] | None = None) -> None:
+    """q contiguous [..., n_q, hd]; kv_dst (k, v) each [B, S_dst, n_kv, hd] with unit last stride; row_sumsq
+    (x_sumsq, x_eps): x's rows are an RMSNorm's weighted rows, finished in the epilogue (gemm_epilogue only)."""
     if path not in (None, *PATHS):
         raise InputError(f"qkv_norm_rope: unknown path {path!r}; choose one of {', '.join(PATHS)}.")
     lead, hidden = x.shape[:-1], x.shape[-1]
     tokens, family = lead.numel(), family_of(x)
     cos, sin = rope_table(cos, lead), rope_table(sin, lead)
     positions = None if positions is None else positions.contiguous()
-    if path == "fused_gemm" or (path is None and fused_gemm_chosen(x, tokens, family)):
+    if row_sumsq is None and (path == "fused_gemm" or (path is None and fused_gemm_chosen(x, tokens, family))):
         launch_qkv_gemm(_unit_rows(x.reshape(-1, hidden)), _unit_rows(w_qkv), b_qkv, cos, sin, q_norm_w, k_norm_w,
                         eps, n_q, n_kv, head_dim, q, kv_dst, positions, gemm_config(tokens, family))
     else:
         proj = linear(x, w_qkv, b_qkv).reshape(-1, w_qkv.shape[0])
         launch_norm_rope_heads(proj, cos, sin, q_norm_w, k_norm_w, eps, n_q, n_kv, head_dim, q,
-                               (kv_dst[0].unsqueeze(0), kv_dst[1].unsqueeze(0)), positions)
+                               (kv_dst[0].unsqueeze(0), kv_dst[1].unsqueeze(0)), positions, row_sumsq=row_sumsq)
 
 
-def qkv_norm_rope(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim, *,
-                  out: tuple[Tensor, Tensor, Tensor] | None = None,
+def qkv_norm_rope(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim, x_sumsq=None, x_eps=0.0,
+                  *, out: tuple[Tensor, Tensor, Tensor] | None = None,
                   path: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The dflash.qkv_norm_rope provider; `out` = preallocated contiguous (q, k, v) of the op's output shapes;
-    `path` forces "fused_gemm" or "gemm_epilogue" (default: the table's choice for this token count)."""
+    `path` forces "fused_gemm" or "gemm_epilogue" (default: the table's choice for this token count; with x_sumsq
+    always the epilogue, which applies the rows' 1/rms)."""
     lead = x.shape[:-1]
     B, S = batch_and_seq(lead)
     q, k, v = out if out is not None else (x.new_empty(*lead, n, head_dim) for n in (n_q, n_kv, n_kv))
     _run(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim, q,
-         (k.view(B, S, n_kv, head_dim), v.view(B, S, n_kv, head_dim)), None, path)
+         (k.view(B, S, n_kv, head_dim), v.view(B, S, n_kv, head_dim)), None, path,
+         None if x_sumsq is None else (x_sumsq, x_eps))
     return q, k, v
 
 
@@ -102,28 +119,32 @@ def qkv_norm_rope_into_cache(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin,
 
 
 def qkv_norm_rope_cache_supports(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim,
-                                 k_cache, v_cache, cache_positions) -> str | None:
+                                 k_cache, v_cache, cache_positions, x_sumsq=None, x_eps=0.0) -> str | None:
     return first_reason(
-        qkv_norm_rope_supports(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim),
+        qkv_norm_rope_supports(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim, x_sumsq),
         cache_reason(x, k_cache[: x.shape[0]], v_cache[: x.shape[0]], cache_positions, n_kv, head_dim))
 
 
 def qkv_norm_rope_cache(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim,
-                        k_cache, v_cache, cache_positions) -> Tensor:
-    """The dflash.qkv_norm_rope_cache provider: x's batch rows are the caches' first rows. The lowering checked
+                        k_cache, v_cache, cache_positions, x_sumsq=None, x_eps=0.0) -> Tensor:
+    """The dflash.qkv_norm_rope_cache provider: x's batch rows are the caches' first rows; with x_sumsq the GEMM
+    reads the weighted rows and the epilogue applies their 1/rms. The lowering checked
     qkv_norm_rope_cache_supports; like the qkv_norm_rope provider, the call does not check again."""
     rows, q = x.shape[0], x.new_empty(*x.shape[:-1], n_q, head_dim)
     _run(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim, q,
-         (k_cache[:rows].transpose(1, 2), v_cache[:rows].transpose(1, 2)), cache_positions, None)
+         (k_cache[:rows].transpose(1, 2), v_cache[:rows].transpose(1, 2)), cache_positions, None,
+         None if x_sumsq is None else (x_sumsq, x_eps))
     return q
 
 
 def aot_specs(family: str = "cuda") -> list[KernelSpec]:
     """bf16, head_dim 128, full rotary, `family`'s launch configs. gemm_epilogue (its GEMM: linear.aot_specs): q/k
-    norm into plain outputs and into caches, no norm into caches. fused_gemm: qkv_gemm.aot_specs (q/k norm, plain
-    and into caches, per fused table row)."""
+    norm into plain outputs and into caches (also finishing the rows' RMSNorm of width 4096), no norm into caches.
+    fused_gemm: qkv_gemm.aot_specs (q/k norm, plain and into caches, per fused table row)."""
     return [heads_spec(torch.bfloat16, 128, 128, q_norm=True, k_norm=True, cache=False, family=family),
             heads_spec(torch.bfloat16, 128, 128, q_norm=True, k_norm=True, cache=True, family=family),
+            heads_spec(torch.bfloat16, 128, 128, q_norm=True, k_norm=True, cache=True, family=family,
+                       stats_width=4096),
             heads_spec(torch.bfloat16, 128, 128, q_norm=False, k_norm=False, cache=True, family=family),
             *gemm_aot_specs(family)]
 

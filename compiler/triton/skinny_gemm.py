@@ -11,7 +11,9 @@ on the data. An optional bias is added in fp32 by whichever program stores y. `s
 JOINED) takes the rows of cat([front, x], 1) from the two tensors — each row's pointer chosen once, before the K
 loop — so the draft's context and block rows share one weight stream without a cat. `skinny_gemm_glu` (GLU) stores
 silu(gate)·up of w's halves; `skinny_gemm_glu_norm` (GLU + NORM) takes the rows as rms_norm(x + residual), the norm
-applied inside the K loop (one slice; docs/kernels/skinny_gemm.md "The norm in front").
+applied inside the K loop (one slice; docs/kernels/skinny_gemm.md "The norm in front"); `skinny_gemm_add_stats`
+(STATS) adds a residual where it stores y and stores the next RMSNorm's weighted rows and sums of squares per 64
+columns beside it ("The statistic after it").
 
 `gemm_config(m, n, k, family)` derives the launch from configs.TABLE["skinny_gemm"] (the rule and the H100 sweep
 behind it: docs/kernels/skinny_gemm.md); compiler/triton/linear.py serves dflash.linear with it.
@@ -34,11 +36,24 @@ MAX_M = 32
 
 
 @triton.jit
-def _store_tile(y_ptr, value, rm, rn, row_ok, pid_n, M, N, stride_ym, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                GLU: tl.constexpr):
+def _store_tile(y_ptr, value, rm, rn, row_ok, pid_n, M, N, stride_ym, residual, norm_w, sw_ptr, sq_ptr,
+                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GLU: tl.constexpr, STATS: tl.constexpr):
     """y[m, n] = value[n, m] in y's dtype. GLU: value's rows are the gate rows, then the up rows, of the tile's
-    BLOCK_N / 2 output columns; y[m, c] = silu(gate) · up of their y-dtype values, in fp32."""
-    if GLU:
+    BLOCK_N / 2 output columns; y[m, c] = silu(gate) · up of their y-dtype values, in fp32. STATS: y = s, the
+    y-dtype value plus the residual tile [BLOCK_N, BLOCK_M] (rounded like the two ops), sw = s · norm_w
+    [BLOCK_N, 1], and Σ s² of each 64 columns into sq [M, N / 64]."""
+    if STATS:
+        tile = rm[None, :] * stride_ym + rn[:, None]
+        ok = row_ok[:, None] & (rm[None, :] < M)
+        total = (value.to(y_ptr.dtype.element_ty).to(tl.float32) + residual.to(tl.float32)).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + tile, total, mask=ok)
+        exact = total.to(tl.float32)
+        tl.store(sw_ptr + tile, (exact * norm_w.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=ok)
+        groups = pid_n * (BLOCK_N // 64) + tl.arange(0, BLOCK_N // 64)
+        sums = tl.sum(tl.reshape(exact * exact, (BLOCK_N // 64, 64, BLOCK_M)), axis=1)
+        tl.store(sq_ptr + rm[None, :] * (N // 64) + groups[:, None], sums,
+                 mask=(groups < N // 64)[:, None] & (rm[None, :] < M))
+    elif GLU:
         v = value.to(y_ptr.dtype.element_ty).to(tl.float32)
         gate, up = tl.split(tl.permute(tl.reshape(v, (2, BLOCK_N // 2, BLOCK_M)), (1, 2, 0)))
         cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
@@ -53,9 +68,11 @@ def _store_tile(y_ptr, value, rm, rn, row_ok, pid_n, M, N, stride_ym, BLOCK_N: t
 @triton.jit
 def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                        front_ptr, ROWS, FRONT, stride_xb, stride_fb, stride_fm, res_ptr, s_ptr, eps,
+                       nw_ptr, sw_ptr, sq_ptr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                        EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, JOINED: tl.constexpr, GLU: tl.constexpr,
-                       NORM: tl.constexpr, WIDEN_DOT: tl.constexpr, PREFETCH_K: tl.constexpr, PDL: tl.constexpr):
+                       NORM: tl.constexpr, STATS: tl.constexpr, WIDEN_DOT: tl.constexpr, PREFETCH_K: tl.constexpr,
+                       PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     sl = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -76,6 +93,13 @@ def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, s
         prefetch_to_l2(w_ptr + tl.minimum(rn, N - 1)[:, None].to(tl.int64) * stride_wn
                        + tl.minimum(lines, K - 1)[None, :])
     await_previous_grid(PDL)
+    if STATS:  # loaded before the K loop by every program: the one that stores the tile has them at hand
+        residual = tl.load(res_ptr + rm[None, :] * stride_ym + rn[:, None], mask=row_ok[:, None] & (rm[None, :] < M),
+                           other=0.0)
+        norm_w = tl.load(nw_ptr + rn, mask=row_ok, other=0.0)[:, None]
+    else:
+        residual = 0.0
+        norm_w = 0.0
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + (k_start + rk)[None, :]
     if JOINED:  # row r = (b, t) of cat([front, x], 1): t < FRONT from front[b, t], else x[b, t - FRONT]
         b = rm // ROWS
@@ -125,7 +149,8 @@ def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, s
     else:
         bias = 0.0
     if SPLIT_K == 1:
-        _store_tile(y_ptr, acc + bias, rm, rn, row_ok, pid_n, M, N, stride_ym, BLOCK_N, BLOCK_M, GLU)
+        _store_tile(y_ptr, acc + bias, rm, rn, row_ok, pid_n, M, N, stride_ym, residual, norm_w, sw_ptr, sq_ptr,
+                    BLOCK_N, BLOCK_M, GLU, STATS)
     else:
         out_ok = row_ok[:, None] & (rm[None, :] < M)
         tile = rm[None, :] * N + rn[:, None]
@@ -138,7 +163,8 @@ def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, s
             total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for s in range(SPLIT_K):
                 total += tl.load(ws_ptr + s * BLOCK_M * N + tile, mask=out_ok, other=0.0, cache_modifier=".cg")
-            _store_tile(y_ptr, total + bias, rm, rn, row_ok, pid_n, M, N, stride_ym, BLOCK_N, BLOCK_M, GLU)
+            _store_tile(y_ptr, total + bias, rm, rn, row_ok, pid_n, M, N, stride_ym, residual, norm_w, sw_ptr,
+                        sq_ptr, BLOCK_N, BLOCK_M, GLU, STATS)
             tl.store(count_ptr + pid_n, 0)  # leave the ticket ready for the next launch
 
 
@@ -248,6 +274,26 @@ def skinny_gemm_glu_norm(x: torch.Tensor, residual: torch.Tensor, eps: float, w:
     return h, total
 
 
+def skinny_gemm_add_stats(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
+                          norm_w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(s, sw, sumsq) = dflash.linear_add_norm_stats for x [M ≤ 32, K]: s = x @ wᵀ (+ bias) + residual [M, N], sw =
+    s · norm_w, sumsq [M, N / 64] fp32 — all three stored by the program that stores the tile (N % 64 == 0)."""
+    n = w.shape[0]
+    reason = unsupported(x, w, bias) or (
+        None if residual.shape == (x.shape[0], n) and residual.dtype == x.dtype and residual.device == x.device else
+        f"skinny_gemm: the residual must be [{x.shape[0]}, {n}] in {x.dtype}, got {tuple(residual.shape)}.") or (
+        None if n % 64 == 0 else f"skinny_gemm: sums of squares per 64 columns need N % 64 == 0, not {n}.")
+    if reason:
+        raise InputError(reason)
+    x = x.contiguous()
+    weighted = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    sumsq = torch.empty(x.shape[0], n // 64, dtype=torch.float32, device=x.device)
+    norm_w = w.new_ones(n) if norm_w is None else norm_w.contiguous()
+    total = _launch(x, w, bias, x.shape[0], (x.stride(0), 0, 0, 0, 0), None, None, None,
+                    stats=(residual.contiguous(), norm_w, weighted, sumsq))
+    return total, weighted, sumsq
+
+
 def _norm_reason(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor) -> str | None:
     if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
         return f"skinny_gemm: the residual must match x ({tuple(x.shape)} {x.dtype}), got {tuple(residual.shape)}."
@@ -280,16 +326,23 @@ def _unit_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch(x, w, bias, m, strides, front, config, out, glu: bool = False, norm=None) -> torch.Tensor:
+def _launch(x, w, bias, m, strides, front, config, out, glu: bool = False, norm=None, stats=None) -> torch.Tensor:
     """strides: (x's row, x's batch, front's batch, front's row, rows per batch) — the last four only with front.
     glu: y holds silu(gate) · up, N / 2 columns (a tile's BLOCK_N rows: BLOCK_N / 2 gate, as many up).
     norm: (residual, s, eps) — x's rows are rms_norm(x + residual) without a weight (the sum stored to s), one K
-    slice."""
+    slice. stats: (residual, norm_w, sw, sumsq) — y = y + residual, sw = y · norm_w, sumsq [M, N / 64] the Σ y² of
+    each 64 columns (N tiles of at least 64 rows)."""
     w = w.contiguous()
     n, k = w.shape
     cfg = {**gemm_config(n, k, family_of(w)), **(config or {}), **({"split_k": 1} if norm else {})}
+    if stats:
+        cfg["block_n"] = max(cfg["block_n"], 64)
     meta = plan(m, n, k, cfg)
     residual, total, eps = norm or (x, x, 0.0)
+    if stats:
+        residual, norm_w, weighted, sumsq = stats
+    else:
+        norm_w = weighted = sumsq = x
     y = out if out is not None else torch.empty(m, n // 2 if glu else n, dtype=x.dtype, device=x.device)
     tiles, split = triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]
     ws = torch.empty(split * meta["BLOCK_M"] * n if split > 1 else 1, dtype=torch.float32, device=x.device)
@@ -298,32 +351,35 @@ def _launch(x, w, bias, m, strides, front, config, out, glu: bool = False, norm=
     wrap_triton(skinny_gemm_kernel)[(tiles, split)](
         x, w, x if bias is None else bias.contiguous(), y, ws, counters, m, n, k, stride_xm, w.stride(0),
         y.stride(0), x if front is None else front, rows, 0 if front is None else front.shape[1], stride_xb,
-        stride_fb, stride_fm, residual, total, eps, **meta, HAS_BIAS=bias is not None,
-        JOINED=front is not None, GLU=glu, NORM=norm is not None, WIDEN_DOT=x.device.type != "cuda",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        stride_fb, stride_fm, residual, total, eps, norm_w, weighted, sumsq, **meta, HAS_BIAS=bias is not None,
+        JOINED=front is not None, GLU=glu, NORM=norm is not None, STATS=stats is not None,
+        WIDEN_DOT=x.device.type != "cuda", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **programmatic_launch(x.device))
     return y
 
 
 def gemm_spec(dtype: torch.dtype, block_m: int, n: int, k: int, bias: bool = False, family: str = "cuda",
-              joined: bool = False, glu: bool = False, norm: bool = False) -> KernelSpec:
+              joined: bool = False, glu: bool = False, norm: bool = False, stats: bool = False) -> KernelSpec:
     """The build gemm_config(n, k, family) launches for up to block_m rows (`joined`: from front and x; `glu`: the
-    SwiGLU product of w's halves; `norm`: x's rows normalized with a residual, one K slice): N and K tile multiples
-    (EVEN), 16-byte aligned pointers and strides divisible by 16."""
+    SwiGLU product of w's halves; `norm`: x's rows normalized with a residual, one K slice; `stats`: the residual
+    added and the norm's weighted rows and sums of squares stored): N and K tile multiples (EVEN), 16-byte aligned
+    pointers and strides divisible by 16."""
     config = {**gemm_config(n, k, family), **({"split_k": 1} if norm else {})}
+    if stats:
+        config["block_n"] = max(config["block_n"], 64)
     meta = plan(block_m, n, k, config)
     split = meta["SPLIT_K"]
     constexprs = dict(BLOCK_M=block_m, BLOCK_N=config["block_n"], BLOCK_K=config["block_k"], SPLIT_K=split,
-                      EVEN=True, HAS_BIAS=bias, JOINED=joined, GLU=glu, NORM=norm, WIDEN_DOT=False,
+                      EVEN=True, HAS_BIAS=bias, JOINED=joined, GLU=glu, NORM=norm, STATS=stats, WIDEN_DOT=False,
                       PREFETCH_K=meta["PREFETCH_K"])
     fn = _compilable(skinny_gemm_kernel)
     dt = "*" + DTYPES[dtype]
     pointers = {"x_ptr": dt, "w_ptr": dt, "b_ptr": dt, "y_ptr": dt, "ws_ptr": "*fp32", "count_ptr": "*i32",
-                "front_ptr": dt, "res_ptr": dt, "s_ptr": dt}
+                "front_ptr": dt, "res_ptr": dt, "s_ptr": dt, "nw_ptr": dt, "sw_ptr": dt, "sq_ptr": "*fp32"}
     signature = _signature(fn, pointers, ("eps",), constexprs)
     strides = ("stride_xm", "stride_wn", "stride_ym") + (("stride_xb", "stride_fb", "stride_fm") if joined else ())
-    flags = "".join(f",{name}" for name, on in (("bias", bias), ("joined", joined), ("glu", glu), ("norm", norm))
-                    if on)
+    flags = "".join(f",{name}" for name, on in (("bias", bias), ("joined", joined), ("glu", glu), ("norm", norm),
+                                                ("stats", stats)) if on)
     return KernelSpec(f"skinny_gemm[{DTYPES[dtype]},m{block_m},n{config['block_n']},k{config['block_k']},"
                       f"split{split}{flags},{family}]", fn, signature, constexprs, num_warps=config["num_warps"],
                       num_stages=config["num_stages"], divisible_by_16=pointer_args(signature) + ("N", "K") + strides)

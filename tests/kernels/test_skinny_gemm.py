@@ -10,7 +10,7 @@ import torch
 from aot_testing import COMPILE_SPECS, run_aot_script
 from test_triton_qkv_gemm import SHARED_LIMIT
 
-from torch_dflash.compiler.ops.linear import add_rms_norm_linear_silu_mul_reference
+from torch_dflash.compiler.ops.linear import add_rms_norm_linear_silu_mul_reference, linear_add_norm_stats_reference
 from torch_dflash.compiler.ops.mlp import silu_mul_reference
 from torch_dflash.compiler.triton import configs
 from torch_dflash.compiler.triton import linear as linear_provider
@@ -132,6 +132,63 @@ def test_add_rms_norm_linear_silu_mul_provider_picks_the_norm_prologue_or_the_pa
     assert_norm_close((got[0][0], got[1][0]), want)
 
 
+def _stats_operands(m, n, k, bias=False):
+    x, w, b = _operands(m, n, k, bias)
+    g = torch.Generator().manual_seed(m + n)
+    residual = (4 * torch.randn(m, n, generator=g)).to(torch.bfloat16).to(DEVICE)
+    norm_w = (1 + 0.1 * torch.randn(n, generator=g)).to(torch.bfloat16).to(DEVICE)
+    return x, w, b, residual, norm_w
+
+
+def assert_stats_close(got, x, w, b, residual, norm_w):
+    """s to one bf16 ulp (of the output's scale) of the plain kernel's tile plus the residual — the same bf16 tile;
+    the interpreter truncates where the GPU rounds —, s_w the weight times the kernel's own s to one ulp, the sums
+    of squares those of its own s (fp32, reassociated) and within bf16 rounding of the reference's."""
+    total, weighted, sumsq = got
+    plain = sg.skinny_gemm(x, w, bias=b) + residual
+    torch.testing.assert_close(total.float(), plain.float(), rtol=2 ** -7, atol=2 ** -7 * plain.float().abs().max())
+    exact = total.float()
+    torch.testing.assert_close(weighted.float(), (exact * norm_w.float()).to(x.dtype).float(), rtol=2 ** -7, atol=0)
+    torch.testing.assert_close(sumsq, exact.pow(2).unflatten(-1, (-1, 64)).sum(-1), rtol=1e-5, atol=0)
+    want = linear_add_norm_stats_reference(x, w, b, residual, norm_w)[2]
+    torch.testing.assert_close(sumsq, want, rtol=2e-2, atol=0)
+
+
+@pytest.mark.parametrize("m,n,k,bias", [(16, 128, 256, False), (5, 192, 200, True), (1, 64, 1024, False)])
+def test_stats_epilogue_adds_the_residual_and_leaves_the_norm_in_parts(m, n, k, bias):
+    """STATS: the program that stores the tile (one slice, or the last of 2–8 to arrive) adds the residual to the
+    rounded tile and stores s, s · norm_w and Σ s² of each 64 columns (N tiles of at least 64 rows)."""
+    operands = _stats_operands(m, n, k, bias)
+    assert sg.plan(m, n, k, sg.gemm_config(n, k, "cuda"))["SPLIT_K"] > 1
+    for _ in range(2):   # the second call finds the tickets the first one reset
+        assert_stats_close(sg.skinny_gemm_add_stats(*operands), *operands)
+
+
+@pytest.mark.parametrize("m,kernel", [(16, True), (33, False)])
+def test_linear_add_norm_stats_provider_picks_the_epilogue_or_the_rows_kernel(monkeypatch, m, kernel):
+    launched = []
+    monkeypatch.setattr(linear_provider, "skinny_gemm_add_stats",
+                        lambda *a: launched.append("gemm") or sg.skinny_gemm_add_stats(*a))
+    monkeypatch.setattr(linear_provider, "add_norm_stats",
+                        lambda *a: launched.append("rows") or norm_rope.add_norm_stats(*a))
+    x, w, b, residual, norm_w = _stats_operands(m, 128, 256, bias=True)
+    got = linear_provider.linear_add_norm_stats(x[None], w, b, residual[None], norm_w)
+    assert launched == (["gemm"] if kernel else ["rows"])
+    assert [t.shape for t in got] == [(1, m, 128)] * 2 + [(1, m, 2)]
+    if kernel:
+        assert_stats_close(tuple(t[0] for t in got), x, w, b, residual, norm_w)
+    else:
+        want = linear_add_norm_stats_reference(x, w, b, residual, norm_w)
+        for t, ref in zip(got, want):
+            torch.testing.assert_close(t[0].float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.float().abs().max())
+
+
+def test_stats_epilogue_refuses_a_width_of_no_whole_groups():
+    x, w, b, residual, norm_w = _stats_operands(4, 96, 64)
+    with pytest.raises(InputError, match="sums of squares per 64 columns need N % 64 == 0, not 96"):
+        sg.skinny_gemm_add_stats(x, w, b, residual, norm_w)
+
+
 def test_norm_prologue_refuses_a_mismatched_residual():
     x, residual, _, w, _ = _norm_operands(4, 8, 64)
     with pytest.raises(InputError, match="the residual must match x"):
@@ -242,10 +299,11 @@ specs = linear.aot_specs(fam) + [skinny_gemm.gemm_spec(torch.bfloat16, 32, 24576
 
 def test_compiles_for_every_arch():
     """The provider's specs (Qwen3-8B shapes, 16 rows: splits 1, 2 and 4, block_n 32 to 128; the gate|up one also
-    with the SwiGLU epilogue), a 32-row build with bias and a 32-row joined build (the draft's context + block rows
-    of the merged qkv weight), for sm_80, sm_90, gfx942 and gfx950, within each target's shared memory."""
+    with the SwiGLU epilogue, with and without the norm; the down one storing the next norm's statistic), a 32-row
+    build with bias and a 32-row joined build (the draft's context + block rows of the merged qkv weight), for
+    sm_80, sm_90, gfx942 and gfx950, within each target's shared memory."""
     results = run_aot_script(AOT_SCRIPT + COMPILE_SPECS)
-    assert len(results) == 4 * (7 + 2)   # 4 archs × (7 distinct provider specs, the GLU and GLU+norm ones + 2)
+    assert len(results) == 4 * (8 + 2)   # 4 archs × (8 distinct provider specs: GLU, GLU + norm, stats; + 2)
     failed = {name: r for name, r in results.items() if not isinstance(r, list) or r[0] == 0}
     assert not failed, failed
     over = {name: shared for name, (_, shared) in results.items() if shared > SHARED_LIMIT[name.split("@")[1]]}
@@ -256,7 +314,8 @@ def test_compiles_for_every_arch():
 @pytest.mark.parametrize("m", [1, 16, 32])
 def test_gpu_qwen3_shapes(m):
     """The Qwen3-8B shapes of the sweep with the rule's configs (K 4096 → N 24576 merged gate|up with a bias;
-    K 12288 → 4096 down; K 4096 → 4096 o, split 2) and the provider on them; the gate|up SwiGLU epilogue."""
+    K 12288 → 4096 down; K 4096 → 4096 o, split 2) and the provider on them; the gate|up SwiGLU epilogue with and
+    without the norm in front; the down GEMM storing the residual sum and the next norm's statistic."""
     for n, k, bias in ((24576, 4096, True), (4096, 12288, False), (4096, 4096, False)):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
@@ -280,3 +339,8 @@ def test_gpu_qwen3_shapes(m):
     want = add_rms_norm_linear_silu_mul_reference(x, residual, norm_w, 1e-6, w, None)
     assert_norm_close(got, want)
     assert torch.equal(got[1], want[1])   # s: one rounding of the same fp32 sum on the GPU
+    h = torch.randn(m, 12288, device="cuda", dtype=torch.bfloat16)   # the down GEMM storing the norm's statistic
+    w_down = torch.randn(4096, 12288, device="cuda", dtype=torch.bfloat16) * 12288 ** -0.5
+    got = linear_provider.linear_add_norm_stats(h, w_down, None, residual, norm_w)
+    assert_stats_close(got, h, w_down, None, residual, norm_w)
+    assert torch.equal(got[0], sg.skinny_gemm(h, w_down) + residual)   # the same tile, rounded alike

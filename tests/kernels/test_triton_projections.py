@@ -176,6 +176,72 @@ def test_qkv_norm_rope_cache_provider_writes_the_batch_rows_of_a_larger_cache(dt
     assert "cache_positions" in qnr.qkv_norm_rope_cache_supports(*args, k_cache, v_cache, pos[:, :2])
 
 
+def weighted_rows(B, S, H, dtype, seed=0):
+    """(s_w, x_sumsq, the normed rows): rows s, s · w in the activation dtype, Σ s² per 64 columns, rms_norm(s, w)
+    — what dflash.linear_add_norm_stats leaves for the projection, and what it stands for."""
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    total, norm_w = rand(B, S, H, dtype=dtype, scale=4.0, gen=g), rand(H, dtype=dtype, scale=0.1, gen=g) + 1
+    sumsq = total.float().pow(2).unflatten(-1, (-1, 64)).sum(-1)
+    return (total.float() * norm_w.float()).to(dtype), sumsq, rms_norm_reference(total, norm_w, EPS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=param_id)
+@pytest.mark.parametrize("op", ["qkv_norm_rope", "qkv_norm_rope_cache"])
+def test_projection_finishes_the_rows_norm_from_x_sumsq(dtype, op):
+    """x_sumsq: the epilogue scales each projected row by its 1/rms (the GEMM read the weighted rows): equal to the
+    reference op with x_sumsq and to the projection of the normed rows (bf16: within rounding), q / k / v or q and
+    the cache's slots; the fused GEMM path is never taken with it."""
+    B, S, H, n_q, n_kv, hd, s_max = 2, 5, 128, 4, 2, 64, 12
+    weighted, sumsq, normed = weighted_rows(B, S, H, dtype)
+    inp = make_inputs(B, S, H, n_q, n_kv, hd, hd, False, True, dtype)
+    args = (inp["w"], None, inp["q_norm"], inp["k_norm"], EPS, inp["cos"], inp["sin"], n_q, n_kv, hd)
+    if op == "qkv_norm_rope":
+        assert qnr.qkv_norm_rope_supports(weighted, *args, sumsq, EPS) is None
+        got = qnr.qkv_norm_rope(weighted, *args, sumsq, EPS, path=None)
+        wants = (qkv_norm_rope_reference(weighted, *args, sumsq, EPS), qkv_norm_rope_reference(normed, *args))
+        for want in wants:
+            for out, ref in zip(got, want):
+                assert_close(out, ref, dtype)
+        with pytest.raises(AssertionError):   # without the statistic v is off (q and k are normed per head anyway)
+            assert_close(qnr.qkv_norm_rope(weighted, *args)[2], wants[1][2], dtype)
+        return
+    caches = [poisoned(B, n_kv, s_max, hd, dtype=dtype) for _ in range(2)]
+    pos = cache_positions(B, S, s_max)
+    assert qnr.qkv_norm_rope_cache_supports(weighted, *args, *caches, pos, sumsq, EPS) is None
+    q = qnr.qkv_norm_rope_cache(weighted, *args, *caches, pos, sumsq, EPS)
+    q_ref, k_ref, v_ref = qkv_norm_rope_reference(normed, *args)
+    assert_close(q, q_ref, dtype)
+    check_cache(caches[0], pos, k_ref, dtype)
+    check_cache(caches[1], pos, v_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=param_id)
+def test_context_qkv_finishes_only_the_block_rows_norm(dtype):
+    """The joined epilogue scales the block rows by their 1/rms and leaves the context rows (already normed) alone:
+    equal to the reference op with x_sumsq, slot for slot."""
+    B, C, S = 2, 3, 5
+    args, (k_cache, v_cache, k_ref, v_ref), pos = _context_case(B, C, S, dtype, shared_slot=True, H=128, bias=False)
+    weighted, sumsq, _ = weighted_rows(B, S, 128, dtype, seed=1)
+    args = (args[0], weighted, *args[2:])
+    assert cq.context_qkv_norm_rope_cache_supports(*args, k_cache, v_cache, pos, sumsq, EPS) is None
+    q = cq.context_qkv_norm_rope_cache(*args, k_cache, v_cache, pos, sumsq, EPS)
+    q_ref = context_qkv_norm_rope_cache_reference(*args, k_ref, v_ref, pos, sumsq, EPS)
+    assert_close(q, q_ref, dtype)
+    written = ~k_ref.isnan()
+    for got, want in ((k_cache, k_ref), (v_cache, v_ref)):
+        assert torch.equal(written, ~got.isnan()) and written[:B].any()
+        assert_close(got[written], want[written], dtype)
+
+
+def test_x_sumsq_refusals_name_the_reason():
+    weighted, sumsq, _ = weighted_rows(1, 2, 128, torch.bfloat16)
+    inp = make_inputs(1, 2, 128, 4, 2, 64, 64, True, True, torch.bfloat16)
+    args = (weighted, inp["w"], inp["b"], inp["q_norm"], inp["k_norm"], EPS, inp["cos"], inp["sin"], 4, 2, 64)
+    assert "a bias would be scaled with them" in qnr.qkv_norm_rope_supports(*args, sumsq, EPS)
+    args = (weighted, inp["w"], None, *args[3:])
+    assert "x_sumsq must be [1, 2, 2] fp32" in qnr.qkv_norm_rope_supports(*args, sumsq[..., :1], EPS)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=param_id)
 def test_kv_materialize_cache_provider_writes_the_batch_rows_of_a_larger_cache(dtype):
     """The dflash.kv_materialize_cache provider: a context of 2 rows in caches of 3 rows — rows 0 and 1 take the

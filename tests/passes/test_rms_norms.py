@@ -47,7 +47,8 @@ def test_our_verify_step_takes_every_layer_norm_and_the_final_one():
     assert report.fusions[KIND] == 2 * layers + 1 and not [r for r in report.rejections if r[0] == KIND]
     counts = op_counts(program)   # add_rms_norm takes the norms that read a residual add, embedding_rms_norm the first
     assert counts[NORM] + counts["dflash.add_rms_norm.default"] + counts["dflash.embedding_rms_norm.default"] + \
-        counts["dflash.add_rms_norm_linear_silu_mul.default"] == 2 * layers + 1   # the last: with the gate|up GEMM
+        counts["dflash.add_rms_norm_linear_silu_mul.default"] + counts["dflash.linear_add_norm_stats.default"] == \
+        2 * layers + 1   # the last two: with the gate|up GEMM, and finished by the next qkv epilogue
     assert counts["aten.rsqrt.default"] == 0 and counts["aten.mean.dim"] == 0
     assert_verify_program_matches(target, program, 4)
 
@@ -91,7 +92,7 @@ def test_a_norm_wider_than_its_input_stays():
 
 def test_callers_that_hand_the_graph_to_inductor_skip_the_pass():
     fused_by_inductor = (KIND, "add_rms_norm", "embedding_rms_norm", "silu_mul", "linear_silu_mul", "rope_cos_sin",
-                         "add_rms_norm_linear_silu_mul", "kv_cache_writes", "context_qkv")
+                         "add_rms_norm_linear_silu_mul", "deferred_rms_norm", "kv_cache_writes", "context_qkv")
     assert skipped_before_inductor(()) == fused_by_inductor
     assert skipped_before_inductor(("cleanup", KIND)) == ("cleanup", *fused_by_inductor)
     target, _ = build_demo_pair(seed=3, max_batch=1, max_seq_len=32)

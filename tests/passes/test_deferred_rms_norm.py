@@ -1,0 +1,137 @@
+"""deferred_rms_norm: the down linear, the residual add + RMSNorm after it and the next qkv projection → the linear
+storing the sum, the weighted rows and their sums of squares (dflash.linear_add_norm_stats), the projection finishing
+the norm (x_sumsq). Counts and numerics on our verify and draft steps (default pipeline, fp32 1e-5), on transformers
+Qwen3 / Llama through backend="dflash" without Inductor, on a down → norm → attention block in fp32 and bf16; the
+guards (normed rows read elsewhere, a qkv bias, a width that is no multiple of 64), each with its reason; a CUDA
+lowering under the interpreter."""
+
+import os
+
+import pytest
+import torch
+from pass_testing import (HFRMSNorm, assert_verify_program_matches, check_pass, demo_verify_program,
+                          hf_through_backend_without_inductor, op_counts)
+from test_capture_passes import _assert_same, _ragged
+from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
+
+from torch_dflash.compiler import lowering
+from torch_dflash.compiler.capture import DraftStep, capture_draft
+from torch_dflash.compiler.step_compiler import pipeline_compile_step
+from torch_dflash.demo import build_demo_pair
+from torch_dflash.passes import (add_rms_norm, canonicalize, cleanup, deferred_rms_norm, qkv_norm_rope, rms_norms,
+                                 weight_linears)
+
+KIND = deferred_rms_norm.NAME
+PASSES = [canonicalize.PASS, qkv_norm_rope.PASS, rms_norms.PASS, add_rms_norm.PASS, cleanup.PASS,
+          weight_linears.PASS, deferred_rms_norm.PASS]
+STATS, NORM = "dflash.linear_add_norm_stats.default", "dflash.add_rms_norm.default"
+
+
+def test_our_verify_step_finishes_each_layers_input_norm_in_its_qkv_epilogue():
+    target, program, report = demo_verify_program(4, "verify")
+    boundaries = target.config.num_hidden_layers - 1  # the first norm reads the embedding, the last feeds lm_head
+    assert report.fusions[KIND] == boundaries and not [r for r in report.rejections if r[0] == KIND]
+    counts = op_counts(program)
+    assert counts[STATS] == boundaries and counts[NORM] == 1
+    assert_verify_program_matches(target, program, 4)
+
+
+def test_our_draft_step_finishes_the_block_rows_norm_in_the_joined_qkv_epilogue():
+    target, draft = build_demo_pair(seed=3, max_batch=2, max_seq_len=48)
+    compile_step = pipeline_compile_step("cpu")
+    program = compile_step(capture_draft(target, draft, max_batch=2).module(), "draft")
+    report = compile_step.reports["draft"]
+    assert report.fusions[KIND] == len(draft.layers) - 1 and not report.rejections
+    joined = [n for n in program.graph.nodes if n.target is torch.ops.dflash.context_qkv_norm_rope_cache.default]
+    assert sum(n.kwargs.get("x_sumsq") is not None for n in joined) == len(draft.layers) - 1
+    for batch in (1, 2):
+        args = (torch.randn(batch, 5, draft.fc.in_features), _ragged(batch, 5),
+                torch.randint(0, 1000, (batch, draft.block_size)), _ragged(batch, draft.block_size, offset=5))
+        _assert_same(DraftStep(target, draft), program, args)
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "llama"])
+def test_backend_without_inductor_defers_transformers_norms(kind):
+    layers, fusions = hf_through_backend_without_inductor(kind)
+    assert [f[KIND] for f in fusions] == [layers - 1] * 2
+
+
+class DownNormAttention(torch.nn.Module):
+    """h → down + residual → RMSNorm → attention as transformers' Qwen3 spells it (q/k norms, rope in the
+    activation dtype, GQA) + the sum; `leak` also returns the normed rows."""
+
+    def __init__(self, hidden=64, inter=96, bias=False, leak=False, dtype=torch.float32, heads=(4, 2), hd=16):
+        super().__init__()
+        (self.nq, self.nkv), self.hd, self.leak = heads, hd, leak
+        self.down = torch.nn.Linear(inter, hidden, bias=False, dtype=dtype)
+        self.norm = HFRMSNorm(hidden, 1e-6, dtype=dtype)
+        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(hidden, n * hd, bias=bias, dtype=dtype)
+                                                 for n in (self.nq, self.nkv, self.nkv))
+        self.o_proj = torch.nn.Linear(self.nq * hd, hidden, bias=False, dtype=dtype)
+        self.q_norm, self.k_norm = HFRMSNorm(hd, 1e-6, dtype=dtype), HFRMSNorm(hd, 1e-6, dtype=dtype)
+        self.register_buffer("inv_freq", 1.0 / 1e4 ** (torch.arange(0, hd, 2).float() / hd), persistent=False)
+
+    def forward(self, h, residual, positions):
+        total = residual + self.down(h)
+        normed = self.norm(total)
+        b, s = normed.shape[:2]
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(normed.dtype), emb.sin().to(normed.dtype)
+        q = self.q_norm(self.q_proj(normed).view(b, s, -1, self.hd)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(normed).view(b, s, -1, self.hd)).transpose(1, 2)
+        v = self.v_proj(normed).view(b, s, -1, self.hd).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        out = total + self.o_proj(o.transpose(1, 2).reshape(b, s, -1))
+        return (out, normed) if self.leak else out
+
+
+def _args(batch, seq, hidden=64, inter=96, dtype=torch.float32):
+    return (torch.randn(batch, seq, inter, dtype=dtype), 4 * torch.randn(batch, seq, hidden, dtype=dtype),
+            (3 + torch.arange(seq)).expand(batch, -1))
+
+
+SEQ = torch.export.Dim("seq", min=2, max=32)
+DYNAMIC = ({1: SEQ}, {1: SEQ}, {1: SEQ})
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_down_norm_attention_block(dtype, tol):
+    torch.manual_seed(0)
+    _, gm, _ = check_pass(DownNormAttention(dtype=dtype), _args(2, 5, dtype=dtype), _args(2, 3, dtype=dtype), PASSES,
+                          {KIND: 1}, DYNAMIC, atol=tol, rtol=tol)
+    counts = op_counts(gm)
+    assert counts[STATS] == 1 and counts[NORM] == 0 and counts["dflash.linear.default"] == 1  # o_proj's
+    (projection,) = [n for n in gm.graph.nodes if n.target is torch.ops.dflash.qkv_norm_rope.default]
+    assert projection.kwargs["x_eps"] == 1e-6 and projection.kwargs["x_sumsq"].args[1] == 2
+
+
+@pytest.mark.parametrize("case,model,hidden,reason", [
+    ("leak", dict(leak=True), 64, "its normed rows are read by"),
+    ("bias", dict(bias=True), 64, "adds a bias, which 1/rms applied after its GEMM would scale"),
+    ("width", dict(hidden=32), 32, "the row width 32 is not a static multiple of 64"),
+])
+def test_guards_leave_the_norm_and_say_why(case, model, hidden, reason):
+    torch.manual_seed(0)
+    _, gm, report = check_pass(DownNormAttention(**model), _args(2, 5, hidden), _args(2, 3, hidden), PASSES,
+                               {KIND: 0}, DYNAMIC)
+    assert op_counts(gm)[NORM] == 1 and op_counts(gm)[STATS] == 0
+    reasons = [r.reason for r in report.rejections() if r.pass_name == KIND]
+    assert len(reasons) == 1 and reason in reasons[0], reasons
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter runs Triton on CPU tensors")
+def test_cuda_lowering_stores_the_statistic_in_the_gemm_and_finishes_it_in_the_epilogue():
+    """bf16: both ops on their Triton providers (the skinny GEMM's STATS epilogue, the head epilogue's row scale),
+    within bf16 rounding of eager."""
+    torch.manual_seed(0)
+    model = DownNormAttention(dtype=torch.bfloat16)
+    args, second = _args(2, 5, dtype=torch.bfloat16), _args(2, 3, dtype=torch.bfloat16)
+    _, gm, _ = check_pass(model, args, second, PASSES, {KIND: 1}, DYNAMIC, atol=2e-2, rtol=2e-2)
+    choices = lowering.lower(gm, "cuda")
+    assert [c.provider for c in choices["linear_add_norm_stats"]] == ["triton"]
+    assert [c.provider for c in choices["qkv_norm_rope"]] == ["triton"]
+    for inputs in (args, second):
+        want = model(*inputs).float()
+        torch.testing.assert_close(gm(*inputs).float(), want, atol=3e-2 * want.abs().max().item(), rtol=2e-2)
