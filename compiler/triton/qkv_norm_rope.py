@@ -54,9 +54,12 @@ def _run(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim
          kv_dst: tuple[Tensor, Tensor], positions: Tensor | None, path: str | None,
          row_sumsq: tuple[Tensor, float] | None = None) -> None:
     """q contiguous [..., n_q, hd]; kv_dst (k, v) each [B, S_dst, n_kv, hd] with unit last stride; row_sumsq
-    (x_sumsq, x_eps): x's rows are an RMSNorm's weighted rows, finished in the epilogue (gemm_epilogue only)."""
+    (x_sumsq, x_eps): x's rows are an RMSNorm's weighted rows, finished in the epilogue (gemm_epilogue only: the
+    fused kernel with the statistic in its finisher lost 124 µs per AR step, docs/kernels/skinny_gemm.md)."""
     if path not in (None, *PATHS):
         raise InputError(f"qkv_norm_rope: unknown path {path!r}; choose one of {', '.join(PATHS)}.")
+    if path == "fused_gemm" and row_sumsq is not None:
+        raise InputError("qkv_norm_rope: the fused_gemm path does not finish a norm from x_sumsq; use gemm_epilogue.")
     lead, hidden = x.shape[:-1], x.shape[-1]
     tokens, family = lead.numel(), family_of(x)
     cos, sin = rope_table(cos, lead), rope_table(sin, lead)

@@ -204,6 +204,8 @@ def test_projection_finishes_the_rows_norm_from_x_sumsq(dtype, op):
                 assert_close(out, ref, dtype)
         with pytest.raises(AssertionError):   # without the statistic v is off (q and k are normed per head anyway)
             assert_close(qnr.qkv_norm_rope(weighted, *args)[2], wants[1][2], dtype)
+        with pytest.raises(InputError, match="the fused_gemm path does not finish a norm from x_sumsq"):
+            qnr.qkv_norm_rope(weighted, *args, sumsq, EPS, path="fused_gemm")
         return
     caches = [poisoned(B, n_kv, s_max, hd, dtype=dtype) for _ in range(2)]
     pos = cache_positions(B, S, s_max)
