@@ -24,7 +24,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .fx_utils import infer_meta, is_call, meta_val
+from .fx_utils import infer_meta, is_call, meta_val, node_arg
 from .head_chains import describe
 from .manager import GraphPass, PassContext
 
@@ -34,6 +34,7 @@ aten = torch.ops.aten
 READERS = (dflash.qkv_norm_rope, dflash.qkv_norm_rope_cache, dflash.context_qkv_norm_rope_cache)
 X_POSITION = {dflash.qkv_norm_rope.default: 0, dflash.qkv_norm_rope_cache.default: 0,
               dflash.context_qkv_norm_rope_cache.default: 1}
+SUMSQ_POSITION = {op: len(op._schema.arguments) - 2 for op in X_POSITION}  # x_sumsq, x_eps: the last two
 
 
 def _outputs(node: fx.Node) -> dict[int, fx.Node]:
@@ -58,7 +59,7 @@ def _why_not(normed: fx.Node, gemm: fx.Node | None) -> str | None:
             return f"its normed rows are read by {reader.name}, not only as the x of qkv projections"
         if reader.args[X_POSITION[reader.target] + 2] is not None:  # b_qkv, two after x
             return f"{reader.name} adds a bias, which 1/rms applied after its GEMM would scale"
-        if reader.kwargs.get("x_sumsq") is not None:
+        if node_arg(reader, SUMSQ_POSITION[reader.target], "x_sumsq") is not None:
             return f"{reader.name} finishes a norm already"
     width = meta_val(normed).shape[-1] if meta_val(normed) is not None else None
     if not isinstance(width, int) or width % 64:
@@ -88,7 +89,8 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> None:
             infer_meta(node)
         if 1 in outputs:
             outputs[1].replace_all_uses_with(total)
-        for reader in _projections(normed):
+        for reader in _projections(normed):  # the two given by keyword (an exported call may spell the defaults)
+            reader.args = reader.args[:SUMSQ_POSITION[reader.target]]
             reader.kwargs = {**reader.kwargs, "x_sumsq": sumsq, "x_eps": eps}
         normed.replace_all_uses_with(weighted)
         for node in (outputs.get(1), normed, norm, gemm):

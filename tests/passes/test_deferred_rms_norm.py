@@ -1,16 +1,16 @@
 """deferred_rms_norm: the down linear, the residual add + RMSNorm after it and the next qkv projection → the linear
 storing the sum, the weighted rows and their sums of squares (dflash.linear_add_norm_stats), the projection finishing
 the norm (x_sumsq). Counts and numerics on our verify and draft steps (default pipeline, fp32 1e-5), on transformers
-Qwen3 / Llama through backend="dflash" without Inductor, on a down → norm → attention block in fp32 and bf16; the
-guards (normed rows read elsewhere, a qkv bias, a width that is no multiple of 64), each with its reason; a CUDA
-lowering under the interpreter."""
+Qwen3 / Llama through backend="dflash" without Inductor, on a down → norm → attention block in fp32 and bf16 (also
+when the projection spells its defaults); the guards (normed rows read elsewhere, a qkv bias, a width that is no
+multiple of 64), each with its reason; a CUDA lowering under the interpreter."""
 
 import os
 
 import pytest
 import torch
-from pass_testing import (HFRMSNorm, assert_verify_program_matches, check_pass, demo_verify_program,
-                          hf_through_backend_without_inductor, op_counts)
+from pass_testing import (HFRMSNorm, assert_same_outputs, assert_verify_program_matches, check_pass,
+                          demo_verify_program, export_graph, hf_through_backend_without_inductor, op_counts, run_passes)
 from test_capture_passes import _assert_same, _ragged
 from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
@@ -105,6 +105,23 @@ def test_down_norm_attention_block(dtype, tol):
     assert counts[STATS] == 1 and counts[NORM] == 0 and counts["dflash.linear.default"] == 1  # o_proj's
     (projection,) = [n for n in gm.graph.nodes if n.target is torch.ops.dflash.qkv_norm_rope.default]
     assert projection.kwargs["x_eps"] == 1e-6 and projection.kwargs["x_sumsq"].args[1] == 2
+
+
+def test_a_projection_that_spells_its_defaults_takes_the_statistic_by_keyword():
+    """A re-exported graph may spell x_sumsq=None, x_eps=0.0 positionally: the pass replaces them, and a second
+    run finds the projection finishing a norm already (no candidate left: no record)."""
+    torch.manual_seed(0)
+    module, args = DownNormAttention().eval(), _args(2, 5)
+    gm = export_graph(module, args, DYNAMIC)
+    run_passes(gm, PASSES[:-1])
+    (projection,) = [n for n in gm.graph.nodes if n.target is torch.ops.dflash.qkv_norm_rope.default]
+    projection.args = (*projection.args, None, 0.0)
+    report = run_passes(gm, PASSES[-1:])
+    assert report.fusions()[KIND] == 1 and len(projection.args) == 11 and projection.kwargs["x_eps"] == 1e-6
+    gm.recompile()
+    with torch.no_grad():
+        assert_same_outputs(module(*args), gm(*args))
+    assert not run_passes(gm, PASSES[-1:]).fusions().get(KIND)
 
 
 @pytest.mark.parametrize("case,model,hidden,reason", [
