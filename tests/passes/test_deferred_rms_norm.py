@@ -120,7 +120,8 @@ def test_a_projection_that_spells_its_defaults_takes_the_statistic_by_keyword():
     assert report.fusions()[KIND] == 1 and len(projection.args) == 11 and projection.kwargs["x_eps"] == 1e-6
     gm.recompile()
     with torch.no_grad():
-        assert_same_outputs(module(*args), gm(*args))
+        for inputs in (args, _args(2, 3)):
+            assert_same_outputs(module(*inputs), gm(*inputs))
     assert not run_passes(gm, PASSES[-1:]).fusions().get(KIND)
 
 
