@@ -429,6 +429,26 @@ def test_rope_cos_sin_is_its_formula_in_torch_ops(dtype, tol):
     assert_outputs_close(got, want, tol)
 
 
+class JoinedRopeTables(nn.Module):
+    def forward(self, front, positions, inv_freq):
+        return torch.ops.dflash.joined_rope_cos_sin(front, positions, inv_freq, 1.0, torch.bfloat16)
+
+
+def test_joined_rope_cos_sin_is_the_cat_and_the_formula_in_torch_ops():
+    gen = torch.Generator().manual_seed(4)
+    args = (torch.randint(0, 131072, (2, 3), generator=gen), torch.randint(0, 131072, (2, 5), generator=gen),
+            1e4 ** -(torch.arange(0, 16, 2) / 16))
+    gm = exported(JoinedRopeTables(), args)
+    source = generate_ascend_module(gm)
+    assert """
+        joined = torch.cat((front, positions), dim=-1)
+        freqs = joined.float()[..., None] * inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return joined, (emb.cos()).to(torch.bfloat16), (emb.sin()).to(torch.bfloat16)""" in source
+    got, want = load_generated(source, emulation, gm)(*args), gm(*args)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
 class CacheWrites(nn.Module):
     """The draft's cache-writing pair (pass kv_cache_writes): the context's k/v, then the block's, into caches."""
 

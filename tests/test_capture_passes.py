@@ -51,7 +51,8 @@ def test_draft_step_fuses_every_layer(pair):
                               "embedding_rms_norm": 1,  # the first input norm reads the block's embeddings
                               "silu_mul": layers, "linear_silu_mul": layers, "add_rms_norm_linear_silu_mul": layers,
                               "deferred_rms_norm": layers - 1,  # each input norm that reads a down GEMM's sum
-                              "kv_cache_writes": layers, "context_qkv": layers, "rope_cos_sin": 1}
+                              "kv_cache_writes": layers, "context_qkv": layers, "rope_cos_sin": 1,
+                              "joined_positions": 1}  # the context and block positions' cat and tables: one op
     assert not report.rejections
     C = 5  # the capture's example was batch 2, context 3
     for B in (1, max_batch):

@@ -401,6 +401,10 @@ SAMPLES = {
         ops.rope_cos_sin, lambda g, b, s, k: (random_positions(g, b, s), 1e4 ** -(torch.arange(0, 8, 2) / 8), 1.0,
                                               torch.float32),
         lambda B, S, K: ({0: B, 1: S}, None), fp32_outputs=(0, 1)),
+    "joined_rope_cos_sin": Sample(  # the keys' dim stands for the front's length
+        ops.joined_rope_cos_sin, lambda g, b, s, k: (random_positions(g, b, k), random_positions(g, b, s),
+                                                     1e4 ** -(torch.arange(0, 8, 2) / 8), 1.0, torch.float32),
+        lambda B, S, K: ({0: B, 1: K}, {0: B, 1: S}, None), fp32_outputs=(1, 2)),
     "rope": Sample(  # partial rotary: 6 of 8 channels
         ops.rope, lambda g, b, s, k: (randn(g, b, s, 2, 8), *_tables(g, b, s, 6)),
         lambda B, S, K: ({0: B, 1: S},) * 3),
@@ -516,6 +520,9 @@ def test_bf16_stores_activation_dtype_within_tolerance_of_fp32(name):
     args16 = floats_as(torch.bfloat16, sample_args(name, SECOND))
     ref, got = results(sample, floats_as(torch.float32, args16)), results(sample, args16)
     for i, (out, expected) in enumerate(zip(got, ref, strict=True)):
+        if not out.is_floating_point():  # integer outputs (joined positions) are exact
+            assert torch.equal(out, expected)
+            continue
         assert out.dtype == (torch.float32 if i in sample.fp32_outputs else torch.bfloat16), (i, out.dtype)
         assert_relative(out, expected, BF16_REL)
 
@@ -621,6 +628,9 @@ ERRORS = {  # case -> (op, args, message)
                              r"embedding_rms_norm: norm_weight must be \[8\], got \(6,\)"),
     "rope positions": (ops.rope_cos_sin, (torch.zeros(2, 3), torch.ones(4), 1.0, torch.float32),
                        r"rope_cos_sin: positions must be an integer tensor, got torch.float32"),
+    "joined positions": (ops.joined_rope_cos_sin, (torch.zeros(2, 3, dtype=torch.int32), torch.zeros(2, 4,
+                         dtype=torch.int64), torch.ones(4), 1.0, torch.float32),
+                         r"joined_rope_cos_sin: front and positions must share dtype and leading dims"),
     "linear width": (ops.linear, (torch.zeros(2, 3, 8), torch.zeros(4, 6), None),
                      r"linear: x has 8 features but w \(4, 6\) takes 6"),
     "gate|up rows": (ops.linear_silu_mul, (torch.zeros(2, 3, 8), torch.zeros(5, 8), None),

@@ -178,13 +178,24 @@ def _rope(op: str, a: dict[str, Operand]) -> Lowered:
     return Lowered("dflash.rope -> npu_rotary_mul", body)
 
 
+def _table_lines(positions: str, a: dict[str, Operand], *first: str) -> tuple[str, ...]:
+    scaled = f" * {a['scale'].src}" if a["scale"].value != 1.0 else ""
+    return (f"freqs = {positions}.float()[..., None] * {a['inv_freq'].src}.float()",
+            "emb = torch.cat((freqs, freqs), dim=-1)",
+            f"return {''.join(f'{f}, ' for f in first)}(emb.cos(){scaled}).to({a['dtype'].src}), "
+            f"(emb.sin(){scaled}).to({a['dtype'].src})")
+
+
 def _rope_cos_sin(op: str, a: dict[str, Operand]) -> Lowered:
     """The formula as torch ops (no NPU op builds rope tables; torch_npu runs them as a few elementwise kernels)."""
-    scaled = f" * {a['scale'].src}" if a["scale"].value != 1.0 else ""
     return Lowered("dflash.rope_cos_sin -> torch ops (the reference formula: fp32 angles, cos/sin, one cast)",
-                   (f"freqs = {a['positions'].src}.float()[..., None] * {a['inv_freq'].src}.float()",
-                    "emb = torch.cat((freqs, freqs), dim=-1)",
-                    f"return (emb.cos(){scaled}).to({a['dtype'].src}), (emb.sin(){scaled}).to({a['dtype'].src})"))
+                   _table_lines(a["positions"].src, a))
+
+
+def _joined_rope_cos_sin(op: str, a: dict[str, Operand]) -> Lowered:
+    return Lowered("dflash.joined_rope_cos_sin -> torch ops (torch.cat, then rope_cos_sin's formula)",
+                   (f"joined = torch.cat(({a['front'].src}, {a['positions'].src}), dim=-1)",
+                    *_table_lines("joined", a, "joined")))
 
 
 def _split_qkv_unusable(a: dict[str, Operand]) -> str | None:
@@ -384,6 +395,7 @@ _LOWERINGS = {
     "silu_mul": _silu_mul,
     "rope": _rope,
     "rope_cos_sin": _rope_cos_sin,
+    "joined_rope_cos_sin": _joined_rope_cos_sin,
     "qkv_norm_rope": _qkv_norm_rope,
     "qkv_norm_rope_cache": _qkv_norm_rope_cache,
     "kv_materialize": _kv_materialize,

@@ -11,7 +11,7 @@ from .mlp import silu_mul_reference
 from .norm_rope import add_rms_norm_reference, rms_norm_reference, rope_reference, rotate_half
 from .projections import (context_qkv_norm_rope_cache_reference, kv_materialize_cache_reference,
                           kv_materialize_reference, qkv_norm_rope_cache_reference, qkv_norm_rope_reference)
-from .rope_tables import rope_cos_sin_reference
+from .rope_tables import joined_rope_cos_sin_reference, rope_cos_sin_reference
 
 REFERENCES = {
     "rms_norm": rms_norm_reference,
@@ -20,6 +20,7 @@ REFERENCES = {
     "silu_mul": silu_mul_reference,
     "rope": rope_reference,
     "rope_cos_sin": rope_cos_sin_reference,
+    "joined_rope_cos_sin": joined_rope_cos_sin_reference,
     "qkv_norm_rope": qkv_norm_rope_reference,
     "qkv_norm_rope_cache": qkv_norm_rope_cache_reference,
     "kv_materialize": kv_materialize_reference,

@@ -1,4 +1,5 @@
-"""dflash.rope_cos_sin — a step's rope tables in one op.
+"""dflash.rope_cos_sin — a step's rope tables in one op; dflash.joined_rope_cos_sin — the same of two position
+tensors joined, with the joined positions.
 
 Every step graph builds its cos/sin tables from the positions with ~12 tiny ATen kernels (cast, product, cat, cos,
 sin, scale, casts):
@@ -40,8 +41,44 @@ def rope_cos_sin(positions: Tensor, inv_freq: Tensor, scale: float, dtype: torch
     return rope_cos_sin_reference(positions, inv_freq, scale, dtype)
 
 
+def _empty_tables(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    shape = (*positions.shape, 2 * inv_freq.shape[0])
+    return positions.new_empty(shape, dtype=dtype), positions.new_empty(shape, dtype=dtype)
+
+
 @rope_cos_sin.register_fake
 def _(positions, inv_freq, scale, dtype):
     _check(positions, inv_freq)
-    shape = (*positions.shape, 2 * inv_freq.shape[0])
-    return positions.new_empty(shape, dtype=dtype), positions.new_empty(shape, dtype=dtype)
+    return _empty_tables(positions, inv_freq, dtype)
+
+
+def _check_joined(front: Tensor, positions: Tensor) -> None:
+    if isinstance(front, torch.fx.Proxy):
+        return
+    torch._check_with(InputError, front.dtype == positions.dtype and front.dim() == positions.dim() >= 1
+                      and front.shape[:-1] == positions.shape[:-1],
+                      lambda: f"joined_rope_cos_sin: front and positions must share dtype and leading dims, got "
+                              f"{tuple(front.shape)} {front.dtype} and {tuple(positions.shape)} {positions.dtype}.")
+
+
+def joined_rope_cos_sin_reference(front: Tensor, positions: Tensor, inv_freq: Tensor, scale: float,
+                                  dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(joined, cos, sin): joined = cat([front, positions], -1) and its rope tables (rope_cos_sin_reference) — the
+    DFlash draft's context and block positions, which its cache writes read joined too."""
+    _check_joined(front, positions)
+    joined = torch.cat((front, positions), dim=-1)
+    return (joined, *rope_cos_sin_reference(joined, inv_freq, scale, dtype))
+
+
+@torch.library.custom_op("dflash::joined_rope_cos_sin", mutates_args=())
+def joined_rope_cos_sin(front: Tensor, positions: Tensor, inv_freq: Tensor, scale: float,
+                        dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    return joined_rope_cos_sin_reference(front, positions, inv_freq, scale, dtype)
+
+
+@joined_rope_cos_sin.register_fake
+def _(front, positions, inv_freq, scale, dtype):
+    _check_joined(front, positions)
+    _check(positions, inv_freq)
+    joined = positions.new_empty((*positions.shape[:-1], front.shape[-1] + positions.shape[-1]))
+    return (joined, *_empty_tables(joined, inv_freq, dtype))

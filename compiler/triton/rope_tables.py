@@ -3,6 +3,9 @@
 positions[...] (int), inv_freq[H] (fp32)
   ─ rope_cos_sin_kernel: BLOCK_M positions × BLOCK_H angles per program, angle = f32(pos) · inv_freq in fp32,
     cos and sin, times scale, each stored twice (both halves of the last dim) ─▶ cos[..., 2H], sin[..., 2H]
+dflash.joined_rope_cos_sin: the same kernel (constexpr JOINED) reads position r of cat([front, positions], -1) from
+whichever of the two it lies in and also stores it ─▶ joined, cos, sin — in place of an ATen cat launch (which,
+launched without programmatic launch, also stalls the chain of launches around it) and the tables' own.
 Angles reach 10^5 radians, so cos/sin must be the precise ones: tl.cos / tl.sin lower to libdevice's __nv_cosf /
 __ocml_cos_f32 (full range reduction), never to cos.approx (tests/kernels/test_triton_rope_tables.py reads the PTX);
 the interpreter has no libdevice, which is why the kernel does not call it by name.
@@ -23,13 +26,23 @@ POSITIONS = {torch.int32: "i32", torch.int64: "i64"}
 
 
 @triton.jit
-def rope_cos_sin_kernel(pos_ptr, inv_ptr, cos_ptr, sin_ptr, N, scale, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+def rope_cos_sin_kernel(pos_ptr, inv_ptr, cos_ptr, sin_ptr, N, scale, front_ptr, joined_ptr, FRONT, WIDTH,
+                        HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, JOINED: tl.constexpr,
+                        PDL: tl.constexpr):
     scale = tl.cast(scale, tl.float32)  # fp32 as eager Triton types Python floats (Inductor passes fp64)
     await_previous_grid(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_H)
-    pos = tl.load(pos_ptr + rows, mask=rows < N, other=0).to(tl.float32)
+    if JOINED:  # row r = (b, t) of cat([front, positions], -1), WIDTH columns: t < FRONT from front, else positions
+        b = rows // WIDTH
+        t = rows - b * WIDTH
+        head = t < FRONT
+        ids = tl.where(head, tl.load(front_ptr + b * FRONT + t, mask=(rows < N) & head, other=0),
+                       tl.load(pos_ptr + b * (WIDTH - FRONT) + t - FRONT, mask=(rows < N) & ~head, other=0))
+        tl.store(joined_ptr + rows, ids, mask=rows < N)
+    else:
+        ids = tl.load(pos_ptr + rows, mask=rows < N, other=0)
+    pos = ids.to(tl.float32)
     inv = tl.load(inv_ptr + cols, mask=cols < HALF, other=0.0)
     angles = pos[:, None] * inv[None, :]
     c = (tl.cos(angles) * scale).to(cos_ptr.dtype.element_ty)
@@ -48,22 +61,37 @@ def _tile(half: int, family: str) -> tuple[int, int, dict]:
     return max(1, cfg["elems"] // block_h), block_h, cfg
 
 
+def _launch(positions: Tensor, inv_freq: Tensor, scale: float, dtype: torch.dtype, out, front: Tensor | None):
+    """cos, sin of `positions` — of cat([front, positions], -1) with `front`, which also fills joined = out[0]."""
+    half = inv_freq.shape[0]
+    width = positions.shape[-1] + (0 if front is None else front.shape[-1])
+    shape = (*positions.shape[:-1], width, 2 * half)
+    cos, sin = out[-2:] if out else (torch.empty(shape, dtype=dtype, device=positions.device) for _ in range(2))
+    joined = None if front is None else (out[0] if out else positions.new_empty(shape[:-1]))
+    rows = cos.numel() // max(1, 2 * half)
+    if rows and half:
+        block_m, block_h, cfg = _tile(half, family_of(positions))
+        front_len = 0 if front is None else front.shape[-1]
+        wrap_triton(rope_cos_sin_kernel)[(triton.cdiv(rows, block_m),)](
+            positions.reshape(-1).contiguous(), inv_freq.contiguous(), cos, sin, rows, scale,
+            positions if front is None else front.reshape(-1).contiguous(), cos if joined is None else joined,
+            front_len, width, HALF=half, BLOCK_M=block_m, BLOCK_H=block_h, JOINED=front is not None,
+            num_warps=_num_warps(cfg, block_m * block_h), **programmatic_launch(positions.device))
+    return (cos, sin) if front is None else (joined, cos, sin)
+
+
 def rope_cos_sin(positions: Tensor, inv_freq: Tensor, scale: float, dtype: torch.dtype, *,
                  out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """The dflash.rope_cos_sin provider: (cos, sin) [..., 2·H] in `dtype`, contiguous; `out` (two such tensors) is
     optional."""
-    half = inv_freq.shape[0]
-    shape = (*positions.shape, 2 * half)
-    cos, sin = out or (torch.empty(shape, dtype=dtype, device=positions.device) for _ in range(2))
-    rows = positions.numel()
-    if rows == 0 or half == 0:
-        return cos, sin
-    block_m, block_h, cfg = _tile(half, family_of(positions))
-    wrap_triton(rope_cos_sin_kernel)[(triton.cdiv(rows, block_m),)](
-        positions.reshape(-1).contiguous(), inv_freq.contiguous(), cos, sin, rows, scale, HALF=half,
-        BLOCK_M=block_m, BLOCK_H=block_h, num_warps=_num_warps(cfg, block_m * block_h),
-        **programmatic_launch(positions.device))
-    return cos, sin
+    return _launch(positions, inv_freq, scale, dtype, out, None)
+
+
+def joined_rope_cos_sin(front: Tensor, positions: Tensor, inv_freq: Tensor, scale: float, dtype: torch.dtype, *,
+                        out: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The dflash.joined_rope_cos_sin provider: (joined, cos, sin) of cat([front, positions], -1), contiguous;
+    `out` (three such tensors) is optional."""
+    return _launch(positions, inv_freq, scale, dtype, out, front)
 
 
 def rope_cos_sin_supports(positions: Tensor, inv_freq: Tensor, scale: float, dtype: torch.dtype) -> str | None:
@@ -76,16 +104,32 @@ def rope_cos_sin_supports(positions: Tensor, inv_freq: Tensor, scale: float, dty
         f"table dtype {dtype} is not one of fp32/fp16/bf16" if dtype not in DTYPES else None)
 
 
+def joined_rope_cos_sin_supports(front: Tensor, positions: Tensor, inv_freq: Tensor, scale: float,
+                                 dtype: torch.dtype) -> str | None:
+    return first_reason(
+        rope_cos_sin_supports(positions, inv_freq, scale, dtype),
+        f"front is {front.dtype} on {front.device}, positions {positions.dtype} on {positions.device}"
+        if front.dtype != positions.dtype or front.device != positions.device else None)
+
+
 def aot_specs(family: str = "cuda") -> list[KernelSpec]:
-    """int64 positions, bf16 tables of rot_dim 128 (Qwen3-8B, its DFlash draft) with `family`'s launch config."""
+    """int64 positions, bf16 tables of rot_dim 128 (Qwen3-8B, its DFlash draft) with `family`'s launch config, of
+    one position tensor and of two joined."""
     block_m, block_h, cfg = _tile(64, family)
-    constexprs = {"HALF": 64, "BLOCK_M": block_m, "BLOCK_H": block_h}
     fn = _compilable(rope_cos_sin_kernel)
-    pointers = {"pos_ptr": "*i64", "inv_ptr": "*fp32", "cos_ptr": "*bf16", "sin_ptr": "*bf16"}
-    signature = _signature(fn, pointers, ("scale",), constexprs)
-    return [KernelSpec(f"rope_cos_sin[bf16,rot128,{family}]", fn, signature, constexprs,
-                       num_warps=_num_warps(cfg, block_m * block_h), divisible_by_16=pointer_args(signature))]
+    pointers = {"pos_ptr": "*i64", "inv_ptr": "*fp32", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "front_ptr": "*i64",
+                "joined_ptr": "*i64"}
+    specs = []
+    for joined in (False, True):
+        constexprs = {"HALF": 64, "BLOCK_M": block_m, "BLOCK_H": block_h, "JOINED": joined}
+        signature = _signature(fn, pointers, ("scale",), constexprs)
+        specs.append(KernelSpec(f"{'joined_' if joined else ''}rope_cos_sin[bf16,rot128,{family}]", fn, signature,
+                                constexprs, num_warps=_num_warps(cfg, block_m * block_h),
+                                divisible_by_16=pointer_args(signature)))
+    return specs
 
 
 register(Provider("rope_cos_sin", "triton", ("cuda", "rocm"), rope_cos_sin, priority=10,
                   supports=rope_cos_sin_supports, traceable=True))
+register(Provider("joined_rope_cos_sin", "triton", ("cuda", "rocm"), joined_rope_cos_sin, priority=10,
+                  supports=joined_rope_cos_sin_supports, traceable=True))

@@ -45,8 +45,8 @@ def test_pass_order_and_disabling():
     assert [p.name for p in DEFAULT_PASSES] == ["canonicalize", "kv_materialize", "qkv_norm_rope", "mhc_post_pre",
                                                 "merge_sibling_projections", "attention_masks", "kv_cache_writes",
                                                 "context_qkv", "rms_norms", "add_rms_norm", "embedding_rms_norm",
-                                                "silu_mul", "rope_cos_sin", "cleanup", "weight_linears",
-                                                "linear_silu_mul", "add_rms_norm_linear_silu_mul", "deferred_rms_norm"]
+                                                "silu_mul", "rope_cos_sin", "joined_positions", "cleanup",
+                                                "weight_linears", "linear_silu_mul", "add_rms_norm_linear_silu_mul", "deferred_rms_norm"]
     assert [p.name for p in default_pass_manager(disabled=("deferred_rms_norm",)).passes][-1] == \
         "add_rms_norm_linear_silu_mul"
     with pytest.raises(InputError, match="Unknown pass"):

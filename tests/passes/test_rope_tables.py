@@ -1,4 +1,5 @@
-"""rope_cos_sin: the rope tables a step builds from its positions → one dflash.rope_cos_sin. Counts and numerics on
+"""rope_cos_sin: the rope tables a step builds from its positions → one dflash.rope_cos_sin (of the draft's joined
+context and block positions: one dflash.joined_rope_cos_sin, standing for the cat too). Counts and numerics on
 our draft and verify steps (the default pipeline: fp32 against the model, fp32 and bf16 bit for bit against the
 pipeline without the pass; inv_freq folded into a constant with the graph's own bits); transformers Qwen3 and z-lab's
 draft through backend="dflash" without Inductor; the spellings (ours, transformers 5's buffer product, transformers
@@ -21,6 +22,7 @@ from torch_dflash.passes.fx_utils import build_constant, recipe_of
 KIND = rope_tables.NAME
 PASSES = [canonicalize.PASS, rope_tables.PASS, cleanup.PASS]
 OP = "dflash.rope_cos_sin.default"
+JOINED = "dflash.joined_rope_cos_sin.default"
 DYNAMIC = ({0: Dim("batch", min=2, max=8), 1: Dim("seq", min=2, max=64)},)
 EXACT = dict(atol=0, rtol=0)
 
@@ -48,11 +50,17 @@ def test_our_steps_build_their_tables_in_one_op(kind, dtype):
     report = compile_step.reports[kind]
     assert report.fusions[KIND] == 1 and not [r for r in report.rejections if r[0] == KIND]
     counts = op_counts(program)
-    assert counts[OP] == 1 and counts["aten.cos.default"] == counts["aten.sin.default"] == 0
-    (op,) = [n for n in program.graph.nodes if str(n.target) == OP]
-    assert op.args[2:] == (1.0, dtype)
-    assert all("val" in n.meta for n in (op, *op.args[:2]))   # the lowering asks the providers with these fakes
-    recipe, inv = recipe_of(program, op.args[1]), getattr(program, op.args[1].target)
+    assert counts["aten.cos.default"] == counts["aten.sin.default"] == 0
+    if kind == "draft":  # the context and block positions: one launch for the cat and the tables
+        assert report.fusions["joined_positions"] == 1 and counts[JOINED] == 1 and counts[OP] == 0
+        assert counts["aten.cat.default"] == 0
+    else:
+        assert "joined_positions" not in report.fusions and counts[OP] == 1
+    (op,) = [n for n in program.graph.nodes if str(n.target) in (OP, JOINED)]
+    inv_at = 2 if kind == "draft" else 1
+    assert op.args[inv_at + 1:] == (1.0, dtype)
+    assert all("val" in n.meta for n in (op, *op.args[:inv_at + 1]))   # the lowering asks the providers with these
+    recipe, inv = recipe_of(program, op.args[inv_at]), getattr(program, op.args[inv_at].target)
     assert recipe[0] == "values" and torch.equal(build_constant(program, recipe), inv)
     rot = 2 * inv.numel()   # the bits the graph's arange / pow / reciprocal computed
     assert torch.equal(inv, 1.0 / theta ** (torch.arange(0, rot, 2).float() / rot))

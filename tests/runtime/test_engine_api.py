@@ -43,8 +43,8 @@ def test_default_steps_are_pipeline_compiled_and_report():
         {"qkv_norm_rope": 2, "attention.causal": 2}
     assert dflash_ops(engine.steps.draft) == ["dflash::add_rms_norm", "dflash::add_rms_norm_linear_silu_mul",
                                               "dflash::attention", "dflash::context_qkv_norm_rope_cache",
-                                              "dflash::embedding_rms_norm", "dflash::linear", "dflash::rms_norm",
-                                              "dflash::rope_cos_sin"]
+                                              "dflash::embedding_rms_norm", "dflash::joined_rope_cos_sin",
+                                              "dflash::linear", "dflash::rms_norm"]
     assert dflash_ops(engine.steps.verify) == ["dflash::add_rms_norm", "dflash::add_rms_norm_linear_silu_mul",
                                                "dflash::attention", "dflash::embedding_rms_norm", "dflash::linear",
                                                "dflash::linear_add_norm_stats", "dflash::qkv_norm_rope_cache",
