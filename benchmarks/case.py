@@ -60,6 +60,8 @@ class Case:
     graph_calls: int = 1                        # > 1: each graph holds max(graph_calls, input sets) calls back to
                                                 # back and the time is per call — the GPU's time for the call as
                                                 # it runs inside a step, without the host's launch of the graph
+    per_call: int = 1                           # iterations of what the case names in one timed call (the e2e
+                                                # turns: a run of consecutive turns); times are per iteration
     notes: str = ""
     extra: dict = field(default_factory=dict)
     rotation: Rotation | None = None            # memory-bound cases: the inputs the variants read, rotated

@@ -10,11 +10,13 @@ weights built by benchmarks/steps.py; a 1024-token random prompt; block 16. Ever
 Both torch.compile variants compile lazily, in the CUDA graph's warm-up before capture. The peers' engines
 resume the dflash engine's state after its first turn (their caches are copies of its caches).
 
-turn     one `DFlashEngine.iterate` — draft step, verify step, acceptance, commit (cache rollback by position),
-         next context: exactly one loop turn of `generate`. Each timed call iterates a `fork()` of the state
-         after the first turn, so every call redoes the same second turn (engine.py: rollback is by position).
-         Peer "zlab": one turn of z-lab's `dflash_generate` loop (`zlab_turn`, its lines at temperature 0) on
-         the same weights (transformers' Qwen3ForCausalLM and z-lab's DFlashDraftModel holding our tensors),
+turn     `DFlashEngine.iterate` — draft step, verify step, acceptance, commit (cache rollback by position),
+         next context: one loop turn of `generate`. Each timed call runs TURNS consecutive turns of a `fork()` of
+         the state after the first turn (so every call redoes the same turns: engine.py, rollback is by position)
+         and the time is per turn: the loop's steady state, where each turn's draft step was queued ahead by the
+         turn before (draft_ahead; the call's first turn drafts itself, its last queues nothing).
+         Peer "zlab": as many turns of z-lab's `dflash_generate` loop (`zlab_turn`, its lines at temperature 0)
+         on the same weights (transformers' Qwen3ForCausalLM and z-lab's DFlashDraftModel holding our tensors),
          resumed the same way with z-lab's `_crop_to`.
 draft, verify   the engine's two step functions on that turn's inputs (graph replays, input copies included).
 draft to hidden states   the draft step without the lm_head (capture_draft(logits=False), each variant's
@@ -52,6 +54,7 @@ from .steps_backend import _on_meta_with_weights
 
 TAU = 6.5          # published mean acceptance of Qwen3-8B-DFlash-b16 (GSM8K / HumanEval, design.md §6)
 STATS_TURNS = 10   # turns the check runs to read the engine's own per-phase times (2 when small)
+TURNS = 8          # consecutive turns per timed call of the turn case (2 when small)
 PROJECTION_REPS = 20  # timed calls of the AR step and the turn for the projection (2 when small)
 FUSED = "dflash+inductor"  # our steps, then Inductor: DFlashEngine(compile_step="inductor")
 PEER = "inductor"          # the captured steps under Inductor alone: the peer the harness's ratio is taken to
@@ -146,17 +149,19 @@ def zlab_turn(zlab, hf, s: ZlabState) -> int:
 
 
 def _zlab_variant(zlab, hf, prompt, max_new_tokens):
-    """(the timed second turn, its check against `dflash_generate` itself)."""
+    """(`turn(count)`: the second turn and `count` - 1 more, returning the second's committed tokens; its check
+    against `dflash_generate` itself)."""
     from dflash.model import _crop_to, dflash_generate
 
     state = zlab_prefill(zlab, hf, prompt, max_new_tokens)
     first = zlab_turn(zlab, hf, state)
     snapshot, draft_length = replace(state), state.draft_cache.get_seq_length()
 
-    def turn():
+    def turn(count=1):
         _crop_to(snapshot.target_cache, snapshot.start)
         _crop_to(snapshot.draft_cache, draft_length)
-        return zlab_turn(zlab, hf, replace(snapshot))
+        state = replace(snapshot)
+        return [zlab_turn(zlab, hf, state) for _ in range(count)][0]
 
     def check():
         """Our transcription of z-lab's loop commits what dflash_generate commits (same code, same device)."""
@@ -262,14 +267,14 @@ def runtime_steps(target, draft, prompt, block_size, device, kinds=("draft", "ve
     ab_steps): kind -> a no-argument call of the engine's draft / verify step on the inputs of a real turn after
     `prompt` and one turn, of the target's AR step or the draft step to its hidden states ("draft_hidden": no
     lm_head) through the same compile path (each built only if asked), or of the whole second turn ("turn":
-    `iterate` on a fork of the state, as the turn case times it); and the context
+    `iterate` on a fork of the state, queuing no draft ahead: one turn's work); and the context
     length those blocks start at. Built under the launch configs in force now, without the passes named in
     `disabled`."""
     compile_step = pipeline_compile_step(device_target(device), disabled) if disabled else PIPELINE
     engine, snapshot, _ = _engine_after_one_turn(target, draft, prompt, block_size, compile_step)
     draft_args, verify_args = _turn_inputs(engine, snapshot)
     calls = {"draft": lambda: engine.steps.draft(*draft_args), "verify": lambda: engine.steps.verify(*verify_args),
-             "turn": lambda: engine.iterate(snapshot.fork())}
+             "turn": lambda: engine.iterate(snapshot.fork(), ahead=False)}
     if "ar" in kinds:
         ar = _ar_step(target, device, pipeline_compile_step(device_target(device), disabled))
         calls["ar"] = lambda: ar(verify_args[0][:, :1], verify_args[1][:, :1])
@@ -318,14 +323,21 @@ def _step_check(calls, eager, args, tol, device):
     return check
 
 
+def engine_turns(engine, snapshot, count):
+    """`count` consecutive turns of one fork of `snapshot`, as `generate` runs them (each turn's draft queued by
+    the turn before, under draft_ahead), the last queuing no draft; the first turn's committed tokens."""
+    decode = snapshot.fork()
+    return [engine.iterate(decode, ahead=None if i < count - 1 else False) for i in range(count)][0]
+
+
 def _stats_note(engine, snapshot, turns):
-    """The engine's own per-phase times (GenerateStats: PhaseClock's event laps) over `turns` turns."""
-    stats = GenerateStats(engine.block_size)
-    for _ in range(turns):
-        clock = PhaseClock(engine.device)
-        engine.iterate(replace(snapshot.fork(), stats=stats, clock=clock))
-        clock.charge(stats, "overhead_s")  # acceptance + commit: the loop charges them at the next turn's start
-        clock.settle()
+    """The engine's own per-phase times (GenerateStats: PhaseClock's event laps) over `turns` consecutive turns."""
+    stats, clock = GenerateStats(engine.block_size), PhaseClock(engine.device)
+    decode = replace(snapshot.fork(), stats=stats, clock=clock)
+    for i in range(turns):
+        engine.iterate(decode, ahead=None if i < turns - 1 else False)
+    clock.charge(stats, "overhead_s")  # acceptance + commit: the loop charges them at the next turn's start
+    clock.settle()
     per_turn = ", ".join(f"{name} {getattr(stats, name + '_s') / stats.steps * 1e3:.2f} ms"
                          for name in ("draft", "verify", "overhead"))
     return f"engine stats per turn: {per_turn} (GenerateStats over {stats.steps} turns)"
@@ -373,8 +385,9 @@ def cases(device="cuda", small=False, variants=VARIANTS):
     def step_calls(kind, args):
         return {v: no_grad(lambda v=v: getattr(engine_of(v).steps, kind)(*args)) for v in variants}
 
-    turns = {v: (lambda v=v: engine_of(v).iterate(snapshot.fork())[0]) for v in variants}
-    turns["zlab"] = zlab_turn_fn
+    per_call = 2 if small else TURNS
+    turns = {v: (lambda v=v: engine_turns(engine_of(v), snapshot, per_call)[0]) for v in variants}
+    turns["zlab"] = lambda: zlab_turn_fn(per_call)
     ar_calls = {v: no_grad(lambda v=v: ar_of(v)(*ar_args)) for v in variants}
 
     def turn_check():
@@ -384,7 +397,7 @@ def cases(device="cuda", small=False, variants=VARIANTS):
                  _stats_note(engine, snapshot, 2 if small else STATS_TURNS), zlab_check()]
         reps = 2 if small else PROJECTION_REPS
         t_ar, _ = harness.time_variant(ar_calls["dflash"], device, reps, False)
-        t_turn, _ = harness.time_variant(turns["dflash"], device, reps, False)
+        t_turn, _ = harness.time_variant(turns["dflash"], device, reps, False, per_call=per_call)
         return "; ".join([*notes, _projection(t_ar, t_turn, reps)])
 
     ctx = int(snapshot.rows.start[0])
@@ -413,7 +426,8 @@ def cases(device="cuda", small=False, variants=VARIANTS):
                _step_check(calls, eager_verify, verify_args, tol_target, device), floor_bytes=floor_verify,
                notes=where)
     yield Case("e2e", f"spec-decode turn (ctx {ctx}, block {b})", turns, turn_check,
-               floor_bytes=floor_draft + floor_verify, notes=f"{where}; floor = draft + verify floors")
+               floor_bytes=floor_draft + floor_verify, per_call=per_call,
+               notes=f"{where}; per turn of {per_call} consecutive turns per timed call; floor = draft + verify floors")
     yield Case("e2e", f"runtime AR step (1 token, ctx {ctx})", ar_calls,
                _step_check(ar_calls, eager_verify, ar_args, tol_target, device), floor_bytes=floor_ar,
                notes=f"capture_verify(block 1), then each variant's compile_step, {device_target(device)}{graphs}")

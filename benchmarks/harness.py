@@ -147,10 +147,15 @@ def _rotating(fn, rotation: Rotation | None):
 
 
 def time_variant(fn, device: str, reps: int, use_graph: bool, rotation: Rotation | None = None,
-                 graph_calls: int = 1) -> tuple[float, bool]:
-    """Median µs of fn over `reps` calls (or graph replays of `graph_calls` calls, per call), cycling through the
-    rotation's input sets; (value, whether CUDA graphs were used). On CPU (smoke) nothing is warmed up and the
-    time means nothing."""
+                 graph_calls: int = 1, per_call: int = 1) -> tuple[float, bool]:
+    """Median µs of fn over `reps` calls (or graph replays of `graph_calls` calls, per call) over `per_call` (the
+    iterations one call runs), cycling through the rotation's input sets; (value, whether CUDA graphs were used).
+    On CPU (smoke) nothing is warmed up and the time means nothing."""
+    us, graphed = _time_variant(fn, device, reps, use_graph, rotation, graph_calls)
+    return us / per_call, graphed
+
+
+def _time_variant(fn, device, reps, use_graph, rotation, graph_calls) -> tuple[float, bool]:
     plain = _rotating(fn, rotation)
     try:
         if device != "cuda":
@@ -224,7 +229,8 @@ def run_case(case: Case, ceilings: Ceilings, device: str, reps: int, l2: int, cl
     timings = {}
     for variant, fn in case.variants.items():
         try:
-            timings[variant] = time_variant(fn, device, reps, case.use_cuda_graph, case.rotation, case.graph_calls)
+            timings[variant] = time_variant(fn, device, reps, case.use_cuda_graph, case.rotation, case.graph_calls,
+                                            case.per_call)
         except Exception as error:  # noqa: BLE001 — report the failure in the table, keep going
             timings[variant] = (None, False)
             log(f"  {case.name} / {variant}: failed: {type(error).__name__}: {error}")

@@ -37,12 +37,30 @@ class PhaseClock:
             setattr(stats, field, getattr(stats, field) + now - self.last)
         self.last = now
 
-    def settle(self) -> None:
-        """Add the pending laps (waiting for the last boundary's event if the caller has not synchronised)."""
-        for stats, field, start, end in self.pending:
+    def settle(self, wait: bool = True) -> None:
+        """Add the pending laps — waiting for the last boundary's event if the caller has not synchronised, or, with
+        wait=False, only the laps the GPU has finished (the rest stay pending: a draft queued ahead)."""
+        laps = list(self.pending)
+        while laps:
+            stats, field, start, end = laps[0]
+            if not wait and not end.query():
+                break
             end.synchronize()
             setattr(stats, field, getattr(stats, field) + start.elapsed_time(end) / 1e3)
-        self.pending = ()
+            laps.pop(0)
+        self.pending = tuple(laps)
+
+
+def copy_to_host(tensor: torch.Tensor):
+    """(a host copy of tensor being made, a call that waits until it is made): on CUDA a pinned copy behind an
+    event, so the stream can take more work before the host waits; on CPU the tensor itself."""
+    if not is_cuda(tensor.device):
+        return tensor, lambda: None
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    made = torch.cuda.Event()
+    made.record()
+    return host, made.synchronize
 
 
 SMALL_INPUT = 1 << 14   # elements: inputs up to this size share one multi-tensor copy per dtype

@@ -28,7 +28,7 @@ from torch_dflash.errors import InputError
 from .block import block_layout, to_logical
 from .checks import (PIPELINE, check_block_size, check_capacity, check_engine, check_pair, check_sampling,
                      check_stop_tokens, new_token_counts, read_prompts)
-from .device import PhaseClock
+from .device import PhaseClock, copy_to_host
 from .executors import Steps, build_steps, with_cuda_graphs
 from .sampling import accept_greedy, accept_rejection, choose, sampling_probs
 from .stats import GenerateStats
@@ -82,18 +82,22 @@ class Decode:
     sampling: Sampling
     stats: GenerateStats
     clock: PhaseClock
-    seq_host: list         # host copies of rows.seq / rows.start and whether each row has finished
+    seq_host: list         # host copies of rows.seq / rows.start / rows.limit and whether each row has finished
     start_host: list
+    limit_host: list
     done_host: list
     acceptance: list       # per sequence: tokens committed by each of its steps
     final_length: list     # per sequence: its length once it has finished
+    ahead: torch.Tensor | None = None  # the draft logits of `rows`, queued by the previous turn (draft_ahead)
 
     def fork(self) -> "Decode":
         """A copy that `iterate` can advance on its own: the same rows at the same positions, its own tokens,
         records and stats. Rollback is by position, so a fork redoes exactly the turns this state would do next
-        (while no row of either finishes: finishing moves cache rows)."""
+        (while no row of either finishes: finishing moves cache rows). A fork drafts its next turn itself: a draft
+        queued ahead lives in the draft step's output buffer, which the next draft call overwrites."""
         return replace(self, tokens=self.tokens.clone(), stats=replace(self.stats), clock=copy.copy(self.clock),
-                       acceptance=[list(a) for a in self.acceptance], final_length=list(self.final_length))
+                       acceptance=[list(a) for a in self.acceptance], final_length=list(self.final_length),
+                       ahead=None)
 
 
 class DFlashEngine:
@@ -103,11 +107,13 @@ class DFlashEngine:
     caches, `target.feature_layer_ids` and `draft.context_window`."""
 
     def __init__(self, target, draft, max_batch=1, max_seq_len=2048, block_size=None, *, draft_window_size=None,
-                 executor="auto", cuda_graphs=None, compile_step=PIPELINE, steps: Steps | None = None):
+                 executor="auto", cuda_graphs=None, draft_ahead=None, compile_step=PIPELINE,
+                 steps: Steps | None = None):
         """executor: "auto" = "exported" (captured programs) or "eager" (the model code as written).
         compile_step: "pipeline" (passes + lowering), "inductor" (that, then torch.compile with Inductor), None
         (programs as captured) or a hook (graph_module, kind) -> step. steps: step functions to run instead of capturing (e.g. an export's programs, not CUDA-graphed
-        yet: the engine adds its graphs). cuda_graphs: None = on for CUDA models."""
+        yet: the engine adds its graphs). cuda_graphs: None = on for CUDA models. draft_ahead: queue each turn's
+        next draft step before the turn's host sync (`iterate`); None = on with CUDA graphs."""
         self.device = check_pair(target, draft)
         self.block_size = check_block_size(draft, block_size)
         executor, self.cuda_graphs = check_engine(self.device, self.block_size, max_batch, max_seq_len,
@@ -123,6 +129,7 @@ class DFlashEngine:
             steps = build_steps(target, draft, executor=executor, block_size=self.block_size, max_batch=max_batch,
                                 compile_step=compile_step)
         self.steps = with_cuda_graphs(steps) if self.cuda_graphs else steps
+        self.draft_ahead = self.cuda_graphs if draft_ahead is None else bool(draft_ahead)
         self.buckets = sorted({min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)})
 
     @property
@@ -167,26 +174,39 @@ class DFlashEngine:
         done = torch.isin(first, sampling.stops) | (rows.start + 1 >= rows.limit)
         stats.new_tokens = n
         clock.charge(stats, "prefill_s")
-        decode = Decode(rows, tokens, sampling, stats, clock, list(range(n)), [len(p) for p in prompts],
+        decode = Decode(rows, tokens, sampling, stats, clock, list(range(n)), [len(p) for p in prompts], list(limits),
                         done.tolist(), [[] for _ in range(n)], [0] * n)
         clock.settle()
         return decode
 
     @torch.no_grad()
-    def iterate(self, decode: Decode) -> list[int] | None:
+    def iterate(self, decode: Decode, ahead: bool | None = None) -> list[int] | None:
         """One turn: finished rows leave the batch, then draft + verify + accept + commit over the live rows.
-        Advances `decode`; returns the tokens each live row committed, or None once every sequence finished."""
+        Advances `decode`; returns the tokens each live row committed, or None once every sequence finished.
+        Draft ahead (`ahead`: None = the engine's draft_ahead; False = not this turn, e.g. a caller's last): when
+        no live row can reach its length limit in this turn, the next turn's draft step is queued before the
+        turn's host sync, so the GPU drafts while the host reads the commit and gets the next turn going. A row
+        that ends at a stop token wastes that draft (the rows move; the next turn drafts again)."""
         for r, d in enumerate(decode.done_host):
             if d:
                 decode.final_length[decode.seq_host[r]] = decode.start_host[r] + 1
-        decode.rows, decode.seq_host, decode.start_host = self._compact(decode.rows, decode.done_host,
-                                                                        decode.seq_host, decode.start_host)
+                decode.ahead = None
+        decode.rows, decode.seq_host, decode.start_host, decode.limit_host = self._compact(
+            decode.rows, decode.done_host, decode.seq_host, decode.start_host, decode.limit_host)
         decode.done_host = [False] * len(decode.seq_host)
         if not decode.seq_host:
             return None
+        far = all(s + self.block_size + 1 < limit for s, limit in zip(decode.start_host, decode.limit_host))
         decode.rows, produced, done = self._step(decode)
-        produced, decode.done_host, decode.start_host = torch.stack([produced, done.long(), decode.rows.start]).tolist()
-        decode.clock.settle()
+        outcome, wait = copy_to_host(torch.stack([produced, done.long(), decode.rows.start]))
+        if (self.draft_ahead if ahead is None else ahead) and far:
+            decode.clock.charge(decode.stats, "overhead_s")
+            rows = decode.rows
+            decode.ahead = self._draft(rows.context, rows.context_pos, rows.block, rows.positions)
+            decode.clock.charge(decode.stats, "draft_s")
+        wait()
+        produced, decode.done_host, decode.start_host = outcome.tolist()
+        decode.clock.settle(wait=False)
         for r, count in enumerate(produced):
             decode.acceptance[decode.seq_host[r]].append(count)
         decode.stats.steps += 1
@@ -233,8 +253,10 @@ class DFlashEngine:
         rows, sampling, stats, clock = decode.rows, decode.sampling, decode.stats, decode.clock
         col, positions, real = rows.col, rows.positions, rows.real
         clock.charge(stats, "overhead_s")
-        draft_logits = self._draft(rows.context, rows.context_pos, rows.block, positions)
-        clock.charge(stats, "draft_s")
+        draft_logits, decode.ahead = decode.ahead, None
+        if draft_logits is None:
+            draft_logits = self._draft(rows.context, rows.context_pos, rows.block, positions)
+            clock.charge(stats, "draft_s")
         drafts, draft_probs = sampling.choose(draft_logits)
         block = torch.cat([rows.block[:, :1], drafts], dim=1)
         clock.charge(stats, "overhead_s")
@@ -273,12 +295,12 @@ class DFlashEngine:
         block[:, 0] = last
         return Rows(seq, start, limit, last, context, context_pos, col, positions, real, block)
 
-    def _compact(self, rows, done, seq_host, start_host):
+    def _compact(self, rows, done, seq_host, start_host, limit_host):
         """Drop finished rows: live rows from the tail move into the holes (their cache slots below start are
         copied, in every target and draft cache), so the active rows are again 0..m-1."""
         keep = [r for r, d in enumerate(done) if not d]
         if len(keep) == len(done):
-            return rows, seq_host, start_host
+            return rows, seq_host, start_host, limit_host
         m = len(keep)
         holes, movers = [r for r in range(m) if done[r]], [r for r in keep if r >= m]
         if holes:
@@ -290,7 +312,7 @@ class DFlashEngine:
         for hole, mover in zip(holes, movers):
             order[hole] = mover
         index = torch.tensor(order, dtype=torch.long, device=self.device)
-        return rows.take(index), [seq_host[r] for r in order], [start_host[r] for r in order]
+        return rows.take(index), *([host[r] for r in order] for host in (seq_host, start_host, limit_host))
 
     # --- the two steps, padded to a CUDA-graph bucket --------------------------------------------------------------
     def _bucket(self, n):
@@ -314,8 +336,8 @@ class DFlashEngine:
 
 
 def generate(target, draft, input_ids, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0, stop_token_ids=None,
-             block_size=None, *, draft_window_size=None, executor="auto", cuda_graphs=None, seed=None,
-             compile_step=PIPELINE):
+             block_size=None, *, draft_window_size=None, executor="auto", cuda_graphs=None, draft_ahead=None,
+             seed=None, compile_step=PIPELINE):
     """One call: an engine sized for it (caches of len(prompts) rows and the longest prompt + max_new_tokens
     + 1 positions, at least 2·block_size + 1, set up on the models), then `DFlashEngine.generate`. Every call
     captures and compiles the two steps again (seconds): hold a DFlashEngine to keep caches, compiled programs
@@ -329,5 +351,5 @@ def generate(target, draft, input_ids, max_new_tokens=64, temperature=0.0, top_p
     longest = max(len(p) + m for p, m in zip(prompts, counts))
     engine = DFlashEngine(target, draft, max_batch=len(prompts), max_seq_len=max(longest + 1, 2 * b + 1),
                           block_size=b, draft_window_size=draft_window_size, executor=executor,
-                          cuda_graphs=cuda_graphs, compile_step=compile_step)
+                          cuda_graphs=cuda_graphs, draft_ahead=draft_ahead, compile_step=compile_step)
     return engine.generate(prompts, counts, temperature, top_p, top_k, stop_token_ids, seed)

@@ -108,3 +108,59 @@ def test_begin_iterate_finish_is_generate_and_a_resumed_turn_is_the_same_turn():
     whole = engine.generate(prompts, max_new_tokens=MAX_NEW)
     assert [s.tolist() for s in out.sequences] == [s.tolist() for s in whole.sequences]
     assert out.acceptance_lengths == whole.acceptance_lengths
+
+
+def _recording_engine(target, draft, calls, **kwargs):
+    """An eager engine whose steps append "draft" / "verify" to `calls` as they run."""
+    target.setup_cache(2, 64)
+    draft.setup_cache(2, 64)
+    own = build_steps(target, draft, executor="eager", block_size=4, max_batch=2)
+
+    def recorded(kind, fn):
+        def run(*args):
+            calls.append(kind)
+            return fn(*args)
+        return run
+
+    steps = Steps(recorded("draft", own.draft), recorded("verify", own.verify), own.caches)
+    return td.DFlashEngine(target, draft, max_batch=2, max_seq_len=64, steps=steps, **kwargs)
+
+
+def test_a_draft_queued_ahead_is_the_next_turns_draft():
+    """draft_ahead: the turn queues the next draft (before its host sync) while no row can reach its limit, and the
+    next turn drafts nothing more; near the limits it queues none; `ahead=False` and forks opt out."""
+    target, draft = small_pair()
+    calls = []
+    engine = _recording_engine(target, draft, calls, draft_ahead=True)
+    decode = engine.begin(prompts_of([9, 2], 64, seed=7), max_new_tokens=[30, 20])
+    del calls[:]
+    engine.iterate(decode)
+    assert calls == ["draft", "verify", "draft"] and decode.ahead is not None
+    assert decode.fork().ahead is None
+    engine.iterate(decode)
+    assert calls[3:] == ["verify", "draft"]
+    engine.iterate(decode, ahead=False)
+    assert calls[5:] == ["verify"] and decode.ahead is None
+    while engine.iterate(decode) is not None:
+        pass
+    news = [decode.final_length[i] - n for i, n in enumerate([9, 2])]
+    assert news == [30, 20] and decode.ahead is None
+    # one draft per turn, none wasted: these rows end at their limits, which the host sees coming
+    assert calls.count("draft") == calls.count("verify")
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_drafting_ahead_changes_no_token(temperature):
+    """Ragged prompts, length limits, stop tokens (rows finish and move: the draft queued for the old rows is
+    dropped and the turn drafts again), greedy and sampled with a seed: the same tokens and acceptance lengths."""
+    target, draft = small_pair()
+    prompts = prompts_of([9, 2, 17], 64, seed=8)
+    outs = [td.DFlashEngine(target, draft, max_batch=3, max_seq_len=80, executor="eager", draft_ahead=ahead)
+            .generate(prompts, max_new_tokens=[30, 7, 25], temperature=temperature, stop_token_ids=[5, 9], seed=3)
+            for ahead in (False, True)]
+    assert [s.tolist() for s in outs[0].sequences] == [s.tolist() for s in outs[1].sequences]
+    assert outs[0].acceptance_lengths == outs[1].acceptance_lengths
+    assert outs[1].stats.steps == outs[0].stats.steps and outs[1].stats.draft_s > 0
+    if temperature == 0:
+        for prompt, n, got in zip(prompts, [30, 7, 25], outs[1].sequences):
+            assert got.tolist() == ar_greedy(target, prompt, n, (5, 9))
