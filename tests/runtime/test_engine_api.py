@@ -68,12 +68,11 @@ def test_opt_outs_run_programs_as_captured_or_eager_modules():
     assert_lossless(target, eager.generate(prompts, max_new_tokens=MAX_NEW), prompts, MAX_NEW)
 
 
-def test_given_steps_are_run_as_they_are():
-    target, draft = small_pair()
-    target.setup_cache(2, 48)
-    draft.setup_cache(2, 48)
+def recorded_steps(target, draft, calls, max_seq_len):
+    """Eager steps (caches of 2 rows) that append "draft" / "verify" to `calls` as they run."""
+    target.setup_cache(2, max_seq_len)
+    draft.setup_cache(2, max_seq_len)
     own = build_steps(target, draft, executor="eager", block_size=4, max_batch=2)
-    calls = []
 
     def recorded(kind, fn):
         def run(*args):
@@ -81,7 +80,13 @@ def test_given_steps_are_run_as_they_are():
             return fn(*args)
         return run
 
-    steps = Steps(recorded("draft", own.draft), recorded("verify", own.verify), own.caches)
+    return Steps(recorded("draft", own.draft), recorded("verify", own.verify), own.caches)
+
+
+def test_given_steps_are_run_as_they_are():
+    target, draft = small_pair()
+    calls = []
+    steps = recorded_steps(target, draft, calls, 48)
     engine = td.DFlashEngine(target, draft, max_batch=2, max_seq_len=48, steps=steps)
     assert engine.steps is steps and engine.reports == {}
     prompts = prompts_of(PROMPT_LENGTHS, 64, seed=5)
@@ -110,28 +115,13 @@ def test_begin_iterate_finish_is_generate_and_a_resumed_turn_is_the_same_turn():
     assert out.acceptance_lengths == whole.acceptance_lengths
 
 
-def _recording_engine(target, draft, calls, **kwargs):
-    """An eager engine whose steps append "draft" / "verify" to `calls` as they run."""
-    target.setup_cache(2, 64)
-    draft.setup_cache(2, 64)
-    own = build_steps(target, draft, executor="eager", block_size=4, max_batch=2)
-
-    def recorded(kind, fn):
-        def run(*args):
-            calls.append(kind)
-            return fn(*args)
-        return run
-
-    steps = Steps(recorded("draft", own.draft), recorded("verify", own.verify), own.caches)
-    return td.DFlashEngine(target, draft, max_batch=2, max_seq_len=64, steps=steps, **kwargs)
-
-
 def test_a_draft_queued_ahead_is_the_next_turns_draft():
     """draft_ahead: the turn queues the next draft (before its host sync) while no row can reach its limit, and the
     next turn drafts nothing more; near the limits it queues none; `ahead=False` and forks opt out."""
     target, draft = small_pair()
     calls = []
-    engine = _recording_engine(target, draft, calls, draft_ahead=True)
+    engine = td.DFlashEngine(target, draft, max_batch=2, max_seq_len=64, steps=recorded_steps(target, draft, calls, 64),
+                             draft_ahead=True)
     decode = engine.begin(prompts_of([9, 2], 64, seed=7), max_new_tokens=[30, 20])
     del calls[:]
     engine.iterate(decode)
