@@ -37,7 +37,8 @@ def session11_row(tokens: int) -> dict:
 
 def variants(tokens: int) -> dict[str, dict]:
     """The table's row, session 11's row, and the table row's ablations: the other num_stages, half / double the
-    slices, a finish launch instead of the last slice finishing (T 256–1024), no layout barrier (T 16)."""
+    slices, a finish launch instead of the last slice finishing (T 256–1024), no layout barrier (T 16), no L2
+    eviction hints (rows with l2_hints)."""
     row = mhc.pick_config("mhc_post_pre", tokens, "cuda")
     out = {"table": row, "session 11": session11_row(tokens),
            "stages": dict(row, num_stages={1: 2, 2: 1, 3: 2}[row["num_stages"]]),
@@ -46,6 +47,8 @@ def variants(tokens: int) -> dict[str, dict]:
         out["finish launch"] = dict(row, finish_here=0)
     if tokens == 16:
         out["no layout barrier"] = dict(row, layout_barrier=0)
+    if row.get("l2_hints"):
+        out["no l2 hints"] = dict(row, l2_hints=0)
     return out
 
 

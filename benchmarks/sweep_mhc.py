@@ -60,8 +60,8 @@ LARGE_T_TILES = ((16, 4), (32, 4), (64, 8))            # (block_t, num_warps)
 WIDE_TILES = ((128, 32, 8, 4), (128, 32, 8, 3), (64, 32, 8, 3), (32, 32, 4, 2))  # apply_launch 3: (block_t, block_d,
 #                                                                                   num_warps, num_stages)
 SHARE = {16: 0.2, 256: 0.2, 4096: 0.35, 16384: 0.1}    # of --budget-s, cumulative deadlines; D 7168 gets the rest
-KEYS = ("block_t", "block_d", "split", "apply_launch", "apply_d", "apply_rows", "layout_barrier", "comb_launch",
-        "fn_parts", "fn_presplit", "flat_loop", "num_warps", "num_stages")
+KEYS = ("block_t", "block_d", "split", "apply_launch", "apply_d", "apply_rows", "layout_barrier", "l2_hints",
+        "comb_launch", "fn_parts", "fn_presplit", "flat_loop", "num_warps", "num_stages")
 
 
 class Problem:

@@ -19,16 +19,20 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     # arrive finishes the block; with `programs`, fewer: the largest power of two keeping blocks × slices <= programs),
     # block_d columns per phase-1 step. fn_parts: fn as 3 bf16 parts (the fp32 product) or 2 (16 bits, <= 2^-17
     # relative), split in every program (fn_presplit 0: graph-safe, see mhc._fn_bf16_parts) or once per fn tensor by
-    # the launcher (1, cached: the rocm prefill row; on the H100 the cuda large row was 1-2 % faster without it). apply_launch 3 (mhc_rows.py): phase 1 without a Gram matrix;
-    # finish_here 1: the last slice finishes the block (0: a finish launch); a rows launch (apply_rows tokens' whole
-    # rows per program: layer_in and its norm; with finish_here its first programs run the comb's Sinkhorn);
-    # layout_barrier 1 keeps new_res in one register layout (a PTX identity, cuda only). cuda rows: session 12's H100
-    # A/B against session 11's rows (benchmarks/ab_mhc_finish_here.py, docs/kernels/mhc.md: D 4096 T 16 17.1 → 11.3
-    # µs, T 256 42.2 → 23.6, T 1024 100.9 → 62.9, T 4096 237.5 → 217.0); decode and small differ in num_stages only
-    # (2 wins at T 1 / 16, 1 at T 32 / 64). rocm rows: session 4's Gram design (mhc.py's _mhc_kernel; apply_launch 1
-    # = phase 2 in a second launch over [block_t, apply_d] tiles, 2 = the finish too, 0 = the finisher does phase 2;
-    # flat_loop 1 = one loop over (chunk, stream) steps; comb_launch 1 = the comb finished in the apply launch),
-    # untuned (wavefront 64; the layout barrier is PTX); its decode and wide rows copy small and medium.
+    # the launcher (1, cached: the rocm prefill row; on the H100 the cuda large row was 1-2 % faster without it).
+    # apply_launch 3 (mhc_rows.py): phase 1 without a Gram matrix; finish_here 1: the last slice finishes the block
+    # (0: a finish launch); a rows launch (apply_rows tokens' whole rows per program: layer_in and its norm; with
+    # finish_here its first programs run the comb's Sinkhorn);
+    # layout_barrier 1 keeps new_res in one register layout (a PTX identity, cuda only); l2_hints 1 stores new_res
+    # evict_last and loads x, res evict_first, so the rows launch finds more of new_res in L2 (session 15: large row
+    # -2.4 to -3.0 %, D 7168 T 1024 -2.5 %, D 4096 T <= 1024 unchanged; the medium row lost 6 % at T 256, off).
+    # cuda rows: session 12's H100 A/B against session 11's rows (benchmarks/ab_mhc_finish_here.py,
+    # docs/kernels/mhc.md: D 4096 T 16 17.1 → 11.3 µs, T 256 42.2 → 23.6, T 1024 100.9 → 62.9, T 4096 237.5 → 217.0);
+    # decode and small differ in num_stages only (2 wins at T 1 / 16, 1 at T 32 / 64). rocm rows: session 4's Gram
+    # design (mhc.py's _mhc_kernel; apply_launch 1 = phase 2 in a second launch over [block_t, apply_d] tiles, 2 = the
+    # finish too, 0 = the finisher does phase 2; flat_loop 1 = one loop over (chunk, stream) steps; comb_launch 1 = the
+    # comb finished in the apply launch), untuned (wavefront 64; the layout barrier is PTX); its decode and wide rows
+    # copy small and medium.
     # mhc.post (split 0 = one program per block_d chunk) serves mhc_post alone.
     "mhc.decode": {
         "cuda": {"max_t": 16, "block_t": 16, "block_d": 64, "split": 64, "apply_launch": 3, "finish_here": 1,
@@ -56,16 +60,16 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     },
     "mhc.wide": {
         "cuda": {"max_t": 1024, "block_t": 64, "block_d": 32, "split": 16, "programs": 128, "apply_launch": 3,
-                 "finish_here": 1, "apply_rows": 1, "layout_barrier": 1, "fn_parts": 2, "fn_presplit": 0,
-                 "num_warps": 8, "num_stages": 3},
+                 "finish_here": 1, "apply_rows": 1, "layout_barrier": 1, "l2_hints": 1, "fn_parts": 2,
+                 "fn_presplit": 0, "num_warps": 8, "num_stages": 3},
         "rocm": {"max_t": 1024, "block_t": 16, "block_d": 32, "split": 16, "apply_launch": 1, "apply_d": 128,
                  "fn_parts": 3, "fn_presplit": 0, "flat_loop": 0, "comb_launch": 1,
                  "num_warps": 4, "num_stages": 2},
     },
     "mhc.large": {
         "cuda": {"max_t": 0, "block_t": 128, "block_d": 32, "split": 4, "apply_launch": 3, "finish_here": 1,
-                 "apply_rows": 1, "layout_barrier": 1, "fn_parts": 2, "fn_presplit": 0, "num_warps": 8,
-                 "num_stages": 3},
+                 "apply_rows": 1, "layout_barrier": 1, "l2_hints": 1, "fn_parts": 2, "fn_presplit": 0,
+                 "num_warps": 8, "num_stages": 3},
         "rocm": {"max_t": 0, "block_t": 64, "block_d": 32, "split": 8, "apply_launch": 3, "apply_d": 0,
                  "apply_rows": 1, "layout_barrier": 0, "fn_parts": 3, "fn_presplit": 1, "flat_loop": 0,
                  "num_warps": 4, "num_stages": 2},

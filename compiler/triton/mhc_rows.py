@@ -48,10 +48,13 @@ def _wide_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, fn_ptr, new_res_ptr, ws_ptr
                  N: tl.constexpr, NM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                  FN_PARTS: tl.constexpr, FN_PRESPLIT: tl.constexpr, INTERPRETED: tl.constexpr,
                  HAS_POST: tl.constexpr, LAYOUT_BARRIER: tl.constexpr, FINISH_HERE: tl.constexpr,
-                 SPLIT_P2: tl.constexpr, PDL: tl.constexpr):
+                 L2_HINTS: tl.constexpr, SPLIT_P2: tl.constexpr, PDL: tl.constexpr):
     """Phase 1 of one (D slice, token block): new_res stored (HAS_POST; mhc_pre reads res), partials to ws.
     FINISH_HERE: the last slice of the block to arrive (an atomic ticket) finishes its tokens (`_finish_tokens`,
-    the comb left as mixes·r for the rows launch) — no finish launch."""
+    the comb left as mixes·r for the rows launch) — no finish launch. L2_HINTS (HAS_POST): new_res, which the rows
+    launch reads again, is kept in L2 before x and res, which nothing reads again, so more of it is still there."""
+    READ_ONCE: tl.constexpr = "evict_first" if L2_HINTS else ""
+    READ_AGAIN: tl.constexpr = "evict_last" if L2_HINTS else ""
     await_previous_grid(PDL)
     NMIX: tl.constexpr = (2 + N) * N
     sl = tl.program_id(0)
@@ -81,10 +84,11 @@ def _wide_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, fn_ptr, new_res_ptr, ws_ptr
         td_ok = t_ok[:, None] & d_ok[None, :]
         rows = tt[:, None] * (N * D) + d[None, :]
         if HAS_POST:
-            x = tl.load(x_ptr + tt[:, None] * D + d[None, :], mask=td_ok, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + tt[:, None] * D + d[None, :], mask=td_ok, other=0.0,
+                        eviction_policy=READ_ONCE).to(tl.float32)
             res = ()
             for i in tl.static_range(N):
-                res = res + (tl.load(res_ptr + rows + i * D, mask=td_ok, other=0.0),)
+                res = res + (tl.load(res_ptr + rows + i * D, mask=td_ok, other=0.0, eviction_policy=READ_ONCE),)
         for j in tl.static_range(N):
             if HAS_POST:
                 mix = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
@@ -92,7 +96,7 @@ def _wide_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, fn_ptr, new_res_ptr, ws_ptr
                     mix += combs[i * N + j][:, None] * res[i].to(tl.float32)
                 post_j = posts[j]
                 new_j = (post_j[:, None] * x + mix).to(new_res_ptr.dtype.element_ty)
-                tl.store(new_res_ptr + rows + j * D, new_j, mask=td_ok)
+                tl.store(new_res_ptr + rows + j * D, new_j, mask=td_ok, eviction_policy=READ_AGAIN)
                 f = new_j.to(tl.float32)
             else:
                 f = tl.load(res_ptr + rows + j * D, mask=td_ok, other=0.0).to(tl.float32)
@@ -202,7 +206,7 @@ def kernels(meta: dict, cfg: dict, d: int) -> dict[str, tuple]:
                 FN_PARTS=meta["FN_PARTS"], FN_PRESPLIT=meta["FN_PRESPLIT"], INTERPRETED=meta["INTERPRETED"],
                 HAS_POST=meta["HAS_POST"],
                 LAYOUT_BARRIER=bool(cfg["layout_barrier"]) and not meta["INTERPRETED"] and not traced(),
-                FINISH_HERE=finish_here, SPLIT_P2=meta["SPLIT_P2"])
+                FINISH_HERE=finish_here, L2_HINTS=bool(cfg.get("l2_hints", 0)), SPLIT_P2=meta["SPLIT_P2"])
     rows_warp_count = rows_warps(rows, d)
     launches = {"wide": (_wide_kernel, wide, cfg["num_warps"], cfg["num_stages"])}
     if not finish_here:

@@ -325,6 +325,30 @@ def test_aot_compiles_every_spec(aot_results, arch):
         assert result[1] <= SHARED_LIMIT[arch], (name, result)
 
 
+HINTS_SCRIPT = """
+import dataclasses, json
+from torch_dflash.compiler.triton import aot
+from torch_dflash.compiler.triton.mhc import aot_specs
+spec = next(s for s in aot_specs("cuda") if s.name.startswith("mhc_post_pre_large_wide"))
+ptx = {}
+for hints in (True, False):
+    build = dataclasses.replace(spec, constexprs=spec.constexprs | {"L2_HINTS": hints})
+    text = aot.compile_spec(build, "sm_90").asm["ptx"]
+    ptx[str(hints)] = [text.count("createpolicy.fractional.L2::evict_first"), text.count("evict_last.L2::cache_hint")]
+print(json.dumps({"table": spec.constexprs["L2_HINTS"], "ptx": ptx}))
+"""
+
+
+def test_l2_hints_reach_the_ptx():
+    """The large row's l2_hints: x and res through cp.async under an evict_first L2 policy, new_res stored
+    evict_last — and neither without the key (Triton must not drop the hints silently)."""
+    result = run_aot_script(HINTS_SCRIPT, families=("cuda",))
+    assert result["table"] is True
+    (first_on, last_on), (first_off, last_off) = result["ptx"]["True"], result["ptx"]["False"]
+    assert first_on >= 1 and last_on >= 4, result
+    assert first_off == 0 and last_off == 0, result
+
+
 def test_benchmark_cases_run_on_cpu():
     from torch_dflash.benchmarks.kernels_mhc import cases
     for case in cases("cpu", small=True):
