@@ -24,8 +24,8 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     # (0: a finish launch); a rows launch (apply_rows tokens' whole rows per program: layer_in and its norm; with
     # finish_here its first programs run the comb's Sinkhorn);
     # layout_barrier 1 keeps new_res in one register layout (a PTX identity, cuda only); l2_hints 1 stores new_res
-    # evict_last and loads x, res evict_first, so the rows launch finds more of new_res in L2 (session 15: large row
-    # -2.4 to -3.0 %, D 7168 T 1024 -2.5 %, D 4096 T <= 1024 unchanged; the medium row lost 6 % at T 256, off).
+    # evict_last and loads x, res evict_first, so the rows launch finds more of new_res in L2 (H100, session 15: T 4096
+    # -2.8 %, T 16384 -2.5 %, D 7168 T 4096 -2.4 %, T 1024 -2 to -3 %; off on the medium row, which lost 6 % at T 256).
     # cuda rows: session 12's H100 A/B against session 11's rows (benchmarks/ab_mhc_finish_here.py,
     # docs/kernels/mhc.md: D 4096 T 16 17.1 → 11.3 µs, T 256 42.2 → 23.6, T 1024 100.9 → 62.9, T 4096 237.5 → 217.0);
     # decode and small differ in num_stages only (2 wins at T 1 / 16, 1 at T 32 / 64). rocm rows: session 4's Gram
