@@ -1,19 +1,19 @@
 """The default pipeline: canonicalize → fuse (kv_materialize, qkv_norm_rope, mhc_post_pre) → merge sibling
 projections → select attention masks → k/v cache writes into the qkv (and kv_materialize) ops → the remaining
 RMSNorms, with the residual adds or the embedding gathers before them → SwiGLU products → rope tables (and their
-joined positions) → cleanup → decode-sized weight linears → the gate|up linears joined with their products. Order matters: kv_materialize takes the DFlash
-draft's context+block sites whole before qkv_norm_rope sees their block half; merge_sibling_projections runs after
-them, so it only merges the linears they left (gate/up); attention_masks runs after the fusions so their outputs
-feed it; kv_cache_writes takes the q/k/v and context k/v ops the fusions made, and context_qkv joins the draft's two
-cache-writing ops per layer into one; rms_norms runs after the fusions, so it takes only the norms they left, and
-add_rms_norm and embedding_rms_norm extend those; weight_linears runs after cleanup, so it takes only the live
-linears left (o, gate|up, down, lm_head, fc, mHC's hc_head) — cleanup has dropped the ones the fusions replaced and
-the no-op casts on weights; linear_silu_mul joins each gate|up linear it made with the SwiGLU product of its
-halves, and add_rms_norm_linear_silu_mul each of those with the add_rms_norm in front of it; deferred_rms_norm, last,
-gives the down linears the add_rms_norm after them whose rows a cache-writing qkv op reads. rope_cos_sin
-runs after the fusions (and silu_mul), which take the cos/sin tables as the graph spells them, and replaces what is
-left of the table chain; joined_positions then takes the tables of two position tensors joined (the draft's) with
-the join.
+joined positions) → cleanup → decode-sized weight linears → the gate|up linears joined with their products.
+Order matters: kv_materialize takes the DFlash draft's context+block sites whole before qkv_norm_rope sees their
+block half; merge_sibling_projections runs after them, so it only merges the linears they left (gate/up);
+attention_masks runs after the fusions so their outputs feed it; kv_cache_writes takes the q/k/v and context k/v ops
+the fusions made, and context_qkv joins the draft's two cache-writing ops per layer into one; rms_norms runs after
+the fusions, so it takes only the norms they left, and add_rms_norm and embedding_rms_norm extend those;
+weight_linears runs after cleanup, so it takes only the live linears left (o, gate|up, down, lm_head, fc, mHC's
+hc_head) — cleanup has dropped the ones the fusions replaced and the no-op casts on weights; linear_silu_mul joins
+each gate|up linear it made with the SwiGLU product of its halves, and add_rms_norm_linear_silu_mul each of those
+with the add_rms_norm in front of it; deferred_rms_norm, last, gives the down linears the add_rms_norm after them
+whose rows a cache-writing qkv op reads. rope_cos_sin runs after the fusions (and silu_mul), which take the cos/sin
+tables as the graph spells them, and replaces what is left of the table chain; joined_positions then takes the
+tables of two position tensors joined (the draft's) with the join.
 
 INDUCTOR_FUSES: the passes a caller skips when Inductor compiles the rewritten graph (backend="dflash" with
 inductor on, compile_step="inductor"): Inductor fuses those ops with their neighbours better by itself.

@@ -26,8 +26,8 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     # layout_barrier 1 keeps new_res in one register layout (a PTX identity, cuda only); l2_hints 1 stores new_res
     # evict_last and loads x, res evict_first, so the rows launch finds more of new_res in L2 (H100, session 15: T 4096
     # -2.8 %, T 16384 -2.5 %, D 7168 T 4096 -2.4 %, T 1024 -2 to -3 %; off on the medium row, which lost 6 % at T 256).
-    # cuda rows: session 12's H100 A/B against session 11's rows (benchmarks/ab_mhc_finish_here.py,
-    # docs/kernels/mhc.md: D 4096 T 16 17.1 → 11.3 µs, T 256 42.2 → 23.6, T 1024 100.9 → 62.9, T 4096 237.5 → 217.0);
+    # cuda rows: session 12's H100 A/B against session 11's rows (benchmarks/ab_mhc_finish_here.py, docs/kernels/
+    # mhc.md: D 4096 T 16 17.1 → 11.3 µs, T 256 42.2 → 23.6, T 1024 100.9 → 62.9, T 4096 237.5 → 217.0);
     # decode and small differ in num_stages only (2 wins at T 1 / 16, 1 at T 32 / 64). rocm rows: session 4's Gram
     # design (mhc.py's _mhc_kernel; apply_launch 1 = phase 2 in a second launch over [block_t, apply_d] tiles, 2 = the
     # finish too, 0 = the finisher does phase 2; flat_loop 1 = one loop over (chunk, stream) steps; comb_launch 1 = the
