@@ -9,11 +9,12 @@ the fusions made, and context_qkv joins the draft's two cache-writing ops per la
 the fusions, so it takes only the norms they left, and add_rms_norm and embedding_rms_norm extend those;
 weight_linears runs after cleanup, so it takes only the live linears left (o, gate|up, down, lm_head, fc, mHC's
 hc_head) — cleanup has dropped the ones the fusions replaced and the no-op casts on weights; linear_silu_mul joins
-each gate|up linear it made with the SwiGLU product of its halves, and add_rms_norm_linear_silu_mul each of those
-with the add_rms_norm in front of it; deferred_rms_norm, last, gives the down linears the add_rms_norm after them
-whose rows a cache-writing qkv op reads. rope_cos_sin runs after the fusions (and silu_mul), which take the cos/sin
-tables as the graph spells them, and replaces what is left of the table chain; joined_positions then takes the
-tables of two position tensors joined (the draft's) with the join.
+each gate|up linear it made with the SwiGLU product of its halves; deferred_mlp_norm gives the o linears the
+add_rms_norm after them whose rows those gate|up GEMMs read (they finish the norm), and add_rms_norm_linear_silu_mul
+joins each gate|up GEMM left with the add_rms_norm in front of it; deferred_rms_norm, last, gives the down linears
+the add_rms_norm after them whose rows a cache-writing qkv op reads. rope_cos_sin runs after the fusions (and
+silu_mul), which take the cos/sin tables as the graph spells them, and replaces what is left of the table chain;
+joined_positions then takes the tables of two position tensors joined (the draft's) with the join.
 
 INDUCTOR_FUSES: the passes a caller skips when Inductor compiles the rewritten graph (backend="dflash" with
 inductor on, compile_step="inductor"): Inductor fuses those ops with their neighbours better by itself.
@@ -34,10 +35,11 @@ DEFAULT_PASSES = (canonicalize.PASS, kv_materialize.PASS, qkv_norm_rope.PASS, mh
                   sibling_projections.PASS, attention_masks.PASS, kv_cache_writes.PASS, context_qkv.PASS,
                   rms_norms.PASS, add_rms_norm.PASS, embedding_rms_norm.PASS, silu_mul.PASS, rope_tables.PASS,
                   joined_positions.PASS, cleanup.PASS, weight_linears.PASS, linear_silu_mul.PASS,
-                  add_rms_norm_linear_silu_mul.PASS, deferred_rms_norm.PASS)
+                  deferred_rms_norm.MLP_PASS, add_rms_norm_linear_silu_mul.PASS, deferred_rms_norm.PASS)
 PASS_NAMES = tuple(p.name for p in DEFAULT_PASSES)
 INDUCTOR_FUSES = (rms_norms.NAME, add_rms_norm.NAME, embedding_rms_norm.NAME, silu_mul.NAME, linear_silu_mul.NAME,
-                  rope_tables.NAME, joined_positions.NAME, add_rms_norm_linear_silu_mul.NAME, deferred_rms_norm.NAME)
+                  rope_tables.NAME, joined_positions.NAME, deferred_rms_norm.MLP_NAME,
+                  add_rms_norm_linear_silu_mul.NAME, deferred_rms_norm.NAME)
 IN_PLACE_ONLY = (kv_cache_writes.NAME, context_qkv.NAME)
 
 

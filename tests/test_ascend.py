@@ -381,6 +381,27 @@ def test_deferred_norm_is_torch_ops_then_the_finished_rows_projected(dtype, tol)
     assert_outputs_close(load_generated(source, emulation, gm)(*args), gm(*args), tol)
 
 
+class DeferredNormGateUp(nn.Module):
+    """An o GEMM storing the post-attention norm's weighted rows and sums of squares, the gate|up GEMM finishing it."""
+
+    def forward(self, attn, w_o, residual, norm_w, w):
+        total, weighted, sumsq = torch.ops.dflash.linear_add_norm_stats(attn, w_o, None, residual, norm_w)
+        return total, torch.ops.dflash.linear_silu_mul(weighted, w, None, x_sumsq=sumsq, x_eps=1e-6)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32), (torch.bfloat16, BF16)])
+def test_deferred_norm_into_the_gate_up_gemm_is_the_finished_rows_then_npu_swiglu(dtype, tol):
+    gen = torch.Generator().manual_seed(8)
+    args = (_randn(gen, 2, 5, 64, dtype=dtype), _randn(gen, 64, 64, dtype=dtype, scale=0.1),
+            _randn(gen, 2, 5, 64, dtype=dtype), 1 + _randn(gen, 64, dtype=dtype, scale=0.1),
+            _randn(gen, 96, 64, dtype=dtype, scale=0.1))
+    gm = exported(DeferredNormGateUp(), args)
+    source = generate_ascend_module(gm)
+    assert "dflash.linear_silu_mul -> x's RMSNorm finished from x_sumsq, then torch.nn.functional.linear" in source
+    assert source.count("npu.npu_swiglu(torch.nn.functional.linear(normed,") == 1
+    assert_outputs_close(load_generated(source, emulation, gm)(*args), gm(*args), tol)
+
+
 class EmbedNorm(nn.Module):
     """embedding_rms_norm with a norm weight and without (npu_rms_norm's gamma of ones)."""
 

@@ -49,7 +49,8 @@ def test_draft_step_fuses_every_layer(pair):
                               "rms_norms": 2 * layers + 2,  # + the final norm and the context's hidden_norm
                               "add_rms_norm": 2 * layers,  # all but the first input norm and hidden_norm read an add
                               "embedding_rms_norm": 1,  # the first input norm reads the block's embeddings
-                              "silu_mul": layers, "linear_silu_mul": layers, "add_rms_norm_linear_silu_mul": layers,
+                              "silu_mul": layers, "linear_silu_mul": layers,
+                              "deferred_mlp_norm": layers,  # each post-attention norm: o GEMM → gate|up GEMM
                               "deferred_rms_norm": layers - 1,  # each input norm that reads a down GEMM's sum
                               "kv_cache_writes": layers, "context_qkv": layers, "rope_cos_sin": 1,
                               "joined_positions": 1}  # the context and block positions' cat and tables: one op
@@ -70,7 +71,8 @@ def test_verify_step_fuses_every_layer(pair):
                               "rms_norms": 2 * layers + 1,  # input and post-attention norms; the final norm
                               "add_rms_norm": 2 * layers,  # all but the first input norm read a residual add
                               "embedding_rms_norm": 1,  # the first input norm reads the embeddings
-                              "silu_mul": layers, "linear_silu_mul": layers, "add_rms_norm_linear_silu_mul": layers,
+                              "silu_mul": layers, "linear_silu_mul": layers,
+                              "deferred_mlp_norm": layers,  # each post-attention norm: o GEMM → gate|up GEMM
                               "deferred_rms_norm": layers - 1,  # each input norm that reads a down GEMM's sum
                               "kv_cache_writes": layers, "rope_cos_sin": 1}
     assert not report.rejections

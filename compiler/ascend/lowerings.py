@@ -348,11 +348,12 @@ def _linear(op: str, a: dict[str, Operand]) -> Lowered:
 
 
 def _linear_silu_mul(op: str, a: dict[str, Operand]) -> Lowered:
-    x, w, b = (a[n].src for n in ("x", "w", "b"))
     if a["x"].value.dtype not in NORM_DTYPES:
         return reference(op, a, f"npu_swiglu takes float16/bfloat16/float32, not {a['x'].value.dtype}")
-    return Lowered("dflash.linear_silu_mul -> torch.nn.functional.linear, then npu_swiglu over its [gate | up] output",
-                   (f"return npu.npu_swiglu(torch.nn.functional.linear({x}, {w}, {b}), dim=-1)",))
+    finish, a, note = _finished_x(a)
+    x, w, b = (a[n].src for n in ("x", "w", "b"))
+    return Lowered(f"dflash.linear_silu_mul -> {note}torch.nn.functional.linear, then npu_swiglu over its [gate | up] "
+                   "output", (*finish, f"return npu.npu_swiglu(torch.nn.functional.linear({x}, {w}, {b}), dim=-1)"))
 
 
 def _add_rms_norm_linear_silu_mul(op: str, a: dict[str, Operand]) -> Lowered:

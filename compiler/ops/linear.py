@@ -11,7 +11,8 @@ passes/linear_silu_mul.py then joins the gate|up linear with the silu_mul of its
 apply the product in its epilogue and the [.., 2·I] output is never stored; passes/add_rms_norm_linear_silu_mul.py
 gives it the add_rms_norm in front, so that the same GEMM normalizes its input rows while it streams the weight;
 passes/deferred_rms_norm.py gives a down linear the add_rms_norm after it when the norm feeds the next qkv projection,
-which finishes the norm (dflash.qkv_norm_rope_cache's x_sumsq).
+which finishes the norm (dflash.qkv_norm_rope_cache's x_sumsq), and an o linear the add_rms_norm after it when the
+norm feeds the gate|up GEMM (dflash.linear_silu_mul's x_sumsq).
 """
 
 import torch
@@ -58,22 +59,26 @@ def _check_halves(w: Tensor) -> None:
                       lambda: f"linear_silu_mul: w must be [gate; up] [2·I, K], got {tuple(w.shape)}.")
 
 
-def linear_silu_mul_reference(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """y = F.linear(x, w, b) in x's dtype (w = [gate; up] [2·I, K]), then silu_mul(y[..., :I], y[..., I:])."""
+def linear_silu_mul_reference(x: Tensor, w: Tensor, b: Tensor | None, x_sumsq: Tensor | None = None,
+                              x_eps: float = 0.0) -> Tensor:
+    """y = F.linear(x, w, b) in x's dtype (w = [gate; up] [2·I, K]), then silu_mul(y[..., :I], y[..., I:]). With
+    x_sumsq (linear_add_norm_stats's), x holds an RMSNorm's weighted rows, finished first (finish_rms_norm)."""
     _check_halves(w)
-    gate, up = linear_reference(x, w, b).chunk(2, dim=-1)
+    gate, up = linear_reference(finish_rms_norm(x, x_sumsq, x_eps), w, b).chunk(2, dim=-1)
     return silu_mul_reference(gate, up)
 
 
 @torch.library.custom_op("dflash::linear_silu_mul", mutates_args=())
-def linear_silu_mul(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    return linear_silu_mul_reference(x, w, b)
+def linear_silu_mul(x: Tensor, w: Tensor, b: Tensor | None, x_sumsq: Tensor | None = None,
+                    x_eps: float = 0.0) -> Tensor:
+    return linear_silu_mul_reference(x, w, b, x_sumsq, x_eps)
 
 
 @linear_silu_mul.register_fake
-def _(x, w, b):
+def _(x, w, b, x_sumsq=None, x_eps=0.0):
     _check(x, w, b)
     _check_halves(w)
+    check_sumsq(x, x_sumsq)
     return x.new_empty(*x.shape[:-1], w.shape[0] // 2)
 
 

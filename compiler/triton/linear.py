@@ -4,7 +4,8 @@ counts it serves, else the vendor GEMM — one branch on the run-time row count,
 x[..., K] ─ rows M = Π lead ─┬─ skinny_gemm.serves(M, N, K): skinny_gemm_kernel(x[M, K], w, b) ─▶ y[..., N]
                              └─ otherwise (prefill, fp32 …):  F.linear(x, w, b) (cuBLAS / hipBLASLt)
 linear_silu_mul (w = [gate; up] [2·I, K]): served rows → skinny_gemm_kernel with the SwiGLU product in its
-epilogue (GLU) ─▶ h[..., I]; otherwise the linear above, then silu_mul_kernel over its halves.
+epilogue (GLU; with x_sumsq each row scaled by its norm's 1/rms first, DEFERRED) ─▶ h[..., I]; otherwise the norm
+finished (finish_rms_norm), the linear above, then silu_mul_kernel over its halves.
 add_rms_norm_linear_silu_mul: served rows (bf16/fp16, the norm's weight folded into w) → the same kernel normalizing
 x + residual as it streams w (NORM: one K slice per program), s stored beside ─▶ (h, s); otherwise add_rms_norm,
 then the above.
@@ -18,6 +19,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..ops.linear import finish_rms_norm
 from ..ops.mlp import silu_mul_reference
 from ..providers import Provider, register
 from .aot import KernelSpec
@@ -54,21 +56,28 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return skinny_gemm(x.reshape(rows, k), w, bias=b).view(*lead, n)
 
 
-def linear_silu_mul_supports(x: Tensor, w: Tensor, b: Tensor | None) -> str | None:
+def linear_silu_mul_supports(x: Tensor, w: Tensor, b: Tensor | None, x_sumsq: Tensor | None = None,
+                              x_eps: float = 0.0) -> str | None:
     return first_reason(
         device_reason(x), dtype_reason(x, w=w, b=b),
-        None if w.dim() == 2 and w.shape[0] % 2 == 0 else f"w must be [gate; up] [2·I, K], got {tuple(w.shape)}")
+        None if w.dim() == 2 and w.shape[0] % 2 == 0 else f"w must be [gate; up] [2·I, K], got {tuple(w.shape)}",
+        None if x_sumsq is None else shape_reason("x_sumsq", x_sumsq, (*x.shape[:-1], x.shape[-1] // 64)),
+        None if x_sumsq is None or x_sumsq.dtype == torch.float32 else f"x_sumsq must be fp32, not {x_sumsq.dtype}",
+        None if x_sumsq is None or x.shape[-1] % 64 == 0 else f"x's width {x.shape[-1]} is no multiple of 64")
 
 
-def linear_silu_mul(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """The dflash.linear_silu_mul provider: the skinny GEMM with the product in its epilogue where `linear` would
-    launch the skinny GEMM, else `linear` and then silu_mul_kernel (the reference's product for an activation
-    dtype silu_mul_kernel does not take)."""
+def linear_silu_mul(x: Tensor, w: Tensor, b: Tensor | None, x_sumsq: Tensor | None = None,
+                    x_eps: float = 0.0) -> Tensor:
+    """The dflash.linear_silu_mul provider: the skinny GEMM with the product in its epilogue (and, with x_sumsq,
+    each row's 1/rms applied to the product) where `linear` would launch the skinny GEMM, else the norm finished,
+    `linear` and then silu_mul_kernel (the reference's product for an activation dtype silu_mul_kernel does not
+    take)."""
     (n, k), lead = w.shape, x.shape[:-1]
     rows = lead.numel()
     if x.dtype in (torch.bfloat16, torch.float16) and serves(rows, n, k, family_of(x)):
-        return skinny_gemm_glu(x.reshape(rows, k), w, bias=b).view(*lead, n // 2)
-    gate, up = linear(x, w, b).chunk(2, dim=-1)
+        sumsq = None if x_sumsq is None else x_sumsq.reshape(rows, k // 64)
+        return skinny_gemm_glu(x.reshape(rows, k), w, bias=b, x_sumsq=sumsq, x_eps=x_eps).view(*lead, n // 2)
+    gate, up = linear(finish_rms_norm(x, x_sumsq, x_eps), w, b).chunk(2, dim=-1)
     return silu_mul(gate, up) if silu_mul_supports(gate, up) is None else silu_mul_reference(gate, up)
 
 
@@ -114,11 +123,12 @@ def linear_add_norm_stats(x: Tensor, w: Tensor, b: Tensor | None, residual: Tens
 
 def aot_specs(family: str = "cuda") -> list[KernelSpec]:
     """bf16, up to 16 rows (a 16-token block at batch 1), no bias, the launches gemm_config picks for AOT_SHAPES,
-    and the merged gate|up one with the SwiGLU epilogue, with and without the norm in front, and the down one
-    storing the residual sum and the next norm's statistic."""
+    and the merged gate|up one with the SwiGLU epilogue, with and without the norm in front or its deferred 1/rms,
+    and the down one storing the residual sum and the next norm's statistic."""
     specs = [gemm_spec(torch.bfloat16, 16, n, k, family=family) for n, k in AOT_SHAPES]
     specs.append(gemm_spec(torch.bfloat16, 16, *GATE_UP, family=family, glu=True))
     specs.append(gemm_spec(torch.bfloat16, 16, *GATE_UP, family=family, glu=True, norm=True))
+    specs.append(gemm_spec(torch.bfloat16, 16, *GATE_UP, family=family, glu=True, deferred=True))
     specs.append(gemm_spec(torch.bfloat16, 16, 4096, 12288, family=family, stats=True))
     return list({spec.name: spec for spec in specs}.values())
 

@@ -13,7 +13,8 @@ loop — so the draft's context and block rows share one weight stream without a
 silu(gate)·up of w's halves; `skinny_gemm_glu_norm` (GLU + NORM) takes the rows as rms_norm(x + residual), the norm
 applied inside the K loop (one slice; docs/kernels/skinny_gemm.md "The norm in front"); `skinny_gemm_add_stats`
 (STATS) adds a residual where it stores y and stores the next RMSNorm's weighted rows and sums of squares per 64
-columns beside it ("The statistic after it").
+columns beside it ("The statistic after it"); `skinny_gemm_glu(..., x_sumsq=…)` (DEFERRED) reads such weighted rows
+and scales each row of its product by the norm's 1/rms from those sums.
 
 `gemm_config(m, n, k, family)` derives the launch from configs.TABLE["skinny_gemm"] (the rule and the H100 sweep
 behind it: docs/kernels/skinny_gemm.md); compiler/triton/linear.py serves dflash.linear with it.
@@ -68,11 +69,11 @@ def _store_tile(y_ptr, value, rm, rn, row_ok, pid_n, M, N, stride_ym, residual, 
 @triton.jit
 def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                        front_ptr, ROWS, FRONT, stride_xb, stride_fb, stride_fm, res_ptr, s_ptr, eps,
-                       nw_ptr, sw_ptr, sq_ptr,
+                       nw_ptr, sw_ptr, sq_ptr, xsq_ptr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                        EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, JOINED: tl.constexpr, GLU: tl.constexpr,
-                       NORM: tl.constexpr, STATS: tl.constexpr, WIDEN_DOT: tl.constexpr, PREFETCH_K: tl.constexpr,
-                       PDL: tl.constexpr):
+                       NORM: tl.constexpr, STATS: tl.constexpr, DEFERRED: tl.constexpr, SQ_GROUPS: tl.constexpr,
+                       WIDEN_DOT: tl.constexpr, PREFETCH_K: tl.constexpr, PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     sl = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -144,6 +145,11 @@ def skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, s
         x_ptrs += BLOCK_K
     if NORM:  # one slice holds the whole row (the launcher's rule): its statistic scales the product's columns
         acc *= tl.math.rsqrt(tl.sum(ssq, axis=0) / K + tl.cast(eps, tl.float32))[None, :]
+    if DEFERRED:  # x's rows are an RMSNorm's weighted rows: each row's 1/rms from the 64-column sums of squares a
+        groups = tl.arange(0, SQ_GROUPS)  # STATS GEMM stored (any K slice: the product is linear in the row)
+        sq = tl.load(xsq_ptr + rm[None, :] * (K // 64) + groups[:, None],
+                     mask=(groups < K // 64)[:, None] & (rm[None, :] < M), other=0.0)
+        acc *= tl.math.rsqrt(tl.sum(sq, axis=0) / K + tl.cast(eps, tl.float32))[None, :]
     if HAS_BIAS:
         bias = tl.load(b_ptr + rn, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     else:
@@ -245,16 +251,24 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, config: dict | None = None,
 
 
 def skinny_gemm_glu(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-                    config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                    config: dict | None = None, out: torch.Tensor | None = None, x_sumsq: torch.Tensor | None = None,
+                    x_eps: float = 0.0) -> torch.Tensor:
     """h [M, I] = silu(y[:, :I]) · y[:, I:] for y = x @ wᵀ (+ bias) in x's dtype, w = [gate; up] [2·I, K]: the
     SwiGLU product in the GEMM's epilogue (each tile holds the gate and the up rows of the same columns), so the
-    [M, 2·I] output is never stored; config overrides keys of gemm_config(2·I, K, family)."""
+    [M, 2·I] output is never stored; config overrides keys of gemm_config(2·I, K, family). With x_sumsq [M, K / 64]
+    (fp32, skinny_gemm_add_stats's), x holds an RMSNorm's weighted rows: each row of the product is scaled by
+    rsqrt(Σ x_sumsq / K + x_eps) before the bias — the norm finished after the GEMM, as the qkv epilogue does."""
     reason = unsupported(x, w, bias) or (None if w.shape[0] % 2 == 0 else
                                          f"skinny_gemm: a [gate; up] weight has an even row count, not {w.shape[0]}.")
+    if x_sumsq is not None and not reason:
+        want = (x.shape[0], x.shape[1] // 64)
+        reason = None if x.shape[1] % 64 == 0 and tuple(x_sumsq.shape) == want and x_sumsq.dtype == torch.float32 \
+            else f"skinny_gemm: x_sumsq must be {list(want)} fp32 (K a multiple of 64), got {tuple(x_sumsq.shape)}."
     if reason:
         raise InputError(reason)
     x = x.contiguous()
-    return _launch(x, w, bias, x.shape[0], (x.stride(0), 0, 0, 0, 0), None, config, out, glu=True)
+    deferred = None if x_sumsq is None else (x_sumsq.contiguous(), x_eps)
+    return _launch(x, w, bias, x.shape[0], (x.stride(0), 0, 0, 0, 0), None, config, out, glu=True, deferred=deferred)
 
 
 def skinny_gemm_glu_norm(x: torch.Tensor, residual: torch.Tensor, eps: float, w: torch.Tensor,
@@ -326,12 +340,14 @@ def _unit_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch(x, w, bias, m, strides, front, config, out, glu: bool = False, norm=None, stats=None) -> torch.Tensor:
+def _launch(x, w, bias, m, strides, front, config, out, glu: bool = False, norm=None, stats=None,
+            deferred=None) -> torch.Tensor:
     """strides: (x's row, x's batch, front's batch, front's row, rows per batch) — the last four only with front.
     glu: y holds silu(gate) · up, N / 2 columns (a tile's BLOCK_N rows: BLOCK_N / 2 gate, as many up).
     norm: (residual, s, eps) — x's rows are rms_norm(x + residual) without a weight (the sum stored to s), one K
     slice. stats: (residual, norm_w, sw, sumsq) — y = y + residual, sw = y · norm_w, sumsq [M, N / 64] the Σ y² of
-    each 64 columns (N tiles of at least 64 rows)."""
+    each 64 columns (N tiles of at least 64 rows). deferred: (x_sumsq [M, K / 64], eps) — x's rows scaled by
+    rsqrt(Σ x_sumsq / K + eps) after the product."""
     w = w.contiguous()
     n, k = w.shape
     cfg = {**gemm_config(n, k, family_of(w)), **(config or {}), **({"split_k": 1} if norm else {})}
@@ -339,6 +355,7 @@ def _launch(x, w, bias, m, strides, front, config, out, glu: bool = False, norm=
         cfg["block_n"] = max(cfg["block_n"], 64)
     meta = plan(m, n, k, cfg)
     residual, total, eps = norm or (x, x, 0.0)
+    x_sumsq, eps = deferred if deferred else (x, eps)
     if stats:
         residual, norm_w, weighted, sumsq = stats
     else:
@@ -351,35 +368,39 @@ def _launch(x, w, bias, m, strides, front, config, out, glu: bool = False, norm=
     wrap_triton(skinny_gemm_kernel)[(tiles, split)](
         x, w, x if bias is None else bias.contiguous(), y, ws, counters, m, n, k, stride_xm, w.stride(0),
         y.stride(0), x if front is None else front, rows, 0 if front is None else front.shape[1], stride_xb,
-        stride_fb, stride_fm, residual, total, eps, norm_w, weighted, sumsq, **meta, HAS_BIAS=bias is not None,
-        JOINED=front is not None, GLU=glu, NORM=norm is not None, STATS=stats is not None,
+        stride_fb, stride_fm, residual, total, eps, norm_w, weighted, sumsq, x_sumsq, **meta,
+        HAS_BIAS=bias is not None, JOINED=front is not None, GLU=glu, NORM=norm is not None, STATS=stats is not None,
+        DEFERRED=deferred is not None, SQ_GROUPS=triton.next_power_of_2(k // 64) if deferred else 1,
         WIDEN_DOT=x.device.type != "cuda", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **programmatic_launch(x.device))
     return y
 
 
 def gemm_spec(dtype: torch.dtype, block_m: int, n: int, k: int, bias: bool = False, family: str = "cuda",
-              joined: bool = False, glu: bool = False, norm: bool = False, stats: bool = False) -> KernelSpec:
+              joined: bool = False, glu: bool = False, norm: bool = False, stats: bool = False,
+              deferred: bool = False) -> KernelSpec:
     """The build gemm_config(n, k, family) launches for up to block_m rows (`joined`: from front and x; `glu`: the
     SwiGLU product of w's halves; `norm`: x's rows normalized with a residual, one K slice; `stats`: the residual
-    added and the norm's weighted rows and sums of squares stored): N and K tile multiples (EVEN), 16-byte aligned
-    pointers and strides divisible by 16."""
+    added and the norm's weighted rows and sums of squares stored; `deferred`: x's rows scaled by a norm's 1/rms
+    from those sums): N and K tile multiples (EVEN), 16-byte aligned pointers and strides divisible by 16."""
     config = {**gemm_config(n, k, family), **({"split_k": 1} if norm else {})}
     if stats:
         config["block_n"] = max(config["block_n"], 64)
     meta = plan(block_m, n, k, config)
     split = meta["SPLIT_K"]
     constexprs = dict(BLOCK_M=block_m, BLOCK_N=config["block_n"], BLOCK_K=config["block_k"], SPLIT_K=split,
-                      EVEN=True, HAS_BIAS=bias, JOINED=joined, GLU=glu, NORM=norm, STATS=stats, WIDEN_DOT=False,
+                      EVEN=True, HAS_BIAS=bias, JOINED=joined, GLU=glu, NORM=norm, STATS=stats, DEFERRED=deferred,
+                      SQ_GROUPS=triton.next_power_of_2(k // 64) if deferred else 1, WIDEN_DOT=False,
                       PREFETCH_K=meta["PREFETCH_K"])
     fn = _compilable(skinny_gemm_kernel)
     dt = "*" + DTYPES[dtype]
     pointers = {"x_ptr": dt, "w_ptr": dt, "b_ptr": dt, "y_ptr": dt, "ws_ptr": "*fp32", "count_ptr": "*i32",
-                "front_ptr": dt, "res_ptr": dt, "s_ptr": dt, "nw_ptr": dt, "sw_ptr": dt, "sq_ptr": "*fp32"}
+                "front_ptr": dt, "res_ptr": dt, "s_ptr": dt, "nw_ptr": dt, "sw_ptr": dt, "sq_ptr": "*fp32",
+                "xsq_ptr": "*fp32"}
     signature = _signature(fn, pointers, ("eps",), constexprs)
     strides = ("stride_xm", "stride_wn", "stride_ym") + (("stride_xb", "stride_fb", "stride_fm") if joined else ())
     flags = "".join(f",{name}" for name, on in (("bias", bias), ("joined", joined), ("glu", glu), ("norm", norm),
-                                                ("stats", stats)) if on)
+                                                ("stats", stats), ("deferred", deferred)) if on)
     return KernelSpec(f"skinny_gemm[{DTYPES[dtype]},m{block_m},n{config['block_n']},k{config['block_k']},"
                       f"split{split}{flags},{family}]", fn, signature, constexprs, num_warps=config["num_warps"],
                       num_stages=config["num_stages"], divisible_by_16=pointer_args(signature) + ("N", "K") + strides)

@@ -1,7 +1,8 @@
 """The split-K skinny GEMM (compiler/triton/skinny_gemm.py) and the dflash.linear / dflash.linear_silu_mul providers
 on it (compiler/triton/linear.py) vs fp32 references: interpreter numerics with tails in M, N and K, bias, one split
 and several (the last-arriving slice sums the partials; its tickets reset), the SwiGLU epilogue (GLU), the norm in
-front of it (NORM), one-sentence refusals, the config rule against the H100 sweep's best configs, the providers'
+front of it (NORM), a norm's 1/rms deferred to it from another GEMM's sums of squares (DEFERRED), one-sentence
+refusals, the config rule against the H100 sweep's best configs, the providers'
 run-time choice (kernel or F.linear) into NaN-poisoned outputs, and ahead-of-time builds for sm_80, sm_90, gfx942,
 gfx950 within shared memory."""
 
@@ -10,7 +11,8 @@ import torch
 from aot_testing import COMPILE_SPECS, run_aot_script
 from test_triton_qkv_gemm import SHARED_LIMIT
 
-from torch_dflash.compiler.ops.linear import add_rms_norm_linear_silu_mul_reference, linear_add_norm_stats_reference
+from torch_dflash.compiler.ops.linear import (add_rms_norm_linear_silu_mul_reference, linear_add_norm_stats_reference,
+                                              linear_silu_mul_reference)
 from torch_dflash.compiler.ops.mlp import silu_mul_reference
 from torch_dflash.compiler.triton import configs
 from torch_dflash.compiler.triton import linear as linear_provider
@@ -85,6 +87,55 @@ def test_linear_silu_mul_provider_picks_the_epilogue_or_the_pair(monkeypatch, m,
     y = _reference(x, w, b)
     torch.testing.assert_close(got[0].float(), silu_mul_reference(y[:, :40], y[:, 40:]).float(), atol=2e-2,
                                rtol=2e-2)
+
+
+def _deferred_operands(m, inter, k, bias=False):
+    """h = the o GEMM's s, its weighted rows s · norm_w and their 64-column sums of squares (linear_add_norm_stats's
+    three outputs, here from the reference), and a [gate; up] weight."""
+    g = torch.Generator().manual_seed(m + inter + k)
+    s = (4 * torch.randn(m, k, generator=g)).to(torch.bfloat16)
+    norm_w = (1 + 0.1 * torch.randn(k, generator=g)).to(torch.bfloat16)
+    weighted = (s.float() * norm_w.float()).to(torch.bfloat16)
+    sumsq = s.float().pow(2).unflatten(-1, (-1, 64)).sum(-1)
+    _, w, b = _operands(m, 2 * inter, k, bias)
+    return weighted.to(DEVICE), sumsq.to(DEVICE), w, b
+
+
+@pytest.mark.parametrize("m,inter,k,split,bias", [(16, 64, 256, 1, False), (3, 36, 192, 3, True),
+                                                  (1, 32, 1024, 2, False)])
+def test_deferred_norm_scales_the_product_rows_like_finishing_the_norm_first(m, inter, k, split, bias):
+    """x holds an RMSNorm's weighted rows and x_sumsq their sums of squares per 64 columns: the kernel scales each
+    row of the product by rsqrt(Σ x_sumsq / K + eps) before the bias and the SwiGLU (any K split: the partials are
+    scaled before they are summed; K 1024 has 16 groups, 192 has 3 of a 4-wide load) — within bf16 rounding of the
+    reference, which rounds the finished rows before the GEMM."""
+    x, sumsq, w, b = _deferred_operands(m, inter, k, bias)
+    want = linear_silu_mul_reference(x, w, b, sumsq, 1e-6)
+    plain = linear_silu_mul_reference(x, w, b)
+    config = {"block_n": 32, "block_k": 64, "split_k": split}
+    for _ in range(2):   # the second call finds the tickets the first one reset
+        out = torch.full((m, inter), float("nan"), dtype=x.dtype, device=DEVICE)
+        got = sg.skinny_gemm_glu(x, w, b, config, out=out, x_sumsq=sumsq, x_eps=1e-6)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2 * want.float().abs().max().item())
+    assert (got.float() - plain.float()).abs().max() > 0.1 * plain.float().abs().max()  # the scale is applied
+
+
+def test_deferred_norm_refuses_sums_of_the_wrong_shape():
+    x, sumsq, w, _ = _deferred_operands(4, 32, 256)
+    with pytest.raises(InputError, match=r"x_sumsq must be \[4, 4\] fp32"):
+        sg.skinny_gemm_glu(x, w, x_sumsq=sumsq[:, :3])
+
+
+@pytest.mark.parametrize("m,kernel", [(16, True), (33, False)])
+def test_linear_silu_mul_provider_finishes_a_deferred_norm_in_the_epilogue_or_before_the_pair(monkeypatch, m, kernel):
+    launched = []
+    monkeypatch.setattr(linear_provider, "skinny_gemm_glu",
+                        lambda *a, **kw: launched.append("glu") or sg.skinny_gemm_glu(*a, **kw))
+    monkeypatch.setattr(linear_provider, "silu_mul", lambda *a: launched.append("silu_mul") or mlp.silu_mul(*a))
+    x, sumsq, w, _ = _deferred_operands(m, 40, 256)
+    got = linear_provider.linear_silu_mul(x[None], w, None, sumsq[None], 1e-6)
+    assert launched == (["glu"] if kernel else ["silu_mul"]) and got.shape == (1, m, 40)
+    want = linear_silu_mul_reference(x, w, None, sumsq, 1e-6)
+    torch.testing.assert_close(got[0].float(), want.float(), rtol=2e-2, atol=2e-2 * want.float().abs().max().item())
 
 
 def _norm_operands(m, inter, k, bias=False):
@@ -299,11 +350,11 @@ specs = linear.aot_specs(fam) + [skinny_gemm.gemm_spec(torch.bfloat16, 32, 24576
 
 def test_compiles_for_every_arch():
     """The provider's specs (Qwen3-8B shapes, 16 rows: splits 1, 2 and 4, block_n 32 to 128; the gate|up one also
-    with the SwiGLU epilogue, with and without the norm; the down one storing the next norm's statistic), a 32-row
-    build with bias and a 32-row joined build (the draft's context + block rows of the merged qkv weight), for
-    sm_80, sm_90, gfx942 and gfx950, within each target's shared memory."""
+    with the SwiGLU epilogue, with the norm, without, and with its deferred 1/rms; the down one storing the next
+    norm's statistic), a 32-row build with bias and a 32-row joined build (the draft's context + block rows of the
+    merged qkv weight), for sm_80, sm_90, gfx942 and gfx950, within each target's shared memory."""
     results = run_aot_script(AOT_SCRIPT + COMPILE_SPECS)
-    assert len(results) == 4 * (8 + 2)   # 4 archs × (8 distinct provider specs: GLU, GLU + norm, stats; + 2)
+    assert len(results) == 4 * (9 + 2)   # 4 archs × (9 distinct provider specs: GLU, GLU + norm, deferred, stats; + 2)
     failed = {name: r for name, r in results.items() if not isinstance(r, list) or r[0] == 0}
     assert not failed, failed
     over = {name: shared for name, (_, shared) in results.items() if shared > SHARED_LIMIT[name.split("@")[1]]}

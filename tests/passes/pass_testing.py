@@ -48,11 +48,11 @@ def assert_same_outputs(expected, actual, atol=1e-5, rtol=1e-5) -> None:
         torch.testing.assert_close(g, w, atol=atol, rtol=rtol)
 
 
-def demo_verify_program(block_size: int, kind: str):
-    """Our demo target's verify step over `block_size` tokens (batch 1..2) through the default pipeline on CPU →
-    (target, program, its CompileReport)."""
+def demo_verify_program(block_size: int, kind: str, disabled=()):
+    """Our demo target's verify step over `block_size` tokens (batch 1..2) through the default pipeline on CPU
+    (less the `disabled` passes) → (target, program, its CompileReport)."""
     target, _ = build_demo_pair(seed=3, max_batch=2, max_seq_len=32)
-    compile_step = pipeline_compile_step("cpu")
+    compile_step = pipeline_compile_step("cpu", disabled=disabled)
     program = compile_step(capture_verify(target, block_size=block_size, max_batch=2).module(), kind)
     return target, program, compile_step.reports[kind]
 
@@ -66,16 +66,16 @@ def assert_verify_program_matches(target, program, block_size: int) -> None:
             assert_same_outputs(VerifyStep(target)(*args), program(*args))
 
 
-def hf_through_backend_without_inductor(kind: str) -> tuple[int, list[dict]]:
-    """transformers' tiny `kind` causal LM (tiny_models.hf_causal_lm) through backend="dflash" without Inductor at
-    two lengths — the second recompiles (automatic dynamic) —, logits equal to eager each time (fp32, 1e-5)
-    → (its layer count, the report's fusions of each compile)."""
+def hf_through_backend_without_inductor(kind: str, disabled=()) -> tuple[int, list[dict]]:
+    """transformers' tiny `kind` causal LM (tiny_models.hf_causal_lm) through backend="dflash" without Inductor
+    (and without the `disabled` passes) at two lengths — the second recompiles (automatic dynamic) —, logits equal
+    to eager each time (fp32, 1e-5) → (its layer count, the report's fusions of each compile)."""
     import torch_dflash as td
     from tiny_models import hf_causal_lm
 
     torch._dynamo.reset()
     model = hf_causal_lm(kind)
-    fast = torch.compile(model, backend="dflash", options={"inductor": False})
+    fast = torch.compile(model, backend="dflash", options={"inductor": False, "disable": tuple(disabled)})
     fusions = []
     for length in (7, 4):
         ids = torch.randint(0, 128, (2, length))

@@ -1,7 +1,8 @@
 """add_rms_norm_linear_silu_mul: dflash.add_rms_norm and the dflash.linear_silu_mul that reads its normed output →
-one op. Counts and numerics on our verify step (default pipeline), on transformers Qwen3 / Llama through
-backend="dflash" without Inductor (fp32, 1e-5), on a pre-norm MLP block in fp32 and bf16; the guard (the normed
-output read elsewhere too) and a linear_silu_mul without a norm in front (no candidate: no record)."""
+one op. Counts and numerics on our verify step (default pipeline less deferred_mlp_norm, which takes these norms
+first), on transformers Qwen3 / Llama through backend="dflash" without Inductor (fp32, 1e-5; the same pass off), on
+a pre-norm MLP block in fp32 and bf16; the guard (the normed output read elsewhere too) and a linear_silu_mul
+without a norm in front (no candidate: no record)."""
 
 import os
 
@@ -12,17 +13,18 @@ from pass_testing import (assert_verify_program_matches, check_pass, demo_verify
 from test_rms_norms import DYNAMIC
 
 from torch_dflash.compiler import lowering
-from torch_dflash.passes import (add_rms_norm, add_rms_norm_linear_silu_mul, canonicalize, cleanup, linear_silu_mul,
-                                 rms_norms, silu_mul, weight_linears)
+from torch_dflash.passes import (add_rms_norm, add_rms_norm_linear_silu_mul, canonicalize, cleanup, deferred_rms_norm,
+                                 linear_silu_mul, rms_norms, silu_mul, weight_linears)
 
-KIND = add_rms_norm_linear_silu_mul.NAME
+KIND, MLP_FIRST = add_rms_norm_linear_silu_mul.NAME, deferred_rms_norm.MLP_NAME
 PASSES = [canonicalize.PASS, rms_norms.PASS, add_rms_norm.PASS, silu_mul.PASS, cleanup.PASS, weight_linears.PASS,
           linear_silu_mul.PASS, add_rms_norm_linear_silu_mul.PASS]
 OP = "dflash.add_rms_norm_linear_silu_mul.default"
 
 
 def test_our_verify_step_joins_every_post_attention_norm():
-    target, program, report = demo_verify_program(4, "verify")
+    """With deferred_mlp_norm, which takes these norms first in the default pipeline, disabled."""
+    target, program, report = demo_verify_program(4, "verify", disabled=(MLP_FIRST,))
     layers = target.config.num_hidden_layers
     assert report.fusions[KIND] == layers and not [r for r in report.rejections if r[0] == KIND]
     counts = op_counts(program)
@@ -32,7 +34,7 @@ def test_our_verify_step_joins_every_post_attention_norm():
 
 @pytest.mark.parametrize("kind", ["qwen3", "llama"])
 def test_backend_without_inductor_joins_transformers_layers(kind):
-    layers, fusions = hf_through_backend_without_inductor(kind)
+    layers, fusions = hf_through_backend_without_inductor(kind, disabled=(MLP_FIRST,))
     assert [f[KIND] for f in fusions] == [layers] * 2
 
 

@@ -20,8 +20,10 @@ def test_our_verify_step_joins_every_mlp():
     target, program, report = demo_verify_program(4, "verify")
     layers = target.config.num_hidden_layers
     assert report.fusions[KIND] == layers and not [r for r in report.rejections if r[0] == KIND]
-    counts = op_counts(program)   # each then joined with the norm in front (pass add_rms_norm_linear_silu_mul)
-    assert counts["dflash.add_rms_norm_linear_silu_mul.default"] == layers and counts[OP] == 0
+    counts = op_counts(program)   # each then given the deferred norm in front (pass deferred_mlp_norm)
+    assert counts["dflash.add_rms_norm_linear_silu_mul.default"] == 0 and counts[OP] == layers
+    glus = [n for n in program.graph.nodes if n.target is torch.ops.dflash.linear_silu_mul.default]
+    assert len(glus) == layers and all(n.kwargs.get("x_sumsq") is not None for n in glus)
     assert counts["dflash.silu_mul.default"] == 0
     assert_verify_program_matches(target, program, 4)
 

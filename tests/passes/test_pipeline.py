@@ -46,7 +46,8 @@ def test_pass_order_and_disabling():
                                                 "merge_sibling_projections", "attention_masks", "kv_cache_writes",
                                                 "context_qkv", "rms_norms", "add_rms_norm", "embedding_rms_norm",
                                                 "silu_mul", "rope_cos_sin", "joined_positions", "cleanup",
-                                                "weight_linears", "linear_silu_mul", "add_rms_norm_linear_silu_mul", "deferred_rms_norm"]
+                                                "weight_linears", "linear_silu_mul", "deferred_mlp_norm",
+                                                "add_rms_norm_linear_silu_mul", "deferred_rms_norm"]
     assert [p.name for p in default_pass_manager(disabled=("deferred_rms_norm",)).passes][-1] == \
         "add_rms_norm_linear_silu_mul"
     with pytest.raises(InputError, match="Unknown pass"):
@@ -98,14 +99,16 @@ def forward(self, input_ids, use_cache):
     attention_default = torch.ops.dflash.attention.default(transpose_int, transpose_int_1, transpose_int_2, 'causal', 0.25, 0, None, None);  transpose_int = transpose_int_1 = transpose_int_2 = None
     transpose_3 = torch.ops.aten.transpose.int(attention_default, 1, 2);  attention_default = None
     reshape_3 = torch.ops.aten.reshape.default(transpose_3, [2, sym_size_int_7, -1]);  transpose_3 = sym_size_int_7 = None
-    linear_default_1 = torch.ops.dflash.linear.default(reshape_3, model_layers_0_self_attn_o_proj_weight, None);  reshape_3 = model_layers_0_self_attn_o_proj_weight = None
-    dflash_norm_folded_w_0 = self.dflash_norm_folded_w_0
-    add_rms_norm_linear_silu_mul_default = torch.ops.dflash.add_rms_norm_linear_silu_mul.default(getitem_7, linear_default_1, None, 1e-06, dflash_norm_folded_w_0, None);  getitem_7 = linear_default_1 = dflash_norm_folded_w_0 = None
-    getitem_9 = add_rms_norm_linear_silu_mul_default[0]
-    getitem_10 = add_rms_norm_linear_silu_mul_default[1];  add_rms_norm_linear_silu_mul_default = None
-    linear_default_3 = torch.ops.dflash.linear.default(getitem_9, model_layers_0_mlp_down_proj_weight, None);  getitem_9 = model_layers_0_mlp_down_proj_weight = None
+    model_layers_0_post_attention_layernorm_weight = getattr(self.model.layers, "0").post_attention_layernorm.weight
+    linear_add_norm_stats_default = torch.ops.dflash.linear_add_norm_stats.default(reshape_3, model_layers_0_self_attn_o_proj_weight, None, getitem_7, model_layers_0_post_attention_layernorm_weight);  reshape_3 = model_layers_0_self_attn_o_proj_weight = getitem_7 = model_layers_0_post_attention_layernorm_weight = None
+    getitem_9 = linear_add_norm_stats_default[0]
+    getitem_10 = linear_add_norm_stats_default[1]
+    getitem_11 = linear_add_norm_stats_default[2];  linear_add_norm_stats_default = None
+    dflash_sibling_weight_0 = self.dflash_sibling_weight_0
+    linear_silu_mul_default = torch.ops.dflash.linear_silu_mul.default(getitem_10, dflash_sibling_weight_0, None, x_sumsq = getitem_11, x_eps = 1e-06);  getitem_10 = dflash_sibling_weight_0 = getitem_11 = None
+    linear_default_3 = torch.ops.dflash.linear.default(linear_silu_mul_default, model_layers_0_mlp_down_proj_weight, None);  linear_silu_mul_default = model_layers_0_mlp_down_proj_weight = None
     model_norm_weight = self.model.norm.weight
-    add_rms_norm_default_1 = torch.ops.dflash.add_rms_norm.default(getitem_10, linear_default_3, model_norm_weight, 1e-06);  getitem_10 = linear_default_3 = model_norm_weight = None
+    add_rms_norm_default_1 = torch.ops.dflash.add_rms_norm.default(getitem_9, linear_default_3, model_norm_weight, 1e-06);  getitem_9 = linear_default_3 = model_norm_weight = None
     getitem_5 = add_rms_norm_default_1[0];  add_rms_norm_default_1 = None
     linear_default_4 = torch.ops.dflash.linear.default(getitem_5, lm_head_weight, None);  getitem_5 = lm_head_weight = None
     return pytree.tree_unflatten((linear_default_4,), self._out_spec)""")
@@ -155,13 +158,15 @@ def forward(self, position_ids, noise_embedding, target_hidden):
     attention_default = torch.ops.dflash.attention.default(transpose_int, transpose_int_1, transpose_int_2, 'non_causal', 0.25, 0, None, None);  transpose_int = transpose_int_1 = transpose_int_2 = None
     transpose_3 = torch.ops.aten.transpose.int(attention_default, 1, 2);  attention_default = None
     reshape_1 = torch.ops.aten.reshape.default(transpose_3, [1, sym_size_int_4, -1]);  transpose_3 = sym_size_int_4 = None
-    linear_default_2 = torch.ops.dflash.linear.default(reshape_1, layers_0_self_attn_o_proj_weight, None);  reshape_1 = layers_0_self_attn_o_proj_weight = None
-    dflash_norm_folded_w_0 = self.dflash_norm_folded_w_0
-    add_rms_norm_linear_silu_mul_default = torch.ops.dflash.add_rms_norm_linear_silu_mul.default(noise_embedding, linear_default_2, None, 1e-06, dflash_norm_folded_w_0, None);  noise_embedding = linear_default_2 = dflash_norm_folded_w_0 = None
-    getitem_9 = add_rms_norm_linear_silu_mul_default[0]
-    getitem_10 = add_rms_norm_linear_silu_mul_default[1];  add_rms_norm_linear_silu_mul_default = None
-    linear_default_4 = torch.ops.dflash.linear.default(getitem_9, layers_0_mlp_down_proj_weight, None);  getitem_9 = layers_0_mlp_down_proj_weight = None
+    layers_0_post_attention_layernorm_weight = getattr(self.layers, "0").post_attention_layernorm.weight
+    linear_add_norm_stats_default = torch.ops.dflash.linear_add_norm_stats.default(reshape_1, layers_0_self_attn_o_proj_weight, None, noise_embedding, layers_0_post_attention_layernorm_weight);  reshape_1 = layers_0_self_attn_o_proj_weight = noise_embedding = layers_0_post_attention_layernorm_weight = None
+    getitem_9 = linear_add_norm_stats_default[0]
+    getitem_10 = linear_add_norm_stats_default[1]
+    getitem_11 = linear_add_norm_stats_default[2];  linear_add_norm_stats_default = None
+    dflash_sibling_weight_0 = self.dflash_sibling_weight_0
+    linear_silu_mul_default = torch.ops.dflash.linear_silu_mul.default(getitem_10, dflash_sibling_weight_0, None, x_sumsq = getitem_11, x_eps = 1e-06);  getitem_10 = dflash_sibling_weight_0 = getitem_11 = None
+    linear_default_4 = torch.ops.dflash.linear.default(linear_silu_mul_default, layers_0_mlp_down_proj_weight, None);  linear_silu_mul_default = layers_0_mlp_down_proj_weight = None
     norm_weight = self.norm.weight
-    add_rms_norm_default_1 = torch.ops.dflash.add_rms_norm.default(getitem_10, linear_default_4, norm_weight, 1e-06);  getitem_10 = linear_default_4 = norm_weight = None
+    add_rms_norm_default_1 = torch.ops.dflash.add_rms_norm.default(getitem_9, linear_default_4, norm_weight, 1e-06);  getitem_9 = linear_default_4 = norm_weight = None
     getitem_7 = add_rms_norm_default_1[0];  add_rms_norm_default_1 = None
     return pytree.tree_unflatten((getitem_7,), self._out_spec)""")

@@ -92,7 +92,8 @@ def test_a_norm_wider_than_its_input_stays():
 
 def test_callers_that_hand_the_graph_to_inductor_skip_the_pass():
     fused_by_inductor = (KIND, "add_rms_norm", "embedding_rms_norm", "silu_mul", "linear_silu_mul", "rope_cos_sin",
-                         "joined_positions", "add_rms_norm_linear_silu_mul", "deferred_rms_norm", "kv_cache_writes", "context_qkv")
+                         "joined_positions", "deferred_mlp_norm", "add_rms_norm_linear_silu_mul", "deferred_rms_norm",
+                         "kv_cache_writes", "context_qkv")
     assert skipped_before_inductor(()) == fused_by_inductor
     assert skipped_before_inductor(("cleanup", KIND)) == ("cleanup", *fused_by_inductor)
     target, _ = build_demo_pair(seed=3, max_batch=1, max_seq_len=32)

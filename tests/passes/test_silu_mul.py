@@ -19,8 +19,8 @@ def test_our_verify_step_fuses_every_mlp():
     target, program, report = demo_verify_program(4, "verify")
     layers = target.config.num_hidden_layers
     assert report.fusions[KIND] == layers and not [r for r in report.rejections if r[0] == KIND]
-    counts = op_counts(program)   # each product then joined with its gate|up linear and the norm in front
-    assert counts["dflash.add_rms_norm_linear_silu_mul.default"] == layers and counts["aten.silu.default"] == 0
+    counts = op_counts(program)   # each product then joined with its gate|up linear (the norm in front deferred)
+    assert counts["dflash.linear_silu_mul.default"] == layers and counts["aten.silu.default"] == 0
     assert_verify_program_matches(target, program, 4)
 
 

@@ -41,17 +41,17 @@ class Projections(torch.nn.Module):
 
 def test_our_ar_step_takes_every_weight_linear():
     """The verify step at block 1 (the target's AR step), batch 1..2: o, gate|up, down per layer and lm_head (each
-    gate|up then joined with its SwiGLU product and the norm in front: passes linear_silu_mul,
-    add_rms_norm_linear_silu_mul; each down but the last with the next layer's input norm: deferred_rms_norm)."""
+    gate|up then joined with its SwiGLU product: linear_silu_mul; each o with the post-attention norm after it:
+    deferred_mlp_norm; each down but the last with the next layer's input norm: deferred_rms_norm)."""
     target, program, report = demo_verify_program(1, "ar")
     layers = target.config.num_hidden_layers
     assert report.fusions[KIND] == 3 * layers + 1 and not report.rejections
     counts = op_counts(program)
-    assert counts[LINEAR] == layers + 2 and counts["dflash.add_rms_norm_linear_silu_mul.default"] == layers
-    assert counts["dflash.linear_add_norm_stats.default"] == layers - 1
+    assert counts[LINEAR] == 2 and counts["dflash.linear_silu_mul.default"] == layers   # lm_head, one down
+    assert counts["dflash.linear_add_norm_stats.default"] == 2 * layers - 1
     assert counts["aten.linear.default"] == 0
-    assert report.providers["linear"] == ["reference"] * (layers + 2)
-    assert report.providers["add_rms_norm_linear_silu_mul"] == ["reference"] * layers
+    assert report.providers["linear"] == ["reference"] * 2
+    assert report.providers["linear_silu_mul"] == ["reference"] * layers
     assert_verify_program_matches(target, program, 1)
 
 

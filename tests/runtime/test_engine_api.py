@@ -41,13 +41,15 @@ def test_default_steps_are_pipeline_compiled_and_report():
         == {"kv_materialize": 1, "attention.non_causal": 1, "kv_cache_writes": 1}
     assert {k: verify_report.fusions.get(k) for k in ("qkv_norm_rope", "attention.causal")} == \
         {"qkv_norm_rope": 2, "attention.causal": 2}
-    assert dflash_ops(engine.steps.draft) == ["dflash::add_rms_norm", "dflash::add_rms_norm_linear_silu_mul",
-                                              "dflash::attention", "dflash::context_qkv_norm_rope_cache",
-                                              "dflash::embedding_rms_norm", "dflash::joined_rope_cos_sin",
-                                              "dflash::linear", "dflash::rms_norm"]
-    assert dflash_ops(engine.steps.verify) == ["dflash::add_rms_norm", "dflash::add_rms_norm_linear_silu_mul",
-                                               "dflash::attention", "dflash::embedding_rms_norm", "dflash::linear",
-                                               "dflash::linear_add_norm_stats", "dflash::qkv_norm_rope_cache",
+    assert dflash_ops(engine.steps.draft) == ["dflash::add_rms_norm", "dflash::attention",
+                                              "dflash::context_qkv_norm_rope_cache", "dflash::embedding_rms_norm",
+                                              "dflash::joined_rope_cos_sin", "dflash::linear",
+                                              "dflash::linear_add_norm_stats", "dflash::linear_silu_mul",
+                                              "dflash::rms_norm"]
+    assert dflash_ops(engine.steps.verify) == ["dflash::add_rms_norm", "dflash::attention",
+                                               "dflash::embedding_rms_norm", "dflash::linear",
+                                               "dflash::linear_add_norm_stats", "dflash::linear_silu_mul",
+                                               "dflash::qkv_norm_rope_cache",
                                                "dflash::rope_cos_sin"]   # every norm reads an add or the embeddings
     committed = []
     for prompt, n in zip(prompts_of(PROMPT_LENGTHS, 64, seed=3), MAX_NEW):
