@@ -172,16 +172,18 @@ def test_mlir_export_decomposes_dflash_linear():
 @pytest.mark.parametrize("block", [1, 16])
 def test_gpu_bf16_steps_run_the_skinny_gemm(block):
     """The demo target in bf16 on the GPU, AR (block 1, batch 1 and 2) and verify (block 16, batch 1: at batch 2 the
-    32 rows are left to cuBLAS for the demo's small weights, by the serve rule) steps: every dflash.linear and
-    dflash.add_rms_norm_linear_silu_mul (the gate|up GEMMs with the norm in front) lowers to Triton, and the step's
-    logits are as close to the fp32 model's as eager bf16's are."""
+    32 rows are left to cuBLAS for the demo's small weights, by the serve rule) steps: every dflash.linear,
+    dflash.linear_add_norm_stats (o and down with the next norm's statistic) and dflash.linear_silu_mul (the gate|up
+    GEMMs finishing the post-attention norm) lowers to Triton, and the step's logits are as close to the fp32
+    model's as eager bf16's are."""
     max_batch = 2 if block == 1 else 1
     target, _ = build_demo_pair(seed=3, device="cuda", dtype=torch.bfloat16, max_batch=max_batch, max_seq_len=64)
     fp32, _ = build_demo_pair(seed=3, device="cuda", max_batch=max_batch, max_seq_len=64)
     compile_step = pipeline_compile_step("cuda")
     program = compile_step(capture_verify(target, block_size=block, max_batch=max_batch).module(), "step")
     providers = compile_step.reports["step"].providers
-    assert set(providers["linear"]) == set(providers["add_rms_norm_linear_silu_mul"]) == {"triton"}
+    assert set(providers["linear"]) == set(providers["linear_add_norm_stats"]) == set(providers["linear_silu_mul"]) \
+        == {"triton"}
 
     def error(logits, reference):
         return ((logits.float() - reference).norm() / reference.norm()).item()
