@@ -1,27 +1,20 @@
 """deferred_rms_norm: the RMSNorm between a down GEMM and the next layer's qkv projection is finished by that
-projection's epilogue; deferred_mlp_norm: the one between the o GEMM and the gate|up GEMM, by the gate|up GEMM.
+projection's epilogue (`defer_norms`, shared with deferred_mlp_norm, does the rewrite for a family of readers).
 
 before:  y = dflash.linear(h, W, b)
          normed, s = dflash.add_rms_norm(y, residual, w_norm, eps)       (s, the residual stream, read further on)
          q = dflash.qkv_norm_rope_cache(normed, w_qkv, None, …)      (or qkv_norm_rope, context_qkv_norm_rope_cache)
 after:   s, s_w, sumsq = dflash.linear_add_norm_stats(h, W, b, residual, w_norm)
          q = dflash.qkv_norm_rope_cache(s_w, w_qkv, None, …, x_sumsq=sumsq, x_eps=eps)
-deferred_mlp_norm, the same for a layer's post-attention norm (o_proj's linear, then the norm):
-before:  normed, s = dflash.add_rms_norm(dflash.linear(attn, W_o, b_o), residual, w_norm, eps)
-         h = dflash.linear_silu_mul(normed, W_gate_up, None)
-after:   s, s_w, sumsq = dflash.linear_add_norm_stats(attn, W_o, b_o, residual, w_norm)
-         h = dflash.linear_silu_mul(s_w, W_gate_up, None, x_sumsq=sumsq, x_eps=eps)
-It runs before add_rms_norm_linear_silu_mul, which takes the norms it leaves (the gate|up GEMM then normalizes
-x + residual in its K loop: two operands per step and Σ s² — the deferred form streams one operand).
 A norm needs whole rows, which no program of the GEMM that computes them holds; so that GEMM adds the residual
 where it stores its tile and stores s, s · w_norm and the sums of squares of each 64 columns, and the qkv
 epilogue — which reads every projected row anyway — applies the rows' 1/rms. The norm is no launch of its own
 between the two GEMMs (with programmatic dependent launch the qkv GEMM then starts while the down GEMM drains).
-deferred_rms_norm runs last (the cache-writing qkv ops and the down linear are made by earlier passes); both are
-skipped before Inductor. Guards (a refusal is recorded, the graph stays), for a norm whose normed rows a reader of
-the pass reads: one operand of the add is a dflash.linear read by nothing else; the normed rows are read only as the
-x of such readers, none with a bias (1/rms is applied after the GEMM, which adds it) and none given x_sumsq already;
-the row width is a static multiple of 64.
+Runs last (the cache-writing qkv ops and the down linear are made by earlier passes) and is skipped before Inductor.
+Guards (a refusal is recorded, the graph stays), for a norm whose normed rows a reader of the family reads: one
+operand of the add is a dflash.linear read by nothing else; the normed rows are read only as the x of such readers,
+none with a bias (1/rms is applied after the GEMM, which adds it) and none given x_sumsq already; the row width is a
+static multiple of 64.
 Numerics: the projection reads s · w_norm rounded to the activation dtype and its output is rounded before 1/rms
 (the pair rounded the normed row once) — within bf16 rounding; fp32 differs by reassociation only.
 """
@@ -35,13 +28,13 @@ from .fx_utils import infer_meta, is_call, meta_val, node_arg
 from .head_chains import describe
 from .manager import GraphPass, PassContext
 
-NAME, MLP_NAME = "deferred_rms_norm", "deferred_mlp_norm"
+NAME = "deferred_rms_norm"
 dflash = torch.ops.dflash
 aten = torch.ops.aten
-QKV_READERS = (dflash.qkv_norm_rope, dflash.qkv_norm_rope_cache, dflash.context_qkv_norm_rope_cache)
-MLP_READERS = (dflash.linear_silu_mul,)
-X_POSITION = {dflash.qkv_norm_rope.default: 0, dflash.qkv_norm_rope_cache.default: 0,
-              dflash.context_qkv_norm_rope_cache.default: 1, dflash.linear_silu_mul.default: 0}
+READERS = (dflash.qkv_norm_rope, dflash.qkv_norm_rope_cache, dflash.context_qkv_norm_rope_cache)
+X_POSITION = {  # of every op that can finish a norm from x_sumsq (deferred_mlp_norm's linear_silu_mul too)
+    dflash.qkv_norm_rope.default: 0, dflash.qkv_norm_rope_cache.default: 0,
+    dflash.context_qkv_norm_rope_cache.default: 1, dflash.linear_silu_mul.default: 0}
 SUMSQ_POSITION = {op: len(op._schema.arguments) - 2 for op in X_POSITION}  # x_sumsq, x_eps: the last two
 
 
@@ -75,7 +68,9 @@ def _why_not(normed: fx.Node, gemm: fx.Node | None, readers: tuple, what: str) -
     return None
 
 
-def _defer(gm: fx.GraphModule, ctx: PassContext, name: str, readers: tuple, what: str) -> None:
+def defer_norms(gm: fx.GraphModule, ctx: PassContext, name: str, readers: tuple, what: str) -> None:
+    """Every add_rms_norm after a dflash.linear whose normed rows `readers` (ops of X_POSITION, called `what` in
+    the rejections) read: the linear becomes linear_add_norm_stats, the readers get x_sumsq; `name` counts them."""
     for norm in [n for n in gm.graph.nodes if is_call(n, dflash.add_rms_norm)]:
         outputs = _outputs(norm)
         normed = outputs.get(0)
@@ -108,12 +103,7 @@ def _defer(gm: fx.GraphModule, ctx: PassContext, name: str, readers: tuple, what
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> None:
-    _defer(gm, ctx, NAME, QKV_READERS, "qkv projection")
-
-
-def run_mlp(gm: fx.GraphModule, ctx: PassContext) -> None:
-    _defer(gm, ctx, MLP_NAME, MLP_READERS, "gate|up GEMM")
+    defer_norms(gm, ctx, NAME, READERS, "qkv projection")
 
 
 PASS = GraphPass(NAME, run)
-MLP_PASS = GraphPass(MLP_NAME, run_mlp)

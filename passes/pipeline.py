@@ -26,19 +26,19 @@ import it. Those callers skip them (`skipped_before_export`, `skipped_before_ind
 from torch_dflash.errors import InputError
 
 from . import (add_rms_norm, add_rms_norm_linear_silu_mul, attention_masks, canonicalize, cleanup, context_qkv,
-               deferred_rms_norm, embedding_rms_norm, joined_positions, kv_cache_writes, kv_materialize,
-               linear_silu_mul, mhc_post_pre, qkv_norm_rope, rms_norms, rope_tables, sibling_projections, silu_mul,
-               weight_linears)
+               deferred_mlp_norm, deferred_rms_norm, embedding_rms_norm, joined_positions, kv_cache_writes,
+               kv_materialize, linear_silu_mul, mhc_post_pre, qkv_norm_rope, rms_norms, rope_tables,
+               sibling_projections, silu_mul, weight_linears)
 from .manager import PassManager
 
 DEFAULT_PASSES = (canonicalize.PASS, kv_materialize.PASS, qkv_norm_rope.PASS, mhc_post_pre.PASS,
                   sibling_projections.PASS, attention_masks.PASS, kv_cache_writes.PASS, context_qkv.PASS,
                   rms_norms.PASS, add_rms_norm.PASS, embedding_rms_norm.PASS, silu_mul.PASS, rope_tables.PASS,
                   joined_positions.PASS, cleanup.PASS, weight_linears.PASS, linear_silu_mul.PASS,
-                  deferred_rms_norm.MLP_PASS, add_rms_norm_linear_silu_mul.PASS, deferred_rms_norm.PASS)
+                  deferred_mlp_norm.PASS, add_rms_norm_linear_silu_mul.PASS, deferred_rms_norm.PASS)
 PASS_NAMES = tuple(p.name for p in DEFAULT_PASSES)
 INDUCTOR_FUSES = (rms_norms.NAME, add_rms_norm.NAME, embedding_rms_norm.NAME, silu_mul.NAME, linear_silu_mul.NAME,
-                  rope_tables.NAME, joined_positions.NAME, deferred_rms_norm.MLP_NAME,
+                  rope_tables.NAME, joined_positions.NAME, deferred_mlp_norm.NAME,
                   add_rms_norm_linear_silu_mul.NAME, deferred_rms_norm.NAME)
 IN_PLACE_ONLY = (kv_cache_writes.NAME, context_qkv.NAME)
 

@@ -13,10 +13,10 @@ from pass_testing import (assert_verify_program_matches, check_pass, demo_verify
 from test_rms_norms import DYNAMIC
 
 from torch_dflash.compiler import lowering
-from torch_dflash.passes import (add_rms_norm, add_rms_norm_linear_silu_mul, canonicalize, cleanup, deferred_rms_norm,
+from torch_dflash.passes import (add_rms_norm, add_rms_norm_linear_silu_mul, canonicalize, cleanup, deferred_mlp_norm,
                                  linear_silu_mul, rms_norms, silu_mul, weight_linears)
 
-KIND, MLP_FIRST = add_rms_norm_linear_silu_mul.NAME, deferred_rms_norm.MLP_NAME
+KIND, MLP_FIRST = add_rms_norm_linear_silu_mul.NAME, deferred_mlp_norm.NAME
 PASSES = [canonicalize.PASS, rms_norms.PASS, add_rms_norm.PASS, silu_mul.PASS, cleanup.PASS, weight_linears.PASS,
           linear_silu_mul.PASS, add_rms_norm_linear_silu_mul.PASS]
 OP = "dflash.add_rms_norm_linear_silu_mul.default"

@@ -19,14 +19,15 @@ from torch_dflash.compiler import lowering
 from torch_dflash.compiler.capture import DraftStep, capture_draft
 from torch_dflash.compiler.step_compiler import pipeline_compile_step
 from torch_dflash.demo import build_demo_pair
-from torch_dflash.passes import (add_rms_norm, canonicalize, cleanup, deferred_rms_norm, linear_silu_mul,
-                                 qkv_norm_rope, rms_norms, sibling_projections, silu_mul, weight_linears)
+from torch_dflash.passes import (add_rms_norm, canonicalize, cleanup, deferred_mlp_norm, deferred_rms_norm,
+                                 linear_silu_mul, qkv_norm_rope, rms_norms, sibling_projections, silu_mul,
+                                 weight_linears)
 
-KIND, MLP_KIND = deferred_rms_norm.NAME, deferred_rms_norm.MLP_NAME
+KIND, MLP_KIND = deferred_rms_norm.NAME, deferred_mlp_norm.NAME
 PASSES = [canonicalize.PASS, qkv_norm_rope.PASS, rms_norms.PASS, add_rms_norm.PASS, cleanup.PASS,
           weight_linears.PASS, deferred_rms_norm.PASS]
 MLP_PASSES = [canonicalize.PASS, sibling_projections.PASS, rms_norms.PASS, add_rms_norm.PASS, silu_mul.PASS,
-              cleanup.PASS, weight_linears.PASS, linear_silu_mul.PASS, deferred_rms_norm.MLP_PASS]
+              cleanup.PASS, weight_linears.PASS, linear_silu_mul.PASS, deferred_mlp_norm.PASS]
 STATS, NORM = "dflash.linear_add_norm_stats.default", "dflash.add_rms_norm.default"
 GLU, GLU_NORM = "dflash.linear_silu_mul.default", "dflash.add_rms_norm_linear_silu_mul.default"
 
