@@ -24,7 +24,7 @@ from ..ops.mlp import silu_mul_reference
 from ..providers import Provider, register
 from .aot import KernelSpec
 from .norm_rope import (add_norm_stats, add_rms_norm, add_rms_norm_supports, device_reason, dtype_reason, family_of,
-                        first_reason, shape_reason)
+                        first_reason, row_sumsq_reason, shape_reason)
 from .mlp import silu_mul, silu_mul_supports
 from .skinny_gemm import gemm_spec, serves, skinny_gemm, skinny_gemm_add_stats, skinny_gemm_glu, skinny_gemm_glu_norm
 
@@ -61,9 +61,7 @@ def linear_silu_mul_supports(x: Tensor, w: Tensor, b: Tensor | None, x_sumsq: Te
     return first_reason(
         device_reason(x), dtype_reason(x, w=w, b=b),
         None if w.dim() == 2 and w.shape[0] % 2 == 0 else f"w must be [gate; up] [2·I, K], got {tuple(w.shape)}",
-        None if x_sumsq is None else shape_reason("x_sumsq", x_sumsq, (*x.shape[:-1], x.shape[-1] // 64)),
-        None if x_sumsq is None or x_sumsq.dtype == torch.float32 else f"x_sumsq must be fp32, not {x_sumsq.dtype}",
-        None if x_sumsq is None or x.shape[-1] % 64 == 0 else f"x's width {x.shape[-1]} is no multiple of 64")
+        row_sumsq_reason(x, x_sumsq))
 
 
 def linear_silu_mul(x: Tensor, w: Tensor, b: Tensor | None, x_sumsq: Tensor | None = None,

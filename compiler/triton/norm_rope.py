@@ -196,6 +196,17 @@ def rope_reason(cos: Tensor, sin: Tensor, lead: torch.Size, head_dim: int, devic
     return None if fits else f"cos/sin {tuple(cos.shape)} do not broadcast over the token dims {tuple(lead)}"
 
 
+def row_sumsq_reason(x: Tensor, x_sumsq: Tensor | None) -> str | None:
+    """Why x_sumsq cannot be the fp32 sums of squares of each 64 columns of x's rows (linear_add_norm_stats's), which
+    a GEMM reading x's weighted rows uses to finish their RMSNorm; None also when there is no x_sumsq."""
+    if x_sumsq is None:
+        return None
+    want = (*x.shape[:-1], x.shape[-1] // 64)
+    if x.shape[-1] % 64 or tuple(x_sumsq.shape) != want or x_sumsq.dtype != torch.float32:
+        return f"x_sumsq must be {list(want)} fp32 (x's width a multiple of 64), got {tuple(x_sumsq.shape)}"
+    return None if x_sumsq.device == x.device else f"x_sumsq is on {x_sumsq.device} but x on {x.device}"
+
+
 def shape_reason(name: str, w: Tensor | None, shape: tuple[int, ...]) -> str | None:
     if w is None or tuple(w.shape) == shape:
         return None

@@ -17,7 +17,7 @@ from ..providers import Provider, register
 from .aot import KernelSpec
 from .linear import linear
 from .norm_rope import (batch_and_seq, device_reason, dtype_reason, family_of, first_reason, head_dim_reason,
-                        heads_spec, launch_norm_rope_heads, rope_reason, rope_table, shape_reason)
+                        heads_spec, launch_norm_rope_heads, rope_reason, rope_table, row_sumsq_reason, shape_reason)
 from .qkv_gemm import aot_specs as gemm_aot_specs
 from .qkv_gemm import fused_gemm_chosen, gemm_config, launch_qkv_gemm
 
@@ -30,10 +30,7 @@ def sumsq_reason(x: Tensor, b_qkv: Tensor | None, x_sumsq: Tensor | None) -> str
         return None
     if b_qkv is not None:
         return "the rows' 1/rms is applied after the GEMM, which adds b_qkv: a bias would be scaled with them"
-    want = (*x.shape[:-1], x.shape[-1] // 64)
-    if x.shape[-1] % 64 or tuple(x_sumsq.shape) != want or x_sumsq.dtype != torch.float32:
-        return f"x_sumsq must be {list(want)} fp32 (x's width a multiple of 64), got {tuple(x_sumsq.shape)}"
-    return None if x_sumsq.device == x.device else f"x_sumsq is on {x_sumsq.device} but x on {x.device}"
+    return row_sumsq_reason(x, x_sumsq)
 
 
 def qkv_norm_rope_supports(x, w_qkv, b_qkv, q_norm_w, k_norm_w, eps, cos, sin, n_q, n_kv, head_dim, x_sumsq=None,

@@ -31,7 +31,7 @@ from .aot import KernelSpec, pointer_args
 from .configs import launch_config
 from .launch import await_previous_grid, prefetch_to_l2, programmatic_launch, wrap_triton
 from .mhc import _arrival_counters
-from .norm_rope import DTYPES, _compilable, _signature, family_of
+from .norm_rope import DTYPES, _compilable, _signature, family_of, row_sumsq_reason
 
 MAX_M = 32
 
@@ -260,10 +260,8 @@ def skinny_gemm_glu(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None 
     rsqrt(Σ x_sumsq / K + x_eps) before the bias — the norm finished after the GEMM, as the qkv epilogue does."""
     reason = unsupported(x, w, bias) or (None if w.shape[0] % 2 == 0 else
                                          f"skinny_gemm: a [gate; up] weight has an even row count, not {w.shape[0]}.")
-    if x_sumsq is not None and not reason:
-        want = (x.shape[0], x.shape[1] // 64)
-        reason = None if x.shape[1] % 64 == 0 and tuple(x_sumsq.shape) == want and x_sumsq.dtype == torch.float32 \
-            else f"skinny_gemm: x_sumsq must be {list(want)} fp32 (K a multiple of 64), got {tuple(x_sumsq.shape)}."
+    if not reason and (why := row_sumsq_reason(x, x_sumsq)):
+        reason = f"skinny_gemm: {why}."
     if reason:
         raise InputError(reason)
     x = x.contiguous()

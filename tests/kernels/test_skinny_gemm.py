@@ -75,12 +75,18 @@ def test_glu_refuses_an_odd_row_count():
         sg.skinny_gemm_glu(x, w)
 
 
-@pytest.mark.parametrize("m,kernel", [(16, True), (33, False)])
-def test_linear_silu_mul_provider_picks_the_epilogue_or_the_pair(monkeypatch, m, kernel):
+def _record_glu_launches(monkeypatch) -> list[str]:
+    """The kernels the linear_silu_mul provider launches, in order ("glu": the epilogue; "silu_mul": the pair's)."""
     launched = []
     monkeypatch.setattr(linear_provider, "skinny_gemm_glu",
                         lambda *a, **kw: launched.append("glu") or sg.skinny_gemm_glu(*a, **kw))
     monkeypatch.setattr(linear_provider, "silu_mul", lambda *a: launched.append("silu_mul") or mlp.silu_mul(*a))
+    return launched
+
+
+@pytest.mark.parametrize("m,kernel", [(16, True), (33, False)])
+def test_linear_silu_mul_provider_picks_the_epilogue_or_the_pair(monkeypatch, m, kernel):
+    launched = _record_glu_launches(monkeypatch)
     x, w, b = _operands(m, 2 * 40, 256, bias=True)
     got = linear_provider.linear_silu_mul(x[None], w, b)
     assert launched == (["glu"] if kernel else ["silu_mul"]) and got.shape == (1, m, 40)
@@ -127,10 +133,7 @@ def test_deferred_norm_refuses_sums_of_the_wrong_shape():
 
 @pytest.mark.parametrize("m,kernel", [(16, True), (33, False)])
 def test_linear_silu_mul_provider_finishes_a_deferred_norm_in_the_epilogue_or_before_the_pair(monkeypatch, m, kernel):
-    launched = []
-    monkeypatch.setattr(linear_provider, "skinny_gemm_glu",
-                        lambda *a, **kw: launched.append("glu") or sg.skinny_gemm_glu(*a, **kw))
-    monkeypatch.setattr(linear_provider, "silu_mul", lambda *a: launched.append("silu_mul") or mlp.silu_mul(*a))
+    launched = _record_glu_launches(monkeypatch)
     x, sumsq, w, _ = _deferred_operands(m, 40, 256)
     got = linear_provider.linear_silu_mul(x[None], w, None, sumsq[None], 1e-6)
     assert launched == (["glu"] if kernel else ["silu_mul"]) and got.shape == (1, m, 40)
