@@ -86,7 +86,8 @@ def _attention_spec(path, kind, fam, head_dim=128, dtype="bf16", mask_bool=True,
         constexprs["MASK"] = None
     if path == "decode":
         kernel = attention_decode_kernel
-        constexprs.update(SPLIT_KV=split_kv, BLOCK_M=cfg["max_rows"])
+        constexprs.update(SPLIT_KV=split_kv, BLOCK_M=cfg["max_rows"], PREFETCH_KEYS=cfg["prefetch_keys"],
+                          KV_LINE=128 // (4 if dtype == "fp32" else 2))
         if not split_kv:
             constexprs.update(WS_O=None, WS_LSE=None)
     else:

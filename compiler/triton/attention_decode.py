@@ -16,7 +16,34 @@ import triton.language as tl
 
 from .attention_common import (LOG2E, attend, family, key_range, launch_params, mask_args, qpos_args, query_positions,
                                widen_dot)
-from .launch import await_previous_grid, programmatic_launch, wrap_triton
+from .launch import await_previous_grid, prefetch_to_l2, programmatic_launch, wrap_triton
+
+
+@triton.jit
+def split_keys(QPOS, b, i, row_ok, stride_pb, stride_ps, sq, sk, window, num_splits, min_blocks_per_split, split,
+               KIND: tl.constexpr, HAS_QPOS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(query positions of the tile's rows, [start, end) of the keys this split attends to): the visible blocks
+    are dealt to as many splits as give each >= min_blocks_per_split; the others get an empty range."""
+    qp = query_positions(QPOS, b, i, row_ok, stride_pb, stride_ps, sq, sk, HAS_QPOS)
+    qp_last = query_positions(QPOS, b, sq - 1, True, stride_pb, stride_ps, sq, sk, HAS_QPOS)
+    lo, hi = key_range(qp, qp_last, row_ok, window, sk, KIND)
+    n_blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
+    used_splits = tl.maximum(tl.minimum(num_splits, tl.cdiv(n_blocks, min_blocks_per_split)), 1)
+    blocks_per_split = tl.cdiv(n_blocks, used_splits)
+    start = lo + split * blocks_per_split * BLOCK_N
+    return qp, start, tl.minimum(start + blocks_per_split * BLOCK_N, hi)
+
+
+@triton.jit
+def prefetch_keys(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start, end,
+                  HEAD_DIM: tl.constexpr, KEYS: tl.constexpr, LINE: tl.constexpr):
+    """Ask L2 for the K and V rows of keys [start, min(end, start + KEYS)), one request per LINE elements (128 B);
+    addresses stay inside [start, end) of the cache, so any start/end reads nothing outside it."""
+    if start < end:
+        keys = tl.minimum(start + tl.arange(0, KEYS), end - 1)[:, None]
+        cols = (tl.arange(0, HEAD_DIM // LINE) * LINE)[None, :]
+        prefetch_to_l2(k_base + keys * stride_kn + cols * stride_kd)
+        prefetch_to_l2(v_base + keys * stride_vn + cols * stride_vd)
 
 
 @triton.jit
@@ -28,9 +55,8 @@ def attention_decode_kernel(
         n_kv_heads, group, sq, sk, window, num_splits, min_blocks_per_split, qk_scale,
         KIND: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_QPOS: tl.constexpr, SPLIT_KV: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-        WIDEN_DOT: tl.constexpr, PDL: tl.constexpr):
+        WIDEN_DOT: tl.constexpr, PREFETCH_KEYS: tl.constexpr, KV_LINE: tl.constexpr, PDL: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp32 as eager Triton types Python floats (Inductor passes fp64)
-    await_previous_grid(PDL)
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // n_kv_heads
@@ -41,18 +67,21 @@ def attention_decode_kernel(
     head = kvh * group + rows // sq
     i = rows % sq
     offs_d = tl.arange(0, HEAD_DIM)
-
-    qp = query_positions(QPOS, b, i, row_ok, stride_pb, stride_ps, sq, sk, HAS_QPOS)
-    qp_last = query_positions(QPOS, b, sq - 1, True, stride_pb, stride_ps, sq, sk, HAS_QPOS)
-    lo, hi = key_range(qp, qp_last, row_ok, window, sk, KIND)
-    # the visible blocks are dealt to as many splits as give each >= min_blocks_per_split; the others stay empty
-    n_blocks = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
-    used_splits = tl.maximum(tl.minimum(num_splits, tl.cdiv(n_blocks, min_blocks_per_split)), 1)
-    blocks_per_split = tl.cdiv(n_blocks, used_splits)
-    start = lo + split * blocks_per_split * BLOCK_N
-    end = tl.minimum(start + blocks_per_split * BLOCK_N, hi)
-
     b64 = b.to(tl.int64)
+    k_base = K + b64 * stride_kb + kvh * stride_kh
+    v_base = V + b64 * stride_vb + kvh * stride_vh
+    if PDL and PREFETCH_KEYS > 0:
+        # the split's first keys head for L2 while the previous kernel drains. q_pos may still be in the making
+        # (this read is not ordered after the wait): a stale value only sends the prefetch to other cache rows;
+        # the range that is attended to is computed again after the wait
+        _, early_start, early_end = split_keys(QPOS, b, i, row_ok, stride_pb, stride_ps, sq, sk, window, num_splits,
+                                               min_blocks_per_split, split, KIND, HAS_QPOS, BLOCK_N)
+        prefetch_keys(k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, tl.maximum(early_start, 0),
+                      tl.minimum(early_end, sk), HEAD_DIM, PREFETCH_KEYS, KV_LINE)
+    await_previous_grid(PDL)
+    qp, start, end = split_keys(QPOS, b, i, row_ok, stride_pb, stride_ps, sq, sk, window, num_splits,
+                                min_blocks_per_split, split, KIND, HAS_QPOS, BLOCK_N)
+
     q = tl.load(Q + b64 * stride_qb + head[:, None] * stride_qh + i[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None], other=0.0)
     mask_rows = MASK
@@ -63,8 +92,7 @@ def attention_decode_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = attend(
         acc, m_i, l_i, q, qp, row_ok, mask_rows, stride_mk,
-        K + b64 * stride_kb + kvh * stride_kh, V + b64 * stride_vb + kvh * stride_vh,
-        stride_kn, stride_kd, stride_vn, stride_vd, start, end, qk_scale, window,
+        k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start, end, qk_scale, window,
         KIND, MASK_BOOL, BLOCK_N, HEAD_DIM, WIDEN_DOT)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)     # a row that sees no key: o = 0 (as SDPA's math path), lse = -inf
@@ -154,6 +182,7 @@ class DecodePlan:
     num_stages: int
     reduce_grid: tuple[int, int] | None
     reduce_num_warps: int
+    prefetch_keys: int
 
 
 def decode_plan(batch: int, n_q_heads: int, n_kv_heads: int, sq: int, sk: int, head_dim: int, dtype: torch.dtype,
@@ -172,7 +201,7 @@ def decode_plan(batch: int, n_q_heads: int, n_kv_heads: int, sq: int, sk: int, h
     return DecodePlan((batch * n_kv_heads, num_splits), num_splits, min_blocks_per_split,
                       decode_block_m(n_q_heads // n_kv_heads, sq), cfg["block_n"], cfg["num_warps"],
                       cfg["num_stages"], (batch * n_kv_heads, rows) if num_splits > 1 else None,
-                      cfg["reduce_num_warps"])
+                      cfg["reduce_num_warps"], cfg["prefetch_keys"])
 
 
 def attention_decode(q, k, v, kind, scale, window=0, mask=None, q_pos=None, num_splits=None, out=None):
@@ -200,6 +229,7 @@ def attention_decode(q, k, v, kind, scale, window=0, mask=None, q_pos=None, num_
         plan.min_blocks_per_split, scale * LOG2E,
         KIND=kind, MASK_BOOL=mask_bool, HAS_QPOS=q_pos is not None, SPLIT_KV=split_kv,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, HEAD_DIM=head_dim, WIDEN_DOT=widen_dot(q),
+        PREFETCH_KEYS=plan.prefetch_keys, KV_LINE=128 // k.element_size(),
         num_warps=plan.num_warps, num_stages=plan.num_stages, **programmatic_launch(q.device))
     if split_kv:
         wrap_triton(reduce_splits_kernel)[plan.reduce_grid](

@@ -87,9 +87,9 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     # checks).
     "attention_decode_hd64": {
         "cuda": {"block_n": 64, "num_warps": 4, "num_stages": 3, "max_rows": 64, "min_keys_per_split": 128,
-                 "max_splits": 64, "programs_per_sm": 1, "reduce_num_warps": 1},
+                 "max_splits": 64, "programs_per_sm": 1, "reduce_num_warps": 1, "prefetch_keys": 0},
         "rocm": {"block_n": 64, "num_warps": 4, "num_stages": 2, "max_rows": 64, "min_keys_per_split": 128,
-                 "max_splits": 64, "programs_per_sm": 1, "reduce_num_warps": 1},
+                 "max_splits": 64, "programs_per_sm": 1, "reduce_num_warps": 1, "prefetch_keys": 0},
     },
     "attention_decode_hd128": {
         # benchmarks/sweep_attention.py on the H100 (2026-11-21 23:10 UTC, its CUDA graphs of back-to-back calls):
@@ -97,15 +97,15 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
         # (36·verify + 36·AR + 5·draft), the 8192-key draft 19.6 → 20.6 µs; 2 or 4 programs per SM lost (the
         # ~1k-key draft 9.0 → 13.2 µs)
         "cuda": {"block_n": 32, "num_warps": 4, "num_stages": 3, "max_rows": 64, "min_keys_per_split": 32,
-                 "max_splits": 64, "programs_per_sm": 1, "reduce_num_warps": 1},
+                 "max_splits": 64, "programs_per_sm": 1, "reduce_num_warps": 1, "prefetch_keys": 128},
         "rocm": {"block_n": 32, "num_warps": 4, "num_stages": 2, "max_rows": 64, "min_keys_per_split": 128,
-                 "max_splits": 64, "programs_per_sm": 1, "reduce_num_warps": 2},
+                 "max_splits": 64, "programs_per_sm": 1, "reduce_num_warps": 2, "prefetch_keys": 0},
     },
     "attention_decode_hd256": {
         "cuda": {"block_n": 32, "num_warps": 8, "num_stages": 2, "max_rows": 64, "min_keys_per_split": 128,
-                 "max_splits": 64, "programs_per_sm": 1, "reduce_num_warps": 4},
+                 "max_splits": 64, "programs_per_sm": 1, "reduce_num_warps": 4, "prefetch_keys": 0},
         "rocm": {"block_n": 16, "num_warps": 8, "num_stages": 1, "max_rows": 64, "min_keys_per_split": 128,
-                 "max_splits": 64, "programs_per_sm": 1, "reduce_num_warps": 4},
+                 "max_splits": 64, "programs_per_sm": 1, "reduce_num_warps": 4, "prefetch_keys": 0},
     },
     "attention_prefill_hd64": {
         "cuda": {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3},
