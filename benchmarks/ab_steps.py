@@ -13,11 +13,14 @@ draft_hidden = the draft step to its hidden states, no lm_head), so each
 captured graph holds that variant's kernels and launches. Then every step of every variant is timed in
 alternation — `--rounds` rounds, the variant order reversed every other round, each a median of `--reps` replays
 (profile_steps.timed_us) — so drift between builds and over time falls on all variants alike; one machine
-moved a step by 3 % between two builds of the same variant timed apart. Printed and written to
-DIR/ab_steps.json: per step and variant the median over rounds [min..max], the paired per-round difference to the
-first variant with how many rounds were faster, and whether the step's outputs are bitwise equal to the first
-variant's. Each variant holds its own engine and AR program (≈ 9 GB of merged weights each at the Qwen3-8B
-shape): two variants with all three steps fit an 80 GB GPU. `--small` runs tiny shapes on CPU (a smoke test:
+moved a step by 3 % between two builds of the same variant timed apart. Each round times a step twice: with
+the host ahead (harness._cuda_time_ms: the step's GPU time, the numbers compared) and as one synchronous call
+(`call`: the host's launch latency included, which moved the draft step by ±2-5 % between rounds before
+session 18). Printed and written to DIR/ab_steps.json: per step ("draft", and "draft (call)" for the call
+timing) and variant the median over rounds [min..max], the paired per-round difference to the first variant
+with how many rounds were faster, and whether the step's outputs are bitwise equal to the first variant's. Each
+variant holds its own engine and AR program (≈ 9 GB of merged weights each at the Qwen3-8B shape): two variants
+with all three steps fit an 80 GB GPU. `--small` runs tiny shapes on CPU (a smoke test:
 nothing meaningful timed).
 """
 
@@ -37,6 +40,9 @@ from torch_dflash.passes.pipeline import PASS_NAMES
 
 from . import e2e, harness
 from .profile_steps import timed_us
+
+
+MODES = ("gpu", "call")   # each step timed with the host ahead (its GPU time), then as one synchronous call
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, dict[str, int]], tuple[str, ...]]:
@@ -105,23 +111,25 @@ def main(argv=None) -> dict:
             print(f"built {name} {changes} without passes {list(disabled)} [{time.perf_counter() - began:.0f} s]",
                   flush=True)
         names = list(variants)
-        times = {name: {kind: [] for kind in kinds} for name in names}
+        times = {name: {(kind, mode): [] for kind in kinds for mode in MODES} for name in names}
         for rnd in range(args.rounds):
             for name in names if rnd % 2 == 0 else names[::-1]:
                 for kind, call in steps[name].items():
-                    times[name][kind].append(timed_us(call, device, args.reps))
+                    for mode in MODES:
+                        times[name][kind, mode].append(timed_us(call, device, args.reps, host_ahead=mode == "gpu"))
     base = names[0]
     result = {"env": harness.environment(device), "command": harness.command_line("ab_steps", argv),
               "variants": {name: {"table": changes, "passes_off": list(disabled)}
                            for name, (changes, disabled) in variants.items()}, "steps": {}}
     for kind in kinds:
-        rows = result["steps"][kind] = {}
-        for name in names:
-            t = times[name][kind]
-            diffs = [x - y for x, y in zip(t, times[base][kind])]
-            rows[name] = {"median_us": statistics.median(t), "min_us": min(t), "max_us": max(t), "rounds_us": t,
-                          "paired_diff_us": statistics.median(diffs), "rounds_faster": sum(d < 0 for d in diffs),
-                          "bitwise_equal": bool(torch.equal(outputs[name][kind], outputs[base][kind]))}
+        for mode in MODES:
+            rows = result["steps"][kind if mode == "gpu" else f"{kind} (call)"] = {}
+            for name in names:
+                t = times[name][kind, mode]
+                diffs = [x - y for x, y in zip(t, times[base][kind, mode])]
+                rows[name] = {"median_us": statistics.median(t), "min_us": min(t), "max_us": max(t), "rounds_us": t,
+                              "paired_diff_us": statistics.median(diffs), "rounds_faster": sum(d < 0 for d in diffs),
+                              "bitwise_equal": bool(torch.equal(outputs[name][kind], outputs[base][kind]))}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ab_steps.json").write_text(json.dumps(result, indent=1))
@@ -129,7 +137,7 @@ def main(argv=None) -> dict:
           "paired per round" + (" (CPU smoke: nothing meaningful timed)" if args.small else ""))
     for kind, rows in result["steps"].items():
         for name, r in rows.items():
-            print(f"  {kind:<7} {name:<16} {r['median_us']:9.1f} [{r['min_us']:.0f}..{r['max_us']:.0f}]"
+            print(f"  {kind:<19} {name:<16} {r['median_us']:9.1f} [{r['min_us']:.0f}..{r['max_us']:.0f}]"
                   + ("" if name == base else f"  {r['paired_diff_us']:+8.1f} ({r['rounds_faster']}/{args.rounds} "
                      f"rounds faster), outputs {'bitwise equal' if r['bitwise_equal'] else 'differ'}"))
     return result

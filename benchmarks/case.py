@@ -62,6 +62,9 @@ class Case:
                                                 # it runs inside a step, without the host's launch of the graph
     per_call: int = 1                           # iterations of what the case names in one timed call (the e2e
                                                 # turns: a run of consecutive turns); times are per iteration
+    host_ahead: bool = False                    # each call timed behind a GPU-side lead, its host work submitted
+                                                # before the GPU reaches it (a step's GPU time, as in the runtime's
+                                                # loop); the notes add each variant's synchronous call time
     notes: str = ""
     extra: dict = field(default_factory=dict)
     rotation: Rotation | None = None            # memory-bound cases: the inputs the variants read, rotated

@@ -18,11 +18,14 @@ turn     `DFlashEngine.iterate` — draft step, verify step, acceptance, commit 
          Peer "zlab": as many turns of z-lab's `dflash_generate` loop (`zlab_turn`, its lines at temperature 0)
          on the same weights (transformers' Qwen3ForCausalLM and z-lab's DFlashDraftModel holding our tensors),
          resumed the same way with z-lab's `_crop_to`.
-draft, verify   the engine's two step functions on that turn's inputs (graph replays, input copies included).
+draft, verify   the engine's two step functions on that turn's inputs (graph replays, input copies included),
+         timed with the host ahead (harness._cuda_time_ms): the GPU's time for the step, as in the loop, where a
+         step is queued while the one before runs; the notes give each variant's synchronous call time too, whose
+         extra ≈ 45-90 µs are the host launching the call into an idle GPU.
 draft to hidden states   the draft step without the lm_head (capture_draft(logits=False), each variant's
          compile_step, CUDA graph): what the draft goal's weight floor covers.
 ar       the target's one-token step through the same path (capture_verify at block 1, the variant's
-         compile_step, CUDA graph).
+         compile_step, CUDA graph), timed with the host ahead as the draft and verify steps.
 Floors: weight bytes + KV bytes over the copy bandwidth, as steps.py; the draft step also reads the target's
 lm_head (its logits), so a turn reads it twice.
 
@@ -396,7 +399,7 @@ def cases(device="cuda", small=False, variants=VARIANTS):
                  + ", ".join(f"{v} {c}" for v, c in committed.items() if v != "dflash") + ")", first_calls,
                  _stats_note(engine, snapshot, 2 if small else STATS_TURNS), zlab_check()]
         reps = 2 if small else PROJECTION_REPS
-        t_ar, _ = harness.time_variant(ar_calls["dflash"], device, reps, False)
+        t_ar, _ = harness.time_variant(ar_calls["dflash"], device, reps, False, host_ahead=True)
         t_turn, _ = harness.time_variant(turns["dflash"], device, reps, False, per_call=per_call)
         return "; ".join([*notes, _projection(t_ar, t_turn, reps)])
 
@@ -413,21 +416,23 @@ def cases(device="cuda", small=False, variants=VARIANTS):
     calls = step_calls("draft", draft_args)
     yield Case("e2e", f"runtime draft step (ctx {ctx}, {b}+{b} tokens)", calls,
                _step_check(calls, eager_draft, draft_args, tol_draft, device), floor_bytes=floor_draft,
+               host_ahead=True,
                notes=f"{setup}; {where}; floor: draft weights {weight_bytes(draft) / 1e9:.2f} GB + the target's "
                      f"lm_head {weight_bytes(target.lm_head) / 1e9:.2f} GB (the draft's logits) + KV")
     calls = {v: no_grad(lambda v=v: hidden_of(v)(*draft_args)) for v in variants}
     yield Case("e2e", f"runtime draft step to hidden states (ctx {ctx}, {b}+{b} tokens)", calls,
                _step_check(calls, DraftStep(target, draft, logits=False), draft_args, tol_draft, device),
-               floor_bytes=floor_draft - weight_bytes(target.lm_head),
+               floor_bytes=floor_draft - weight_bytes(target.lm_head), host_ahead=True,
                notes=f"{where}; capture_draft(logits=False): the draft step without the lm_head, what the draft "
                      f"goal's weight floor covers; floor: draft weights + KV")
     calls = step_calls("verify", verify_args)
     yield Case("e2e", f"runtime verify step ({b} tokens, ctx {ctx})", calls,
                _step_check(calls, eager_verify, verify_args, tol_target, device), floor_bytes=floor_verify,
-               notes=where)
+               host_ahead=True, notes=where)
     yield Case("e2e", f"spec-decode turn (ctx {ctx}, block {b})", turns, turn_check,
                floor_bytes=floor_draft + floor_verify, per_call=per_call,
                notes=f"{where}; per turn of {per_call} consecutive turns per timed call; floor = draft + verify floors")
     yield Case("e2e", f"runtime AR step (1 token, ctx {ctx})", ar_calls,
                _step_check(ar_calls, eager_verify, ar_args, tol_target, device), floor_bytes=floor_ar,
+               host_ahead=True,
                notes=f"capture_verify(block 1), then each variant's compile_step, {device_target(device)}{graphs}")

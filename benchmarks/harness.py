@@ -66,10 +66,19 @@ class Clock:
         return seconds
 
 
-def _cuda_time_ms(fn, reps: int) -> list[float]:
+HOST_LEAD_CYCLES = 2_000_000   # the GPU-side sleep in front of a host-ahead call: ≈ 1 ms at an H100's 1980 MHz
+
+
+def _cuda_time_ms(fn, reps: int, host_ahead: bool = False) -> list[float]:
+    """ms of each of `reps` calls of fn between two CUDA events. With `host_ahead` each call sits behind a GPU-side
+    sleep queued first, so that its host work (argument copies, the graph's launch) is submitted before the GPU
+    reaches the start event: the call's GPU time, as inside the runtime's loop, where a step is queued while the
+    one before it runs. Without it the time includes the host's launch latency (≈ 45 µs for the draft step)."""
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if host_ahead:
+            torch.cuda._sleep(HOST_LEAD_CYCLES)
         start.record()
         fn()
         end.record()
@@ -147,15 +156,35 @@ def _rotating(fn, rotation: Rotation | None):
 
 
 def time_variant(fn, device: str, reps: int, use_graph: bool, rotation: Rotation | None = None,
-                 graph_calls: int = 1, per_call: int = 1) -> tuple[float, bool]:
+                 graph_calls: int = 1, per_call: int = 1, host_ahead: bool = False) -> tuple[float, bool]:
     """Median µs of fn over `reps` calls (or graph replays of `graph_calls` calls, per call) over `per_call` (the
-    iterations one call runs), cycling through the rotation's input sets; (value, whether CUDA graphs were used).
-    On CPU (smoke) nothing is warmed up and the time means nothing."""
-    us, graphed = _time_variant(fn, device, reps, use_graph, rotation, graph_calls)
+    iterations one call runs), cycling through the rotation's input sets, each call behind a GPU-side lead with
+    `host_ahead` (`_cuda_time_ms`); (value, whether CUDA graphs were used). On CPU (smoke) nothing is warmed up and
+    the time means nothing."""
+    us, graphed = _time_variant(fn, device, reps, use_graph, rotation, graph_calls, host_ahead)
     return us / per_call, graphed
 
 
-def _time_variant(fn, device, reps, use_graph, rotation, graph_calls) -> tuple[float, bool]:
+def host_lead_note(fn, device: str, reps: int = 10) -> str:
+    """How far the host was ahead in a host-ahead timing of fn: the GPU-side lead against the host's own time per
+    call (argument copies, launches). A call whose host work outlasts the lead is timed with GPU idle time in it:
+    an upper bound of its GPU time, never less."""
+    if device != "cuda":
+        return "host ahead: not on CPU"
+    lead = statistics.median(_cuda_time_ms(lambda: torch.cuda._sleep(HOST_LEAD_CYCLES), 3)) * 1e3
+    host = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        began = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - began) * 1e6)
+    torch.cuda.synchronize()
+    work = statistics.median(host)
+    return (f"GPU-side lead {lead:.0f} µs, the host's work per call {work:.0f} µs"
+            + ("" if work < lead else " (longer than the lead: the time includes GPU idle time)"))
+
+
+def _time_variant(fn, device, reps, use_graph, rotation, graph_calls, host_ahead=False) -> tuple[float, bool]:
     plain = _rotating(fn, rotation)
     try:
         if device != "cuda":
@@ -175,7 +204,7 @@ def _time_variant(fn, device, reps, use_graph, rotation, graph_calls) -> tuple[f
             except Exception:  # noqa: BLE001 — a variant that cannot be captured is timed as plain launches
                 torch.cuda.synchronize()
         torch.cuda.synchronize()
-        return statistics.median(_cuda_time_ms(run, reps)) * 1e3 / per_replay, graphed
+        return statistics.median(_cuda_time_ms(run, reps, host_ahead)) * 1e3 / per_replay, graphed
     finally:
         if rotation is not None:
             rotation.use(0)
@@ -226,14 +255,21 @@ def run_case(case: Case, ceilings: Ceilings, device: str, reps: int, l2: int, cl
         log(f"  {case.name}: check failed: {error}")
     checked_s = clock.lap(f"{case.suite} / {case.name}: build + check")
     floor = floor_us(case, ceilings)
-    timings = {}
+    timings, synchronous = {}, {}
     for variant, fn in case.variants.items():
         try:
             timings[variant] = time_variant(fn, device, reps, case.use_cuda_graph, case.rotation, case.graph_calls,
-                                            case.per_call)
+                                            case.per_call, case.host_ahead)
+            if case.host_ahead:
+                synchronous[variant] = (time_variant(fn, device, reps, case.use_cuda_graph, case.rotation,
+                                                     case.graph_calls, case.per_call)[0], host_lead_note(fn, device))
         except Exception as error:  # noqa: BLE001 — report the failure in the table, keep going
             timings[variant] = (None, False)
             log(f"  {case.name} / {variant}: failed: {type(error).__name__}: {error}")
+    if synchronous:
+        case.notes = ("timed with the host ahead (harness._cuda_time_ms); as one synchronous call, host launch "
+                      "included: " + ", ".join(f"{v} {us:.1f} µs ({lead})" for v, (us, lead) in synchronous.items())
+                      + f"; {case.notes}")
     if case.rotation is not None:
         case.rotation.shrink()
     timed_s = clock.lap(f"{case.suite} / {case.name}: timing")

@@ -96,12 +96,12 @@ def profile(run, device: str, reps: int) -> dict[str, dict]:
     return kernel_times(prof, device, reps)
 
 
-def timed_us(run, device: str, reps: int) -> float:
+def timed_us(run, device: str, reps: int, host_ahead: bool = False) -> float:
     if device != "cuda":
         start = time.perf_counter()
         run()
         return (time.perf_counter() - start) * 1e6
-    return statistics.median(harness._cuda_time_ms(run, reps)) * 1e3
+    return statistics.median(harness._cuda_time_ms(run, reps, host_ahead)) * 1e3
 
 
 def replayable(fn, device: str):

@@ -35,8 +35,9 @@ def test_small_run_times_every_step_of_every_variant(tmp_path):
                             "--steps", "draft,draft_hidden,verify,ar", "--rounds", "2", "--reps", "1",
                             "--out", str(tmp_path)])
     assert result["variants"]["b"] == {"table": {"programmatic_launch": {"on": 0}}, "passes_off": ["kv_cache_writes"]}
+    kinds = {"draft", "draft_hidden", "verify", "ar"}
     assert json.loads((tmp_path / "ab_steps.json").read_text())["steps"].keys() == \
-        {"draft", "draft_hidden", "verify", "ar"}
+        kinds | {f"{kind} (call)" for kind in kinds}
     for kind, rows in result["steps"].items():
         assert rows.keys() == {"a", "b"}
         assert all(len(r["rounds_us"]) == 2 and r["median_us"] > 0 for r in rows.values())

@@ -37,6 +37,9 @@ def run_each_case_once(device):
     for name in ("runtime draft step", "runtime draft step to hidden states", "runtime verify step",
                  "runtime AR step"):
         assert "relative distance to eager: dflash: " in notes[name] and "; inductor: " in notes[name]
+        # timed with the host ahead; the notes carry each variant's synchronous call time beside it
+        assert "timed with the host ahead" in notes[name] and "included: dflash " in notes[name]
+    assert "timed with the host ahead" not in notes["spec-decode turn"]
     turn = notes["spec-decode turn"]
     assert "timed turn committed" in turn and "engine stats per turn: draft" in turn
     assert "projection, not a measurement: τ 6.5" in turn and "shared set-up" in notes["runtime draft step"]
