@@ -67,22 +67,30 @@ class Clock:
 
 
 HOST_LEAD_CYCLES = 2_000_000   # the GPU-side sleep in front of a host-ahead call: ≈ 1 ms at an H100's 1980 MHz
+MAX_LEAD_CYCLES = 64_000_000   # ≈ 32 ms: the longest lead a call is retried with
 
 
 def _cuda_time_ms(fn, reps: int, host_ahead: bool = False) -> list[float]:
     """ms of each of `reps` calls of fn between two CUDA events. With `host_ahead` each call sits behind a GPU-side
     sleep queued first, so that its host work (argument copies, the graph's launch) is submitted before the GPU
     reaches the start event: the call's GPU time, as inside the runtime's loop, where a step is queued while the
-    one before it runs. Without it the time includes the host's launch latency (≈ 45 µs for the draft step)."""
-    times = []
-    for _ in range(reps):
+    one before it runs. Checked per call: the start event must still be pending once fn has returned; a call that
+    outran its lead is timed again behind a lead twice as long (up to MAX_LEAD_CYCLES, after which its time, idle
+    GPU included, is kept: never less than its GPU time). Without `host_ahead` the time includes the host's launch
+    latency (≈ 45 µs for the runtime's draft step)."""
+    times, lead = [], HOST_LEAD_CYCLES
+    while len(times) < reps:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         if host_ahead:
-            torch.cuda._sleep(HOST_LEAD_CYCLES)
+            torch.cuda._sleep(lead)
         start.record()
         fn()
+        outran = host_ahead and start.query()
         end.record()
         end.synchronize()
+        if outran and lead < MAX_LEAD_CYCLES:
+            lead *= 2
+            continue
         times.append(start.elapsed_time(end))
     return times
 
@@ -165,25 +173,6 @@ def time_variant(fn, device: str, reps: int, use_graph: bool, rotation: Rotation
     return us / per_call, graphed
 
 
-def host_lead_note(fn, device: str, reps: int = 10) -> str:
-    """How far the host was ahead in a host-ahead timing of fn: the GPU-side lead against the host's own time per
-    call (argument copies, launches). A call whose host work outlasts the lead is timed with GPU idle time in it:
-    an upper bound of its GPU time, never less."""
-    if device != "cuda":
-        return "host ahead: not on CPU"
-    lead = statistics.median(_cuda_time_ms(lambda: torch.cuda._sleep(HOST_LEAD_CYCLES), 3)) * 1e3
-    host = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        began = time.perf_counter()
-        fn()
-        host.append((time.perf_counter() - began) * 1e6)
-    torch.cuda.synchronize()
-    work = statistics.median(host)
-    return (f"GPU-side lead {lead:.0f} µs, the host's work per call {work:.0f} µs"
-            + ("" if work < lead else " (longer than the lead: the time includes GPU idle time)"))
-
-
 def _time_variant(fn, device, reps, use_graph, rotation, graph_calls, host_ahead=False) -> tuple[float, bool]:
     plain = _rotating(fn, rotation)
     try:
@@ -261,14 +250,14 @@ def run_case(case: Case, ceilings: Ceilings, device: str, reps: int, l2: int, cl
             timings[variant] = time_variant(fn, device, reps, case.use_cuda_graph, case.rotation, case.graph_calls,
                                             case.per_call, case.host_ahead)
             if case.host_ahead:
-                synchronous[variant] = (time_variant(fn, device, reps, case.use_cuda_graph, case.rotation,
-                                                     case.graph_calls, case.per_call)[0], host_lead_note(fn, device))
+                synchronous[variant] = time_variant(fn, device, reps, case.use_cuda_graph, case.rotation,
+                                                    case.graph_calls, case.per_call)[0]
         except Exception as error:  # noqa: BLE001 — report the failure in the table, keep going
             timings[variant] = (None, False)
             log(f"  {case.name} / {variant}: failed: {type(error).__name__}: {error}")
     if synchronous:
-        case.notes = ("timed with the host ahead (harness._cuda_time_ms); as one synchronous call, host launch "
-                      "included: " + ", ".join(f"{v} {us:.1f} µs ({lead})" for v, (us, lead) in synchronous.items())
+        case.notes = ("timed with the host ahead (harness._cuda_time_ms, checked per call); as one synchronous "
+                      "call, host launch included: " + ", ".join(f"{v} {us:.1f} µs" for v, us in synchronous.items())
                       + f"; {case.notes}")
     if case.rotation is not None:
         case.rotation.shrink()

@@ -90,8 +90,9 @@ def _case(tokens: int, hidden: int, device, hc, norm, boundary, compiled) -> Cas
         check=check,
         floor_bytes=floor,
         floor_flops=2 * tokens * mixes * STREAMS * hidden,
-        use_cuda_graph=True,                                 # at large T too: no host time inside the interval
-        graph_calls=KERNEL_GRAPH_CALLS if tokens <= 256 else 1,
+        use_cuda_graph=True,                                 # at large T too: no host time inside the interval,
+        graph_calls=KERNEL_GRAPH_CALLS if tokens <= 256 else 1,  # and there one call per replay with the host
+        host_ahead=tokens > 256,                             # ahead: its graph launch queued before the start event
         notes=f"n {STREAMS}, D {hidden}, bf16 activations, fp32 fn, Sinkhorn {ITERS} iters",
         extra={"tokens": tokens, "hidden": hidden},
         rotation=inputs)
