@@ -4,7 +4,9 @@ Grid (batch × kv head, kv split). A program packs ALL the q heads of its GQA gr
 tile of rows (row r = head r // Sq, query r % Sq: 4 heads × 16 queries = 64 rows), so K and V are read once per
 kv head. Each split covers 1/num_splits of the visible key range (computed on the device from q_pos) and writes
 its normalised partial output and log-sum-exp to a workspace; `reduce_splits_kernel` combines the splits.
-With one split the decode kernel writes the output directly and no reduce is launched.
+With one split the decode kernel writes the output directly and no reduce is launched. Under programmatic launch
+each program first asks L2 for its split's first `prefetch_keys` K/V rows, then waits for the previous kernel
+(docs/kernels/attention.md, session 18).
 """
 
 import functools
