@@ -6,8 +6,9 @@
 Builds the steps of benchmarks/steps.py (its builders, so the same models, caches and inputs: Qwen3-8B-shape
 target and the 5-layer Qwen3-8B-DFlash-b16 draft, random bf16 weights, 1024 cached tokens), compiles each with
 torch.compile(backend=…, dynamic=False), captures it in a CUDA graph and prints, per step and backend:
-  - the step time (median of CUDA events around graph replays) beside its floor (weight + KV bytes / copy
-    bandwidth measured in the same run);
+  - the step time (median of CUDA events around graph replays, with the host ahead as the e2e step cases:
+    harness._cuda_time_ms; a whole turn without) beside its floor (weight + KV bytes / copy bandwidth measured in
+    the same run);
   - the kernels of one replay from torch.profiler: grouped (GEMM, attention, cache writes, norms, …) and the top
     kernels by time, with launches per step and µs per launch;
 then the attention kernel alone at each step's exact shapes (its cache, its positions, q strided as the step's
@@ -160,7 +161,7 @@ def profile_step(kind, model, step, floor_bytes, backend, compiled, device, reps
     fn()                                    # compiles
     compile_s = time.perf_counter() - start
     run = fn if graphed else replayable(fn, device)
-    us = timed_us(run, device, reps)
+    us = timed_us(run, device, reps, host_ahead=kind != "turn")   # a turn's interval holds its host work
     kernels, profiled = profile(run, device, reps=5), "CUDA-graph replays" if device == "cuda" else "CPU ops"
     if not kernels:     # a profiler that does not see the kernels inside graphs: profile plain launches
         kernels, profiled = profile(fn, device, reps=5), "plain launches (no kernels seen in graph replays)"
