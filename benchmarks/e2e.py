@@ -21,7 +21,7 @@ turn     `DFlashEngine.iterate` — draft step, verify step, acceptance, commit 
 draft, verify   the engine's two step functions on that turn's inputs (graph replays, input copies included),
          timed with the host ahead (harness._cuda_time_ms): the GPU's time for the step, as in the loop, where a
          step is queued while the one before runs; the notes give each variant's synchronous call time too, whose
-         extra ≈ 45-90 µs are the host launching the call into an idle GPU.
+         extra ≈ 30-100 µs (H100, session 18) are the host launching the call into an idle GPU.
 draft to hidden states   the draft step without the lm_head (capture_draft(logits=False), each variant's
          compile_step, CUDA graph): what the draft goal's weight floor covers.
 ar       the target's one-token step through the same path (capture_verify at block 1, the variant's
