@@ -3,10 +3,12 @@
 Variants per (D, T): 'eager' (transformers' DeepseekV4DecoderLayer spelling: hc_post of sublayer L as the
 layer writes it, then the next DeepseekV4HyperConnection.forward, then DeepseekV4RMSNorm — the real modules,
 fn/base/scale in fp32 as DeepSeek-V4 keeps them), 'inductor' (torch.compile of that function) and 'dflash' (the
-Triton provider: one launch). The activations rotate (harness.py) so that every timed call reads them from HBM;
-the weights (fn, base, scale: 1.6 MB at D 4096, fp32) do not and may stay in L2 (half the floor's bytes at T 16,
-a small part above). Anchors on H100 (docs §9), D 4096: T 4096 eager 4.11 ms, inductor 1.10 ms, bytes floor
-0.11 ms; T 16 inductor 0.46 ms (launch-bound).
+provider the lowering picks for these arguments on this GPU: the sm_90 single pass from its min_t, else the Triton
+kernels; on CPU the Triton kernels, interpreted); where the pick is the single pass, 'dflash-triton' too. The
+activations rotate (harness.py) so that every timed call reads them from HBM; the weights (fn, base, scale:
+1.6 MB at D 4096, fp32) do not and may stay in L2 (half the floor's bytes at T 16, a small part above). Anchors on
+H100 (docs §9), D 4096: T 4096 eager 4.11 ms, inductor 1.10 ms, bytes floor 0.11 ms; T 16 inductor 0.46 ms
+(launch-bound).
 """
 
 import torch
@@ -14,8 +16,9 @@ from transformers import DeepseekV4Config
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4HyperConnection, DeepseekV4RMSNorm
 
 from .case import KERNEL_GRAPH_CALLS, Case, Rotation
+from torch_dflash.compiler import lowering, providers
 from torch_dflash.compiler.ops.mhc import mhc_post_pre_reference
-from torch_dflash.compiler.triton.mhc import mhc_post_pre
+from torch_dflash.compiler.triton.mhc import mhc_post_pre as triton_mhc_post_pre
 
 STREAMS = 4
 ITERS = 20
@@ -64,9 +67,13 @@ def _case(tokens: int, hidden: int, device, hc, norm, boundary, compiled) -> Cas
     inputs = Rotation(make_inputs)
     weights = (hc.fn.detach(), hc.base.detach(), hc.scale.detach(), norm.weight.detach(), EPS, EPS, ITERS, EPS)
 
+    example = (*inputs.current, *weights)
+    picked = lowering.choose("mhc_post_pre", "cuda", example, {}).provider if device == "cuda" else "triton"
+    dflash = next(p.impl for p in providers.all_providers("mhc_post_pre") if p.name == picked)
+
     def check():
         op_args = (*inputs.current, *weights)
-        for got, want in zip(mhc_post_pre(*op_args), mhc_post_pre_reference(*op_args)):
+        for got, want in zip(dflash(*op_args), mhc_post_pre_reference(*op_args)):
             scale = want.float().abs().max().item()
             torch.testing.assert_close(got.float(), want.float(), atol=2e-2 * scale, rtol=2e-2)
 
@@ -86,14 +93,16 @@ def _case(tokens: int, hidden: int, device, hc, norm, boundary, compiled) -> Cas
     return Case(
         suite="kernels", name=f"mhc_post_pre D={hidden} T={tokens}",
         variants={"eager": no_grad(boundary), "inductor": no_grad(compiled),
-                  "dflash": lambda: mhc_post_pre(*inputs.current, *weights)},
+                  "dflash": lambda: dflash(*inputs.current, *weights),
+                  **({"dflash-triton": lambda: triton_mhc_post_pre(*inputs.current, *weights)}
+                     if picked != "triton" else {})},
         check=check,
         floor_bytes=floor,
         floor_flops=2 * tokens * mixes * STREAMS * hidden,
         use_cuda_graph=True,                                 # at large T too: no host time inside the interval,
         graph_calls=KERNEL_GRAPH_CALLS if tokens <= 256 else 1,  # and there one call per replay with the host
         host_ahead=tokens > 256,                             # ahead: its graph launch queued before the start event
-        notes=f"n {STREAMS}, D {hidden}, bf16 activations, fp32 fn, Sinkhorn {ITERS} iters",
+        notes=f"n {STREAMS}, D {hidden}, bf16 activations, fp32 fn, Sinkhorn {ITERS} iters; dflash: {picked}",
         extra={"tokens": tokens, "hidden": hidden},
         rotation=inputs)
 
@@ -102,6 +111,7 @@ def cases(device="cuda", small: bool = False) -> list[Case]:
     """D 4096 and 7168 at T = 16, 256, 4096, 16384 ('inductor' compiled statically per T); `small` gives tiny
     shapes that run on CPU, sharing one dynamic-shape compilation."""
     shape = TINY if small else FULL
+    lowering.load_providers("cuda")
     built = []
     for hidden in shape["hidden"]:
         hc, norm = _modules(hidden, device, torch.Generator(device).manual_seed(hidden))

@@ -34,8 +34,8 @@ log = logging.getLogger("torch_dflash")
 
 PROVIDER_PACKAGES = {"cuda": "triton", "rocm": "triton", "ascend": "ascend"}
 PROVIDER_MODULES = {
-    "triton": ("qkv_norm_rope", "kv_materialize", "context_qkv", "norm_rope", "embedding", "mlp", "mhc", "attention",
-               "linear", "rope_tables"),
+    "triton": ("qkv_norm_rope", "kv_materialize", "context_qkv", "norm_rope", "embedding", "mlp", "mhc",
+               "mhc_single_pass", "attention", "linear", "rope_tables"),
     "ascend": ("providers",),
 }
 

@@ -63,8 +63,9 @@ def write_triton_kernels(out: Path, ops: list[str], archs: list[str],
 
 # ---- the child process -----------------------------------------------------------------------------------------
 
-def _provider_modules(ops):
-    """The modules of the Triton providers of `ops` (those that declare aot_specs)."""
+def _provider_modules(ops, traceable_only: bool = False):
+    """The modules of the Triton providers of `ops` (those that declare aot_specs); `traceable_only`: of the
+    providers Inductor traces into (their kernels sit in its generated code)."""
     from torch_dflash.compiler import lowering, providers
 
     lowering.load_providers("cuda")
@@ -72,7 +73,7 @@ def _provider_modules(ops):
     for op in ops:
         for provider in providers.candidates(op, "cuda"):
             module = sys.modules[provider.impl.__module__]
-            if hasattr(module, "aot_specs"):
+            if hasattr(module, "aot_specs") and (provider.traceable or not traceable_only):
                 modules[module.__name__] = module
     return list(modules.values())
 
@@ -109,7 +110,7 @@ def _child(request: dict) -> None:
 
     out, modules = Path(request["out"]), _provider_modules(request["ops"])
     work = [(arch, spec) for arch in request["archs"] for module in modules
-            for spec in _specs(module, aot.family(arch))]
+            for spec in _specs(module, aot.family(arch)) if spec.builds_for(arch)]
     print(json.dumps({"total": len(work)}), flush=True)
     sources = out / "triton"
     sources.mkdir(parents=True, exist_ok=True)

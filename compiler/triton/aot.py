@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
 
 from . import launch
 
@@ -29,12 +30,16 @@ ARCHS = {
 @dataclass(frozen=True)
 class KernelSpec:
     name: str
-    fn: object                      # a @triton.jit function
+    fn: object                      # a @triton.jit or @gluon.jit function
     signature: dict[str, str]       # arg -> "*bf16" | "i32" | "fp32" | "constexpr" ...
     constexprs: dict[str, object] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 2
     divisible_by_16: tuple[str, ...] = ()   # pointers 16-byte aligned, ints multiples of 16 (see above)
+    archs: tuple[str, ...] = ()             # the ARCHS it is built for; () = every arch of its family
+
+    def builds_for(self, arch: str) -> bool:
+        return not self.archs or arch in self.archs
 
 
 def pointer_args(signature: dict[str, str]) -> tuple[str, ...]:
@@ -78,7 +83,8 @@ def compile_spec(spec: KernelSpec, arch: str):
     (`.asm['cubin'|'hsaco']`)."""
     family(arch)
     spec = for_arch(spec, arch)
-    source = ASTSource(spec.fn, spec.signature, constexprs=spec.constexprs, attrs=attrs(spec))
+    source_type = GluonASTSource if isinstance(spec.fn, GluonJITFunction) else ASTSource
+    source = source_type(spec.fn, spec.signature, constexprs=spec.constexprs, attrs=attrs(spec))
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
     return triton.compile(source, target=ARCHS[arch], options=options)
 

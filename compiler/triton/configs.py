@@ -18,7 +18,7 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     # per program (>= 16: tensor-core GEMV against fn), D cut into `split` slices per token block (the last slice to
     # arrive finishes the block; with `programs`, fewer: the largest power of two keeping blocks × slices <= programs),
     # block_d columns per phase-1 step. fn_parts: fn as 3 bf16 parts (the fp32 product) or 2 (16 bits, <= 2^-17
-    # relative), split in every program (fn_presplit 0: graph-safe, see mhc._fn_bf16_parts) or once per fn tensor by
+    # relative), split in every program (fn_presplit 0: graph-safe, see mhc.fn_bf16_parts) or once per fn tensor by
     # the launcher (1, cached: the rocm prefill row; on the H100 the cuda large row was 1-2 % faster without it).
     # apply_launch 3 (mhc_rows.py): phase 1 without a Gram matrix; finish_here 1: the last slice finishes the block
     # (0: a finish launch); a rows launch (apply_rows tokens' whole rows per program: layer_in and its norm; with
@@ -73,6 +73,18 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
         "rocm": {"max_t": 0, "block_t": 64, "block_d": 32, "split": 8, "apply_launch": 3, "apply_d": 0,
                  "apply_rows": 1, "layout_barrier": 0, "fn_parts": 3, "fn_presplit": 1, "flat_loop": 0,
                  "num_warps": 4, "num_stages": 2},
+    },
+    # mhc_single_pass.py: the `gluon` provider of dflash.mhc_post_pre on sm_90, chosen for static T >= min_t. fn_parts
+    # bf16 parts of fn in shared memory; stages: the load ring; partial_ring / row_ring: the gemv's hand-off rings;
+    # reduce_columns: workspace columns the reducer loads at once; *_regs: each worker partition's register budget
+    # (H100, session 21, T 4096: gemv 88 / apply 168 against session 20's 128 / 128 took D 4096 −1.5 %, D 7168 −3.5 %;
+    # apply at 104: +29 %; the reducer's loads vectorized, or 3 / 4 columns at a time: slower or no change).
+    # min_t: H100, benchmarks/crossover_mhc_single_pass.py (2026-11-23, docs/kernels/mhc.md), the single pass's time
+    # over the Triton provider's at D 4096 / 7168: T 512 1.05 / 1.13, T 1024 0.96 / 0.96, T 1536 0.63 / 0.65,
+    # T 4096 0.88 / 0.94, T 16384 0.93 / 0.98.
+    "mhc.single_pass": {
+        "cuda": {"min_t": 1024, "fn_parts": 2, "stages": 3, "partial_ring": 4, "row_ring": 2, "reduce_columns": 7,
+                 "load_regs": 24, "release_regs": 24, "reduce_regs": 104, "apply_regs": 168, "gemv_regs": 88},
     },
     "mhc.post": {
         "cuda": {"max_t": 0, "block_t": 4, "block_d": 256, "split": 0, "flat_loop": 0, "num_warps": 4,

@@ -347,7 +347,7 @@ def _main_meta(meta: dict[str, object]) -> dict[str, object]:
 _FN_PARTS: dict[tuple, tuple] = {}
 
 
-def _fn_bf16_parts(fn: torch.Tensor, parts: int, nm: int) -> torch.Tensor:
+def fn_bf16_parts(fn: torch.Tensor, parts: int, nm: int) -> torch.Tensor:
     """fn as bf16 [parts, nm, n·D]: hi, mid (, lo) with hi + mid + lo = fn (each part the bf16 rounding of what the
     earlier ones leave), rows zero-padded to nm. fn is a weight: cached per fn tensor (identity and version
     counter; the entry dies with the tensor), so an in-place change of fn is seen by the next eager call but not
@@ -412,7 +412,7 @@ def _launch(op, res, x=None, post=None, comb=None, fn=None, base=None, scale=Non
         cfg = config or pick_config(op, tokens, _device_family(dev))
         meta, split = _plan(_Problem(op, n, d, dtype, dev.type == "cpu", tokens), cfg)
         if meta["FN_PRESPLIT"]:
-            fn = _fn_bf16_parts(fn, meta["FN_PARTS"], meta["NM"])
+            fn = fn_bf16_parts(fn, meta["FN_PARTS"], meta["NM"])
 
         def pointer(t, *shape):  # an absent tensor gets a stand-in the kernel never dereferences
             return res2 if t is None else t.reshape(shape or t.shape).contiguous()
@@ -422,7 +422,7 @@ def _launch(op, res, x=None, post=None, comb=None, fn=None, base=None, scale=Non
             mhc_rows.launch(meta, split, cfg, tokens, d, pointer(x, tokens, d), res2, pointer(post, tokens, n),
                             pointer(comb, tokens, n, n), fn, base, scale, pointer(norm_w), new_res, out, post_out,
                             comb_out, rms_eps, hc_eps, iters, norm_eps, counters, launches)
-            return _shaped(lead, n, d, new_res, out, post_out, comb_out)
+            return shaped_outputs(lead, n, d, new_res, out, post_out, comb_out)
         padded = triton.cdiv(tokens, meta["BLOCK_T"]) * meta["BLOCK_T"]
         ws = coef = counters = None
         if has_pre:
@@ -455,10 +455,10 @@ def _launch(op, res, x=None, post=None, comb=None, fn=None, base=None, scale=Non
                 N=n, BLOCK_T=meta["BLOCK_T"], APPLY_D=meta["APPLY_D"], HAS_NORM=has_norm,
                 COMB_IN_APPLY=meta["COMB_IN_APPLY"], num_warps=cfg["num_warps"],
                 **programmatic_launch(dev))
-    return _shaped(lead, n, d, new_res, out, post_out, comb_out)
+    return shaped_outputs(lead, n, d, new_res, out, post_out, comb_out)
 
 
-def _shaped(lead, n, d, new_res, out, post_out, comb_out):
+def shaped_outputs(lead, n, d, new_res, out, post_out, comb_out):
     """The outputs with the input's leading dims; None for the ones the op does not produce."""
     shaped = lambda t, *tail: None if t is None else t.reshape(*lead, *tail)  # noqa: E731
     return shaped(new_res, n, d), shaped(out, d), shaped(post_out, n), shaped(comb_out, n, n)
@@ -466,7 +466,7 @@ def _shaped(lead, n, d, new_res, out, post_out, comb_out):
 
 # ----------------------------------------------------------------------------------------- ops and checks
 
-def _unsupported(res, x=None, post=None, comb=None, fn=None, base=None, scale=None, norm_w=None,
+def unsupported_arguments(res, x=None, post=None, comb=None, fn=None, base=None, scale=None, norm_w=None,
                  iters=1) -> str | None:
     """Why the Triton kernel cannot run these arguments, in one sentence; None when it can."""
     if not isinstance(res, torch.Tensor) or res.dim() < 2:
@@ -513,15 +513,15 @@ def _checked(reason: str | None) -> None:
 
 def supports_mhc_post_pre(x, res, post, comb, fn, base, scale, norm_w, rms_eps, hc_eps, iters, norm_eps,
                           *args, **kwargs):
-    return _unsupported(res, x, post, comb, fn, base, scale, norm_w, iters)
+    return unsupported_arguments(res, x, post, comb, fn, base, scale, norm_w, iters)
 
 
 def supports_mhc_pre(res, fn, base, scale, rms_eps, hc_eps, iters, *args, **kwargs):
-    return _unsupported(res, fn=fn, base=base, scale=scale, iters=iters)
+    return unsupported_arguments(res, fn=fn, base=base, scale=scale, iters=iters)
 
 
 def supports_mhc_post(x, res, post, comb, *args, **kwargs):
-    return _unsupported(res, x, post, comb)
+    return unsupported_arguments(res, x, post, comb)
 
 
 def mhc_post_pre(x, res, post, comb, fn, base, scale, norm_w, rms_eps, hc_eps, iters, norm_eps, config=None):

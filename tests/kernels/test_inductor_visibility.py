@@ -107,7 +107,7 @@ from torch_dflash.compiler.triton import aot
 from torch_dflash.kernel_export import _provider_modules, _specs
 
 seen, result = set(), {}
-for module in _provider_modules(OP_NAMES):
+for module in _provider_modules(OP_NAMES, traceable_only=True):
     for spec in _specs(module, "cuda"):
         floats = {name: "fp64" for name, ty in spec.signature.items() if ty == "fp32"}
         if spec.fn.__name__ in seen or not floats:
@@ -139,7 +139,7 @@ from torch_dflash.compiler.ops import OP_NAMES
 from torch_dflash.kernel_export import _provider_modules, _specs
 
 result = {}
-for module in _provider_modules(OP_NAMES):
+for module in _provider_modules(OP_NAMES, traceable_only=True):
     for spec in _specs(module, "cuda"):
         source = closure(spec.fn)   # the kernel and every @triton.jit function it calls, as Inductor copies them
         # as Inductor's async_compile.triton(name, '''…''') holds it

@@ -15,8 +15,9 @@ from aot_testing import run_aot_script
 
 TRITON_DIR = Path(launch.__file__).parent
 
-# one spec per kernel function of every Triton provider (torch_dflash.kernel_export's modules), built for sm_80 and
-# sm_90 (programmatic launch from sm_90 on); prints {"kernel@arch": PTX}
+# one spec per kernel function of every Triton provider (torch_dflash.kernel_export's modules) that takes the PDL
+# constexpr, built for sm_80 and sm_90 (programmatic launch from sm_90 on); prints {"kernel@arch": PTX}. The one
+# kernel without it, mhc_single_pass's cooperative launch, starts after the previous kernel has completed.
 PTX_SCRIPT = """
 import json, sys
 import torch
@@ -26,7 +27,8 @@ from torch_dflash.compiler.triton import aot
 specs = {}
 for module in kernel_export._provider_modules(ops.OP_NAMES):
     for spec in kernel_export._specs(module, "cuda"):
-        specs.setdefault(spec.fn.__name__, spec)
+        if "PDL" in spec.fn.arg_names:
+            specs.setdefault(spec.fn.__name__, spec)
 print(json.dumps({f"{name}@{arch}": aot.compile_spec(spec, arch).asm["ptx"]
                   for name, spec in specs.items() for arch in ("sm_80", "sm_90")}))
 """
