@@ -77,11 +77,12 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     # mhc_single_pass.py: the `gluon` provider of dflash.mhc_post_pre on sm_90, chosen for static T >= min_t. fn_parts
     # bf16 parts of fn in shared memory; stages: the load ring; partial_ring / row_ring: the gemv's hand-off rings;
     # reduce_columns: workspace columns the reducer loads at once; *_regs: each worker partition's register budget
-    # (H100, session 21, T 4096: gemv 88 / apply 168 against session 20's 128 / 128 took D 4096 −1.5 %, D 7168 −3.5 %;
-    # apply at 104: +29 %; the reducer's loads vectorized, or 3 / 4 columns at a time: slower or no change).
-    # min_t: H100, benchmarks/crossover_mhc_single_pass.py (2026-11-23, docs/kernels/mhc.md), the single pass's time
-    # over the Triton provider's at D 4096 / 7168: T 512 1.05 / 1.13, T 1024 0.96 / 0.96, T 1536 0.63 / 0.65,
-    # T 4096 0.88 / 0.94, T 16384 0.93 / 0.98.
+    # (H100, session 21, T 4096, before the L2 hints: gemv 88 / apply 168 against session 20's 128 / 128 took D 4096
+    # −1.5 %, D 7168 −3.5 %; apply at 104: +29 %; the reducer's loads vectorized, or 3 / 4 columns at a time: slower
+    # or no change).
+    # min_t: H100, benchmarks/crossover_mhc_single_pass.py (2026-11-23 06:14 UTC, docs/kernels/mhc.md), the single
+    # pass's time over the Triton provider's at D 4096 / 7168: T 512 1.06 / 1.17, T 1024 0.97 / 0.97, T 1536 0.61 /
+    # 0.65, T 4096 0.85 / 0.91, T 16384 0.90 / 0.96.
     "mhc.single_pass": {
         "cuda": {"min_t": 1024, "fn_parts": 2, "stages": 3, "partial_ring": 4, "row_ring": 2, "reduce_columns": 7,
                  "load_regs": 24, "release_regs": 24, "reduce_regs": 104, "apply_regs": 168, "gemv_regs": 88},

@@ -15,7 +15,8 @@ co-resident (a cooperative launch), one per SM. fn's slice stays in shared memor
                      sums their partials → r, pre, r_in (the norm's statistic from the Gram matrix: pre-weighted
                      Σ of the Gram pairs), releases k's second flag; then post and comb (softmax + Sinkhorn);
   apply (4 warps):   per sub-block, once its second flag is set: layer_in = Σ pre_j·new_res_j (its own stores,
-                     from L2), rounded, ·r_in·w → out. It polls flags two sub-blocks ahead.
+                     from L2: stored evict_last, re-read evict_first), rounded, ·r_in·w → out. It polls flags two
+                     sub-blocks ahead.
 The flags are zeroed per launch by the launcher (mhc_single_pass.py), which also checks what the schedule needs.
 Spins are bounded (≈ seconds): a broken schedule ends with wrong numbers instead of hanging the device.
 docs/kernels/mhc.md, "Session 20" (the timelines) and "Session 21" (the provider, the measurements).
@@ -100,8 +101,9 @@ def _mix_partition(x_s, res_s, post_s, comb_s, ready, empty, nr_s, nr_ready, nr_
         mbarrier.arrive(empty.index(st), count=1)
         tt = k * B + tb
         ok = (tt[:, None] < T) & (cols[None, :] < D)
-        for j in gl.static_range(N):
-            gl.store(new_res_ptr + tt[:, None] * (N * D) + j * D + cols[None, :], nr[j], mask=ok)
+        for j in gl.static_range(N):  # kept in L2 for the apply partition's re-read ≈ 30 µs later
+            gl.store(new_res_ptr + tt[:, None] * (N * D) + j * D + cols[None, :], nr[j], mask=ok,
+                     eviction_policy="evict_last")
         wk = ws_ptr + (k * C) * (S * B) + s * B  # workspace [sub-block, column, slice, token]
         for j in gl.static_range(N):
             fj = nr[j].to(gl.float32)
@@ -222,8 +224,8 @@ def _apply_loads(new_res_ptr, coef_ptr, ka, tb, cols, T, D, N: gl.constexpr, B: 
     rows = new_res_ptr + tt[:, None] * (N * D) + cols[None, :]
     nr = ()
     co = ()
-    for j in gl.static_range(N):
-        nr = nr + (gl.load(rows + j * D, mask=ok, other=0.0, cache_modifier=".cg"),)
+    for j in gl.static_range(N):  # the flag's acquire orders these loads after the stores; last use: evict first
+        nr = nr + (gl.load(rows + j * D, mask=ok, other=0.0, eviction_policy="evict_first"),)
     for j in gl.static_range(N + 1):
         co = co + (gl.load(coef_ptr + (ka * (N + 1) + j) * B + tb, cache_modifier=".cg"),)
     return nr, co

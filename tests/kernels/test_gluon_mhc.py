@@ -28,7 +28,10 @@ result = {}
 for spec in aot_specs():
     try:
         compiled = aot.compile_spec(spec, "sm_90")
-        result[spec.name] = [len(aot.binary(compiled, "sm_90")), compiled.metadata.shared]
+        ptx = compiled.asm["ptx"]
+        result[spec.name] = [len(aot.binary(compiled, "sm_90")), compiled.metadata.shared,
+                             ptx.count("createpolicy.fractional.L2::evict_last"),
+                             ptx.count("createpolicy.fractional.L2::evict_first")]
     except Exception as error:
         result[spec.name] = f"{type(error).__name__}: {error}"[:400]
 print(json.dumps(result))
@@ -36,12 +39,14 @@ print(json.dumps(result))
 
 
 def test_aot_compiles_for_sm_90():
-    """D 4096 and 7168 (S = 32 and 56 slices, a constexpr) build cubins, one CTA's shared memory within the H100's."""
+    """D 4096 and 7168 (S = 32 and 56 slices, a constexpr) build cubins, one CTA's shared memory within the H100's,
+    with the L2 policies that keep new_res in L2 for its re-read (stores evict_last, the re-read evict_first)."""
     results = run_aot_script(AOT_SCRIPT, families=("cuda",))
     assert sorted(results) == ["mhc_post_pre_single_pass_bf16_n4_D4096", "mhc_post_pre_single_pass_bf16_n4_D7168"]
     for name, result in results.items():
         assert isinstance(result, list) and result[0] > 0, (name, result)
         assert 100_000 < result[1] <= SHARED_LIMIT["sm_90"], (name, result)
+        assert result[2] >= 1 and result[3] >= 1, (name, "an L2 eviction policy did not reach the PTX", result)
 
 
 def test_built_for_sm_90_only_and_launched_without_programmatic_launch():
