@@ -98,7 +98,7 @@ def test_supports_where_it_was_measured_to_win(h100):
     (dict(d=4096 + 64), "multiple of 128"),
     (dict(d=128 * 133), "≤ 132 SMs"),
     (dict(side_dtype=torch.bfloat16), "fp32"),
-    (dict(tokens=2 ** 31 // (4 * 4096)), "int32 offsets"),   # T·n·D = 2^31: the Triton kernels' int64 offsets take it
+    (dict(tokens=2 ** 31 // (4 * 4096)), "int32 offsets"),   # T·n·D = 2^31
 ])
 def test_declines_with_a_reason(h100, change, words):
     reason = sp.supports(*fake_args(**change))
