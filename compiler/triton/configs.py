@@ -80,12 +80,16 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     # (H100, session 21, T 4096, before the L2 hints: gemv 88 / apply 168 against session 20's 128 / 128 took D 4096
     # −1.5 %, D 7168 −3.5 %; apply at 104: +29 %; the reducer's loads vectorized, or 3 / 4 columns at a time: slower
     # or no change).
-    # min_t: H100, benchmarks/crossover_mhc_single_pass.py (2026-11-23 06:14 UTC, docs/kernels/mhc.md), the single
-    # pass's time over the Triton provider's at D 4096 / 7168: T 512 1.06 / 1.17, T 1024 0.97 / 0.97, T 1536 0.61 /
-    # 0.65, T 4096 0.85 / 0.91, T 16384 0.90 / 0.96.
+    # apply_lead: the mix partition runs at most this many sub-blocks ahead of its CTA's apply (0: unbounded), so
+    # new_res is still in L2 when it is re-read (H100, T 4096, interleaved: 8 took D 4096 178 → 173 µs, D 7168
+    # 337 → 333; 4 lost 30–50 %, 16 and 32 changed nothing).
+    # min_t: H100, benchmarks/crossover_mhc_single_pass.py (2026-11-23 06:55 UTC, docs/kernels/mhc.md), the single
+    # pass's time over the Triton provider's at D 4096 / 7168: T 512 1.07 / 1.17, T 1024 0.97 / 0.97, T 1536 0.62 /
+    # 0.66, T 4096 0.82 / 0.88, T 16384 0.78 / 0.88.
     "mhc.single_pass": {
         "cuda": {"min_t": 1024, "fn_parts": 2, "stages": 3, "partial_ring": 4, "row_ring": 2, "reduce_columns": 7,
-                 "load_regs": 24, "release_regs": 24, "reduce_regs": 104, "apply_regs": 168, "gemv_regs": 88},
+                 "apply_lead": 8, "load_regs": 24, "release_regs": 24, "reduce_regs": 104, "apply_regs": 168,
+                 "gemv_regs": 88},
     },
     "mhc.post": {
         "cuda": {"max_t": 0, "block_t": 4, "block_d": 256, "split": 0, "flat_loop": 0, "num_warps": 4,

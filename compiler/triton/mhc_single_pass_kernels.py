@@ -8,7 +8,7 @@ co-resident (a cooperative launch), one per SM. fn's slice stays in shared memor
 16-token sub-block reuses it. Six partitions share the CTA, handing sub-blocks on through mbarrier rings:
   load (1 warp):     cp.async of each sub-block's x, res, post, comb into a ring of ST stages;
   mix (8 warps):     new_res = post·x + combᵀ·res (stored), the Gram matrix of the rounded row → workspace, the
-                     rounded row → shared memory for the gemv;
+                     rounded row → shared memory for the gemv; at most LEAD sub-blocks ahead of the apply;
   gemv (4 warps):    the (2+n)·n partial mixes, rows against fn's bf16 parts on mma_v2 → workspace;
   release (1 warp):  once both are stored, a gpu-scope release increment of the sub-block's first flag;
   reduce (1 warp):   for the sub-blocks k of its range with k mod S == s: waits until all S slices released k,
@@ -81,7 +81,7 @@ def _load_partition(x_ptr, res_ptr, post_ptr, comb_ptr, x_s, res_s, post_s, comb
 @gluon.jit
 def _mix_partition(x_s, res_s, post_s, comb_s, ready, empty, nr_s, nr_ready, nr_free, ws_ptr, new_res_ptr,
                    k0, K, s, T, D, N: gl.constexpr, B: gl.constexpr, W: gl.constexpr, S: gl.constexpr,
-                   ST: gl.constexpr, SN: gl.constexpr, BLK: gl.constexpr):
+                   ST: gl.constexpr, SN: gl.constexpr, BLK: gl.constexpr, applied, LEAD: gl.constexpr):
     NMIX: gl.constexpr = (2 + N) * N
     C: gl.constexpr = NMIX + N * (N + 1) // 2
     tb = gl.arange(0, B, layout=gl.SliceLayout(1, BLK))
@@ -89,6 +89,8 @@ def _mix_partition(x_s, res_s, post_s, comb_s, ready, empty, nr_s, nr_ready, nr_
     for i in range(K):
         st = i % ST
         k = k0 + i
+        if LEAD > 0:  # at most LEAD sub-blocks ahead of this CTA's apply: new_res stays in L2 until it is re-read
+            mbarrier.wait(applied.index(i % LEAD), ((i // LEAD) & 1) ^ 1)
         mbarrier.wait(ready.index(st), (i // ST) & 1)
         xc = x_s.index(st).load(BLK).to(gl.float32)
         nr = ()
@@ -233,7 +235,8 @@ def _apply_loads(new_res_ptr, coef_ptr, ka, tb, cols, T, D, N: gl.constexpr, B: 
 
 @gluon.jit
 def _apply_partition(new_res_ptr, out_ptr, coef_ptr, norm_w_ptr, flags_ptr, k0, K, s, num_blocks, T, D,
-                     N: gl.constexpr, B: gl.constexpr, W: gl.constexpr, ABLK: gl.constexpr):
+                     N: gl.constexpr, B: gl.constexpr, W: gl.constexpr, ABLK: gl.constexpr, applied,
+                     LEAD: gl.constexpr):
     """Pipelined: sub-block i + 1's rows are loaded and i + 2's flag polled before i is normalized."""
     tb = gl.arange(0, B, layout=gl.SliceLayout(1, ABLK))
     cols = s * W + gl.arange(0, W, layout=gl.SliceLayout(0, ABLK))
@@ -261,6 +264,8 @@ def _apply_partition(new_res_ptr, out_ptr, coef_ptr, norm_w_ptr, flags_ptr, k0, 
         tt = ka * B + tb
         gl.store(out_ptr + tt[:, None] * D + cols[None, :], ((li * co[N][:, None]) * w_norm[None, :]).to(gl.bfloat16),
                  mask=(tt[:, None] < T) & (cols[None, :] < D))
+        if LEAD > 0:
+            mbarrier.arrive(applied.index(i % LEAD), count=1)
 
 
 @gluon.jit
@@ -271,7 +276,7 @@ def single_pass_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, fnp_ptr, base_ptr, sc
                        P: gl.constexpr, ST: gl.constexpr, SP: gl.constexpr, SN: gl.constexpr, CH: gl.constexpr, REGS: gl.constexpr,
                        BLK: gl.constexpr, ABLK: gl.constexpr, FNL: gl.constexpr, MMA: gl.constexpr,
                        LBLK: gl.constexpr, LVEC: gl.constexpr, RED: gl.constexpr, SMEM: gl.constexpr,
-                       FLAT: gl.constexpr, NRL: gl.constexpr):
+                       FLAT: gl.constexpr, NRL: gl.constexpr, LEAD: gl.constexpr):
     pid = gl.program_id(0)
     s = pid % S
     r = pid // S
@@ -302,17 +307,20 @@ def single_pass_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, fnp_ptr, base_ptr, sc
     for sn in gl.static_range(SN):
         mbarrier.init(nr_ready.index(sn), count=1)
         mbarrier.init(nr_free.index(sn), count=1)
+    applied = gl.allocate_shared_memory(gl.int64, [max(LEAD, 1), 1], mbarrier.MBarrierLayout())
+    for q in gl.static_range(LEAD):
+        mbarrier.init(applied.index(q), count=1)
 
     gl.warp_specialize([
         (_mix_partition, (x_s, res_s, post_s, comb_s, ready, empty, nr_s, nr_ready, nr_free, ws_ptr, new_res_ptr,
-                          k0, K, s, T, D, N, B, W, S, ST, SN, BLK)),
+                          k0, K, s, T, D, N, B, W, S, ST, SN, BLK, applied, LEAD)),
         (_load_partition, (x_ptr, res_ptr, post_ptr, comb_ptr, x_s, res_s, post_s, comb_s, ready, empty, k0, K, s,
                            T, D, N, B, W, ST, LBLK, LVEC)),
         (_release_partition, (flags_ptr, part_ready, part_free, k0, K, SP)),
         (_reduce_partition, (ws_ptr, coef_ptr, flags_ptr, base_ptr, scale_ptr, post_out_ptr, comb_out_ptr, k0, K,
                              s, num_blocks, T, D, rms_eps, hc_eps, norm_eps, iters, N, B, S, SP2, RED, CH)),
         (_apply_partition, (new_res_ptr, out_ptr, coef_ptr, norm_w_ptr, flags_ptr, k0, K, s, num_blocks, T, D,
-                            N, B, W, ABLK)),
+                            N, B, W, ABLK, applied, LEAD)),
         (_gemv_partition, (nr_s, nr_ready, nr_free, part_ready, part_free, fn_smem, fnp_ptr, ws_ptr, k0, K, s, D,
                            opaque_zero, N, B, W, S, P, SN, SP, MMA, FNL)),
     ], [1, 1, 1, 4, 4], REGS)  # warps of load, release, reduce, apply, gemv
