@@ -135,18 +135,18 @@ def post_pre_args(tokens, d, seed, lead=None):
     return (x, res, post, comb, fn, base, scale, w.to(torch.bfloat16), EPS["rms_eps"], EPS["hc_eps"], 20, NORM_EPS)
 
 
-def sm_90():
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+# the GPU tests: a device of compute capability 9.x (the `gpu` marker alone skips only machines without a GPU)
+sm_90 = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9),
+                           reason="the single-pass kernel is built for sm_90")
 
 
 @pytest.mark.gpu
+@sm_90
 @pytest.mark.parametrize("tokens, d", [(1, 4096), (17, 4096), (1000, 4096), (4096, 4096), (300, 7168),
                                        (4096, 7168), (16384, 4096)])
 def test_gpu_matches_reference(tokens, d):
     """Any T (one token, ragged last sub-block, more sub-blocks than CTAs per range), both hidden sizes; every
     output allocation NaN-poisoned first."""
-    if not sm_90():
-        pytest.skip("the single-pass kernel is built for sm_90")
     args = post_pre_args(tokens, d, seed=tokens + d)
     with poisoned_allocations():
         got = sp.mhc_post_pre(*args)
@@ -154,9 +154,8 @@ def test_gpu_matches_reference(tokens, d):
 
 
 @pytest.mark.gpu
+@sm_90
 def test_gpu_repeats_bitwise_with_leading_dims():
-    if not sm_90():
-        pytest.skip("the single-pass kernel is built for sm_90")
     args = post_pre_args(2048, 4096, seed=3, lead=(2, 1024))
     first = sp.mhc_post_pre(*args)
     assert_outputs_close(first, mhc_post_pre_reference(*args), torch.bfloat16)
@@ -165,11 +164,10 @@ def test_gpu_repeats_bitwise_with_leading_dims():
 
 
 @pytest.mark.gpu
+@sm_90
 def test_gpu_cuda_graph_replays_with_new_inputs():
     """The cooperative launch captured in a graph; flags and workspace come from the graph's pool, zeroed per replay.
     New activations each replay; the weights stay (fn's bf16 parts are cached per weight, see mhc.fn_bf16_parts)."""
-    if not sm_90():
-        pytest.skip("the single-pass kernel is built for sm_90")
     args = post_pre_args(4096, 4096, seed=11)
     sp.mhc_post_pre(*args)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
@@ -183,10 +181,9 @@ def test_gpu_cuda_graph_replays_with_new_inputs():
 
 
 @pytest.mark.gpu
+@sm_90
 def test_gpu_two_streams_at_once():
     """Two launches in flight on two streams: each has its own flags, so neither waits on the other's."""
-    if not sm_90():
-        pytest.skip("the single-pass kernel is built for sm_90")
     calls = [post_pre_args(4096, 4096, seed=seed) for seed in (21, 22)]
     streams = [torch.cuda.Stream() for _ in calls]
     torch.cuda.synchronize()
