@@ -75,21 +75,20 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
                  "num_warps": 4, "num_stages": 2},
     },
     # mhc_single_pass.py: the `gluon` provider of dflash.mhc_post_pre on sm_90, chosen for static T >= min_t. fn_parts
-    # bf16 parts of fn in shared memory; stages: the load ring; partial_ring / row_ring: the gemv's hand-off rings;
-    # reduce_columns: workspace columns the reducer loads at once; *_regs: each worker partition's register budget
-    # (H100, session 21, T 4096, before the L2 hints: gemv 88 / apply 168 against session 20's 128 / 128 took D 4096
-    # −1.5 %, D 7168 −3.5 %; apply at 104: +29 %; the reducer's loads vectorized, or 3 / 4 columns at a time: slower
-    # or no change).
-    # apply_lead: the mix partition runs at most this many sub-blocks ahead of its CTA's apply (0: unbounded), so
-    # new_res is still in L2 when it is re-read (H100, T 4096, interleaved: 8 took D 4096 178 → 173 µs, D 7168
-    # 337 → 333; 4 lost 30–50 %, 16 and 32 changed nothing).
+    # bf16 parts of fn in shared memory; stages: the load ring; partial_ring: the gemv's hand-off to the release;
+    # row_ring: slots of rounded new_res rows in shared memory, read by the gemv and then by the apply, so it also
+    # bounds how far the mix runs ahead of the apply (H100, session 22, T 4096, interleaved, against session 21's
+    # re-read of new_res from L2: 6 slots D 4096 173 → 159–161 µs, D 7168 321–341 → 305–316; 4 / 5 slots 173–176 /
+    # 165–166; 7 slots with stages 2 (the most that fit in 227 KB) like 6); reduce_columns: workspace columns the
+    # reducer loads at once; *_regs: each worker partition's register budget (session 21: gemv 88 / apply 168 against
+    # 128 / 128 took D 4096 −1.5 %, D 7168 −3.5 %; session 22, with the row ring: apply 96–128, giving the mix 80–120,
+    # no better).
     # min_t: H100, benchmarks/crossover_mhc_single_pass.py (2026-11-23 06:55 UTC, docs/kernels/mhc.md), the single
     # pass's time over the Triton provider's at D 4096 / 7168: T 512 1.07 / 1.17, T 1024 0.97 / 0.97, T 1536 0.62 /
     # 0.66, T 4096 0.82 / 0.88, T 16384 0.78 / 0.88.
     "mhc.single_pass": {
-        "cuda": {"min_t": 1024, "fn_parts": 2, "stages": 3, "partial_ring": 4, "row_ring": 2, "reduce_columns": 7,
-                 "apply_lead": 8, "load_regs": 24, "release_regs": 24, "reduce_regs": 104, "apply_regs": 168,
-                 "gemv_regs": 88},
+        "cuda": {"min_t": 1024, "fn_parts": 2, "stages": 3, "partial_ring": 4, "row_ring": 6, "reduce_columns": 7,
+                 "load_regs": 24, "release_regs": 24, "reduce_regs": 104, "apply_regs": 168, "gemv_regs": 88},
     },
     "mhc.post": {
         "cuda": {"max_t": 0, "block_t": 4, "block_d": 256, "split": 0, "flat_loop": 0, "num_warps": 4,

@@ -83,7 +83,7 @@ def _constexprs(slices: int, cfg: dict[str, int]) -> dict[str, object]:
     regs = (cfg["load_regs"], cfg["release_regs"], cfg["reduce_regs"], cfg["apply_regs"], cfg["gemv_regs"])
     return dict(N=STREAMS, B=B, W=W, S=slices, SP2=triton.next_power_of_2(slices), P=cfg["fn_parts"],
                 ST=cfg["stages"], SP=cfg["partial_ring"], SN=cfg["row_ring"], CH=cfg["reduce_columns"], REGS=regs,
-                LEAD=cfg["apply_lead"], **layouts())
+                **layouts())
 
 
 def mhc_post_pre(x, res, post, comb, fn, base, scale, norm_w, rms_eps, hc_eps, iters, norm_eps):

@@ -1,25 +1,26 @@
 """dflash.mhc_post_pre in ONE persistent, warp-specialized launch (Gluon, sm_90): DRAM bytes at the floor.
 
 before (mhc.py / mhc_rows.py, two launches):  res, x ──phase 1──▶ new_res (HBM) ──phase 2──▶ out
-after (this kernel, one launch):              res, x ──▶ new_res (HBM, and read back from L2 by the same CTA) ──▶ out
+after (this kernel, one launch):              res, x ──▶ new_res (HBM; kept in shared memory until applied) ──▶ out
 
 CTA (s, r) owns column slice s (W = 128 columns of every stream) and token range r; the S·R CTAs of the grid are
 co-resident (a cooperative launch), one per SM. fn's slice stays in shared memory for the whole launch, so every
 16-token sub-block reuses it. Six partitions share the CTA, handing sub-blocks on through mbarrier rings:
   load (1 warp):     cp.async of each sub-block's x, res, post, comb into a ring of ST stages;
-  mix (8 warps):     new_res = post·x + combᵀ·res (stored), the Gram matrix of the rounded row → workspace, the
-                     rounded row → shared memory for the gemv; at most LEAD sub-blocks ahead of the apply;
-  gemv (4 warps):    the (2+n)·n partial mixes, rows against fn's bf16 parts on mma_v2 → workspace;
+  mix (8 warps):     new_res = post·x + combᵀ·res, the Gram matrix of the rounded row → workspace, the rounded
+                     row → the row ring (SN slots in shared memory), then new_res → HBM; a slot is refilled once
+                     the gemv and the apply have both read it, so the mix runs at most SN sub-blocks ahead;
+  gemv (4 warps):    the (2+n)·n partial mixes, rows from the row ring against fn's bf16 parts on mma_v2 → workspace;
   release (1 warp):  once both are stored, a gpu-scope release increment of the sub-block's first flag;
   reduce (1 warp):   for the sub-blocks k of its range with k mod S == s: waits until all S slices released k,
                      sums their partials → r, pre, r_in (the norm's statistic from the Gram matrix: pre-weighted
                      Σ of the Gram pairs), releases k's second flag; then post and comb (softmax + Sinkhorn);
-  apply (4 warps):   per sub-block, once its second flag is set: layer_in = Σ pre_j·new_res_j (its own stores,
-                     from L2: stored evict_last, re-read evict_first), rounded, ·r_in·w → out. It polls flags two
-                     sub-blocks ahead.
+  apply (4 warps):   per sub-block, once its second flag is set: layer_in = Σ pre_j·new_res_j from the row ring (no
+                     re-read of new_res from L2 or HBM), rounded, ·r_in·w → out. It polls the next flag ahead.
 The flags are zeroed per launch by the launcher (mhc_single_pass.py), which also checks what the schedule needs.
 Spins are bounded (≈ seconds): a broken schedule ends with wrong numbers instead of hanging the device.
-docs/kernels/mhc.md, "Session 20" (the timelines) and "Session 21" (the provider, the measurements).
+docs/kernels/mhc.md, "Session 20" (the timelines), "Session 21" (the provider, the measurements) and "Session 22"
+(the row ring shared with the apply).
 """
 
 import functools
@@ -81,7 +82,7 @@ def _load_partition(x_ptr, res_ptr, post_ptr, comb_ptr, x_s, res_s, post_s, comb
 @gluon.jit
 def _mix_partition(x_s, res_s, post_s, comb_s, ready, empty, nr_s, nr_ready, nr_free, ws_ptr, new_res_ptr,
                    k0, K, s, T, D, N: gl.constexpr, B: gl.constexpr, W: gl.constexpr, S: gl.constexpr,
-                   ST: gl.constexpr, SN: gl.constexpr, BLK: gl.constexpr, applied, LEAD: gl.constexpr):
+                   ST: gl.constexpr, SN: gl.constexpr, BLK: gl.constexpr):
     NMIX: gl.constexpr = (2 + N) * N
     C: gl.constexpr = NMIX + N * (N + 1) // 2
     tb = gl.arange(0, B, layout=gl.SliceLayout(1, BLK))
@@ -89,8 +90,6 @@ def _mix_partition(x_s, res_s, post_s, comb_s, ready, empty, nr_s, nr_ready, nr_
     for i in range(K):
         st = i % ST
         k = k0 + i
-        if LEAD > 0:  # at most LEAD sub-blocks ahead of this CTA's apply: new_res stays in L2 until it is re-read
-            mbarrier.wait(applied.index(i % LEAD), ((i // LEAD) & 1) ^ 1)
         mbarrier.wait(ready.index(st), (i // ST) & 1)
         xc = x_s.index(st).load(BLK).to(gl.float32)
         nr = ()
@@ -103,19 +102,18 @@ def _mix_partition(x_s, res_s, post_s, comb_s, ready, empty, nr_s, nr_ready, nr_
         mbarrier.arrive(empty.index(st), count=1)
         tt = k * B + tb
         ok = (tt[:, None] < T) & (cols[None, :] < D)
-        for j in gl.static_range(N):  # kept in L2 for the apply partition's re-read ≈ 30 µs later
-            gl.store(new_res_ptr + tt[:, None] * (N * D) + j * D + cols[None, :], nr[j], mask=ok,
-                     eviction_policy="evict_last")
         wk = ws_ptr + (k * C) * (S * B) + s * B  # workspace [sub-block, column, slice, token]
         for j in gl.static_range(N):
             fj = nr[j].to(gl.float32)
             for q in gl.static_range(j + 1):
                 gl.store(wk + (N + j * (j + 1) // 2 + q) * (S * B) + tb, gl.sum(fj * nr[q].to(gl.float32), axis=1))
-        sn = i % SN
+        sn = i % SN  # the slot's last reader, sub-block i − SN's apply, bounds how far the mix runs ahead
         mbarrier.wait(nr_free.index(sn), ((i // SN) & 1) ^ 1)
         for j in gl.static_range(N):
             nr_s.index(sn * N + j).store(nr[j])
         mbarrier.arrive(nr_ready.index(sn), count=1)
+        for j in gl.static_range(N):  # after the hand-off, so the gemv starts first
+            gl.store(new_res_ptr + tt[:, None] * (N * D) + j * D + cols[None, :], nr[j], mask=ok)
 
 
 @gluon.jit
@@ -219,53 +217,34 @@ def _reduce_partition(ws_ptr, coef_ptr, flags_ptr, base_ptr, scale_ptr, post_out
 
 
 @gluon.jit
-def _apply_loads(new_res_ptr, coef_ptr, ka, tb, cols, T, D, N: gl.constexpr, B: gl.constexpr):
-    """Sub-block ka's new_res slice (bf16 [B, W] per stream), pre_j and r_in ([B] each): issued, not waited on."""
-    tt = ka * B + tb
-    ok = (tt[:, None] < T) & (cols[None, :] < D)
-    rows = new_res_ptr + tt[:, None] * (N * D) + cols[None, :]
-    nr = ()
-    co = ()
-    for j in gl.static_range(N):  # the flag's acquire orders these loads after the stores; last use: evict first
-        nr = nr + (gl.load(rows + j * D, mask=ok, other=0.0, eviction_policy="evict_first"),)
-    for j in gl.static_range(N + 1):
-        co = co + (gl.load(coef_ptr + (ka * (N + 1) + j) * B + tb, cache_modifier=".cg"),)
-    return nr, co
-
-
-@gluon.jit
-def _apply_partition(new_res_ptr, out_ptr, coef_ptr, norm_w_ptr, flags_ptr, k0, K, s, num_blocks, T, D,
-                     N: gl.constexpr, B: gl.constexpr, W: gl.constexpr, ABLK: gl.constexpr, applied,
-                     LEAD: gl.constexpr):
-    """Pipelined: sub-block i + 1's rows are loaded and i + 2's flag polled before i is normalized."""
+def _apply_partition(nr_s, nr_ready, nr_free, out_ptr, coef_ptr, norm_w_ptr, flags_ptr, k0, K, s, num_blocks, T, D,
+                     N: gl.constexpr, B: gl.constexpr, W: gl.constexpr, SN: gl.constexpr, ABLK: gl.constexpr):
+    """Sub-block i's new_res from the row ring (shared memory), once its second flag is set; i + 1's flag polled."""
     tb = gl.arange(0, B, layout=gl.SliceLayout(1, ABLK))
     cols = s * W + gl.arange(0, W, layout=gl.SliceLayout(0, ABLK))
     w_norm = gl.load(norm_w_ptr + cols).to(gl.float32)
     k_last = k0 + K - 1
-    _wait_flag(flags_ptr + num_blocks + k0, 1)
-    nr_n, co_n = _apply_loads(new_res_ptr, coef_ptr, k0, tb, cols, T, D, N, B)
-    seen = gl.atomic_add(flags_ptr + num_blocks + gl.minimum(k0 + 1, k_last), 0, sem="acquire", scope="gpu")
+    seen = gl.atomic_add(flags_ptr + num_blocks + k0, 0, sem="acquire", scope="gpu")
     for i in range(K):
         ka = k0 + i
-        kn = gl.minimum(ka + 1, k_last)
         spins = 0
-        while (seen < 1) & (spins < 4_000_000):  # sub-block kn's flag, polled one iteration ago
-            seen = gl.atomic_add(flags_ptr + num_blocks + kn, 0, sem="acquire", scope="gpu")
+        while (seen < 1) & (spins < 4_000_000):  # sub-block ka's flag, polled one iteration ago
+            seen = gl.atomic_add(flags_ptr + num_blocks + ka, 0, sem="acquire", scope="gpu")
             spins += 1
-        nr = nr_n
-        co = co_n
-        nr_n, co_n = _apply_loads(new_res_ptr, coef_ptr, kn, tb, cols, T, D, N, B)
-        # the flag after it: issued now, awaited at the next iteration, so its round trip overlaps this one's work
-        seen = gl.atomic_add(flags_ptr + num_blocks + gl.minimum(ka + 2, k_last), 0, sem="acquire", scope="gpu")
+        co = ()
+        for j in gl.static_range(N + 1):
+            co = co + (gl.load(coef_ptr + (ka * (N + 1) + j) * B + tb, cache_modifier=".cg"),)
+        seen = gl.atomic_add(flags_ptr + num_blocks + gl.minimum(ka + 1, k_last), 0, sem="acquire", scope="gpu")
+        sn = i % SN
+        mbarrier.wait(nr_ready.index(sn), (i // SN) & 1)
         li = gl.zeros([B, W], gl.float32, ABLK)
         for j in gl.static_range(N):
-            li += co[j][:, None] * nr[j].to(gl.float32)
+            li += co[j][:, None] * nr_s.index(sn * N + j).load(ABLK).to(gl.float32)
+        mbarrier.arrive(nr_free.index(sn), count=1)
         li = li.to(gl.bfloat16).to(gl.float32)  # layer_in in the activation dtype, as the reference rounds it
         tt = ka * B + tb
         gl.store(out_ptr + tt[:, None] * D + cols[None, :], ((li * co[N][:, None]) * w_norm[None, :]).to(gl.bfloat16),
                  mask=(tt[:, None] < T) & (cols[None, :] < D))
-        if LEAD > 0:
-            mbarrier.arrive(applied.index(i % LEAD), count=1)
 
 
 @gluon.jit
@@ -273,10 +252,11 @@ def single_pass_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, fnp_ptr, base_ptr, sc
                        new_res_ptr, out_ptr, post_out_ptr, comb_out_ptr, ws_ptr, coef_ptr, flags_ptr,
                        T, D, num_blocks, ranges, rms_eps, hc_eps, norm_eps, iters,
                        N: gl.constexpr, B: gl.constexpr, W: gl.constexpr, S: gl.constexpr, SP2: gl.constexpr,
-                       P: gl.constexpr, ST: gl.constexpr, SP: gl.constexpr, SN: gl.constexpr, CH: gl.constexpr, REGS: gl.constexpr,
+                       P: gl.constexpr, ST: gl.constexpr, SP: gl.constexpr, SN: gl.constexpr, CH: gl.constexpr,
+                       REGS: gl.constexpr,
                        BLK: gl.constexpr, ABLK: gl.constexpr, FNL: gl.constexpr, MMA: gl.constexpr,
                        LBLK: gl.constexpr, LVEC: gl.constexpr, RED: gl.constexpr, SMEM: gl.constexpr,
-                       FLAT: gl.constexpr, NRL: gl.constexpr, LEAD: gl.constexpr):
+                       FLAT: gl.constexpr, NRL: gl.constexpr):
     pid = gl.program_id(0)
     s = pid % S
     r = pid // S
@@ -306,21 +286,18 @@ def single_pass_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, fnp_ptr, base_ptr, sc
         mbarrier.init(part_free.index(sp), count=1)
     for sn in gl.static_range(SN):
         mbarrier.init(nr_ready.index(sn), count=1)
-        mbarrier.init(nr_free.index(sn), count=1)
-    applied = gl.allocate_shared_memory(gl.int64, [max(LEAD, 1), 1], mbarrier.MBarrierLayout())
-    for q in gl.static_range(LEAD):
-        mbarrier.init(applied.index(q), count=1)
+        mbarrier.init(nr_free.index(sn), count=2)  # the gemv and the apply read each slot
 
     gl.warp_specialize([
         (_mix_partition, (x_s, res_s, post_s, comb_s, ready, empty, nr_s, nr_ready, nr_free, ws_ptr, new_res_ptr,
-                          k0, K, s, T, D, N, B, W, S, ST, SN, BLK, applied, LEAD)),
+                          k0, K, s, T, D, N, B, W, S, ST, SN, BLK)),
         (_load_partition, (x_ptr, res_ptr, post_ptr, comb_ptr, x_s, res_s, post_s, comb_s, ready, empty, k0, K, s,
                            T, D, N, B, W, ST, LBLK, LVEC)),
         (_release_partition, (flags_ptr, part_ready, part_free, k0, K, SP)),
         (_reduce_partition, (ws_ptr, coef_ptr, flags_ptr, base_ptr, scale_ptr, post_out_ptr, comb_out_ptr, k0, K,
                              s, num_blocks, T, D, rms_eps, hc_eps, norm_eps, iters, N, B, S, SP2, RED, CH)),
-        (_apply_partition, (new_res_ptr, out_ptr, coef_ptr, norm_w_ptr, flags_ptr, k0, K, s, num_blocks, T, D,
-                            N, B, W, ABLK, applied, LEAD)),
+        (_apply_partition, (nr_s, nr_ready, nr_free, out_ptr, coef_ptr, norm_w_ptr, flags_ptr, k0, K, s, num_blocks,
+                            T, D, N, B, W, SN, ABLK)),
         (_gemv_partition, (nr_s, nr_ready, nr_free, part_ready, part_free, fn_smem, fnp_ptr, ws_ptr, k0, K, s, D,
                            opaque_zero, N, B, W, S, P, SN, SP, MMA, FNL)),
     ], [1, 1, 1, 4, 4], REGS)  # warps of load, release, reduce, apply, gemv
