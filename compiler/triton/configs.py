@@ -78,14 +78,14 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     # bf16 parts of fn in shared memory; stages: the load ring; partial_ring: the gemv's hand-off to the release;
     # row_ring: slots of rounded new_res rows in shared memory, read by the gemv and then by the apply, so it also
     # bounds how far the mix runs ahead of the apply (H100, session 22, T 4096, interleaved, against session 21's
-    # re-read of new_res from L2: 6 slots D 4096 173 → 159–161 µs, D 7168 321–341 → 305–316; 4 / 5 slots 173–176 /
-    # 165–166; 7 slots with stages 2 (the most that fit in 227 KB) like 6); reduce_columns: workspace columns the
+    # re-read of new_res from L2: 6 slots D 4096 173 → 158.5–161 µs, D 7168 321–341 → 305–316; 4 / 5 slots 173–176 /
+    # 165–166; 7 slots with stages 2 (the most that fit in 227 KiB) like 6); reduce_columns: workspace columns the
     # reducer loads at once; *_regs: each worker partition's register budget (session 21: gemv 88 / apply 168 against
     # 128 / 128 took D 4096 −1.5 %, D 7168 −3.5 %; session 22, with the row ring: apply 96–128, giving the mix 80–120,
     # no better).
-    # min_t: H100, benchmarks/crossover_mhc_single_pass.py (2026-11-23 06:55 UTC, docs/kernels/mhc.md), the single
-    # pass's time over the Triton provider's at D 4096 / 7168: T 512 1.07 / 1.17, T 1024 0.97 / 0.97, T 1536 0.62 /
-    # 0.66, T 4096 0.82 / 0.88, T 16384 0.78 / 0.88.
+    # min_t: H100, benchmarks/crossover_mhc_single_pass.py (2026-11-23 07:44 UTC, session 22's row ring,
+    # docs/kernels/mhc.md), the single pass's time over the Triton provider's at D 4096 / 7168: T 512 1.03 / 1.12,
+    # T 1024 0.91 / 0.94, T 1536 0.58 / 0.62, T 4096 0.75 / 0.85, T 16384 0.72 / 0.80.
     "mhc.single_pass": {
         "cuda": {"min_t": 1024, "fn_parts": 2, "stages": 3, "partial_ring": 4, "row_ring": 6, "reduce_columns": 7,
                  "load_regs": 24, "release_regs": 24, "reduce_regs": 104, "apply_regs": 168, "gemv_regs": 88},

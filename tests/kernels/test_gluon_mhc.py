@@ -45,7 +45,7 @@ def resident_bytes(cfg: dict[str, int]) -> int:
 
 def test_aot_compiles_for_sm_90():
     """D 4096 and 7168 (S = 32 and 56 slices, a constexpr) build cubins whose shared memory holds fn's slice, the load
-    ring and the row ring (the apply reads new_res from there, not back from L2) within the H100's 227 KB."""
+    ring and the row ring (the apply reads new_res from there, not back from L2) within the H100's 227 KiB."""
     results = run_aot_script(AOT_SCRIPT, families=("cuda",))
     assert sorted(results) == ["mhc_post_pre_single_pass_bf16_n4_D4096", "mhc_post_pre_single_pass_bf16_n4_D7168"]
     for name, result in results.items():
