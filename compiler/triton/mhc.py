@@ -467,7 +467,7 @@ def shaped_outputs(lead, n, d, new_res, out, post_out, comb_out):
 # ----------------------------------------------------------------------------------------- ops and checks
 
 def unsupported_arguments(res, x=None, post=None, comb=None, fn=None, base=None, scale=None, norm_w=None,
-                 iters=1) -> str | None:
+                          iters=1) -> str | None:
     """Why the Triton kernel cannot run these arguments, in one sentence; None when it can."""
     if not isinstance(res, torch.Tensor) or res.dim() < 2:
         return "mhc: res must be a tensor of shape [..., n, D]."
