@@ -8,9 +8,11 @@ co-resident (a cooperative launch), one per SM. fn's slice stays in shared memor
 16-token sub-block reuses it. Six partitions share the CTA, handing sub-blocks on through mbarrier rings:
   load (1 warp):     cp.async of each sub-block's x, res, post, comb into a ring of ST stages;
   mix (8 warps):     new_res = post·x + combᵀ·res, the Gram matrix of the rounded row → workspace, the rounded
-                     row → the row ring (SN slots in shared memory), then new_res → HBM; a slot is refilled once
+                     row → the row ring (SN slots in shared memory, one allocation per stream so that the stores
+                     need no barriers between them), then new_res → HBM; a slot is refilled once
                      the gemv and the apply have both read it, so the mix runs at most SN sub-blocks ahead;
-  gemv (4 warps):    the (2+n)·n partial mixes, rows from the row ring against fn's bf16 parts on mma_v2 → workspace;
+  gemv (4 warps):    the (2+n)·n partial mixes, rows from the row ring against fn's bf16 parts on mma_v2 (one
+                     accumulator per part: independent mma chains) → workspace;
   release (1 warp):  once both are stored, a gpu-scope release increment of the sub-block's first flag;
   reduce (1 warp):   for the sub-blocks k of its range with k mod S == s: waits until all S slices released k,
                      sums their partials → r, pre, r_in (the norm's statistic from the Gram matrix: pre-weighted
@@ -19,8 +21,8 @@ co-resident (a cooperative launch), one per SM. fn's slice stays in shared memor
                      re-read of new_res from L2 or HBM), rounded, ·r_in·w → out. It polls the next flag ahead.
 The flags are zeroed per launch by the launcher (mhc_single_pass.py), which also checks what the schedule needs.
 Spins are bounded (≈ seconds): a broken schedule ends with wrong numbers instead of hanging the device.
-docs/kernels/mhc.md, "Session 20" (the timelines), "Session 21" (the provider, the measurements) and "Session 22"
-(the row ring shared with the apply).
+docs/kernels/mhc.md, "Session 20" (the timelines), "Session 21" (the provider, the measurements), "Session 22"
+(the row ring shared with the apply) and "Session 23" (the gemv's chains, the bounds measured by ablation).
 """
 
 import functools
@@ -110,7 +112,7 @@ def _mix_partition(x_s, res_s, post_s, comb_s, ready, empty, nr_s, nr_ready, nr_
         sn = i % SN  # the slot's last reader, sub-block i − SN's apply, bounds how far the mix runs ahead
         mbarrier.wait(nr_free.index(sn), ((i // SN) & 1) ^ 1)
         for j in gl.static_range(N):
-            nr_s.index(sn * N + j).store(nr[j])
+            nr_s[j].index(sn).store(nr[j])
         mbarrier.arrive(nr_ready.index(sn), count=1)
         for j in gl.static_range(N):  # after the hand-off, so the gemv starts first
             gl.store(new_res_ptr + tt[:, None] * (N * D) + j * D + cols[None, :], nr[j], mask=ok)
@@ -135,12 +137,19 @@ def _gemv_partition(nr_s, nr_ready, nr_free, part_ready, part_free, fn_smem, fnp
     for i in range(K):
         sn = i % SN
         mbarrier.wait(nr_ready.index(sn), (i // SN) & 1)
-        acc = gl.zeros([B, NM], gl.float32, MMA)
+        accs = ()  # one accumulator per part of fn: P independent mma chains instead of one chain of P·N
+        for p in gl.static_range(P):
+            accs = accs + (gl.zeros([B, NM], gl.float32, MMA),)
         for j in gl.static_range(N):
-            a = nr_s.index(sn * N + j).load(gl.DotOperandLayout(0, MMA, 2))
+            a = nr_s[j].index(sn).load(gl.DotOperandLayout(0, MMA, 2))
+            chained = ()
             for p in gl.static_range(P):  # opaque_zero: fn's operands read in the loop, not hoisted into registers
                 b = fn_smem[P - 1 - p].index(j + i * opaque_zero).load(gl.DotOperandLayout(1, MMA, 2))
-                acc = mma_v2(a, b, acc)
+                chained = chained + (mma_v2(a, b, accs[p]),)
+            accs = chained
+        acc = accs[0]
+        for p in gl.static_range(1, P):
+            acc += accs[p]
         mbarrier.arrive(nr_free.index(sn), count=1)
         mbarrier.wait(part_free.index(i % SP), ((i // SP) & 1) ^ 1)
         wk = ws_ptr + ((k0 + i) * C) * (S * B) + s * B
@@ -239,7 +248,7 @@ def _apply_partition(nr_s, nr_ready, nr_free, out_ptr, coef_ptr, norm_w_ptr, fla
         mbarrier.wait(nr_ready.index(sn), (i // SN) & 1)
         li = gl.zeros([B, W], gl.float32, ABLK)
         for j in gl.static_range(N):
-            li += co[j][:, None] * nr_s.index(sn * N + j).load(ABLK).to(gl.float32)
+            li += co[j][:, None] * nr_s[j].index(sn).load(ABLK).to(gl.float32)
         mbarrier.arrive(nr_free.index(sn), count=1)
         li = li.to(gl.bfloat16).to(gl.float32)  # layer_in in the activation dtype, as the reference rounds it
         tt = ka * B + tb
@@ -275,7 +284,9 @@ def single_pass_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, fnp_ptr, base_ptr, sc
     empty = gl.allocate_shared_memory(gl.int64, [ST, 1], mbarrier.MBarrierLayout())
     part_ready = gl.allocate_shared_memory(gl.int64, [SP, 1], mbarrier.MBarrierLayout())
     part_free = gl.allocate_shared_memory(gl.int64, [SP, 1], mbarrier.MBarrierLayout())
-    nr_s = gl.allocate_shared_memory(gl.bfloat16, [SN * N, B, W], NRL)
+    nr_s = ()  # one allocation per stream: stores to different allocations need no barrier between them
+    for j in gl.static_range(N):
+        nr_s = nr_s + (gl.allocate_shared_memory(gl.bfloat16, [SN, B, W], NRL),)
     nr_ready = gl.allocate_shared_memory(gl.int64, [SN, 1], mbarrier.MBarrierLayout())
     nr_free = gl.allocate_shared_memory(gl.int64, [SN, 1], mbarrier.MBarrierLayout())
     for st in gl.static_range(ST):
