@@ -83,9 +83,9 @@ TABLE: dict[str, dict[str, dict[str, int]]] = {
     # reducer loads at once; *_regs: each worker partition's register budget (session 21: gemv 88 / apply 168 against
     # 128 / 128 took D 4096 −1.5 %, D 7168 −3.5 %; session 22, with the row ring: apply 96–128, giving the mix 80–120,
     # no better).
-    # min_t: H100, benchmarks/crossover_mhc_single_pass.py (2026-11-23 07:44 UTC, session 22's row ring,
-    # docs/kernels/mhc.md), the single pass's time over the Triton provider's at D 4096 / 7168: T 512 1.03 / 1.12,
-    # T 1024 0.91 / 0.94, T 1536 0.58 / 0.62, T 4096 0.75 / 0.85, T 16384 0.72 / 0.80.
+    # min_t: H100, benchmarks/crossover_mhc_single_pass.py (2026-11-23 09:12 UTC, session 23's gemv chains,
+    # docs/kernels/mhc.md), the single pass's time over the Triton provider's at D 4096 / 7168: T 512 0.99 / 1.08,
+    # T 1024 0.89 / 0.91, T 1536 0.57 / 0.58, T 4096 0.73 / 0.82, T 16384 0.70 / 0.78 (one threshold for both D).
     "mhc.single_pass": {
         "cuda": {"min_t": 1024, "fn_parts": 2, "stages": 3, "partial_ring": 4, "row_ring": 6, "reduce_columns": 7,
                  "load_regs": 24, "release_regs": 24, "reduce_regs": 104, "apply_regs": 168, "gemv_regs": 88},
