@@ -9,7 +9,6 @@ each program first asks L2 for its split's first `prefetch_keys` K/V rows, then 
 (docs/kernels/attention.md, session 18).
 """
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +17,7 @@ import triton.language as tl
 
 from .attention_common import (LOG2E, attend, family, key_range, launch_params, mask_args, qpos_args, query_positions,
                                widen_dot)
-from .launch import await_previous_grid, prefetch_to_l2, programmatic_launch, wrap_triton
+from .launch import await_previous_grid, device_facts, prefetch_to_l2, programmatic_launch, wrap_triton
 
 
 @triton.jit
@@ -141,12 +140,7 @@ def reduce_splits_kernel(
 
 def multiprocessor_count(device: torch.device) -> int:
     """SMs (CUDA) or CUs (ROCm) of the device; 1 for the interpreter, whose programs run one after another."""
-    return _gpu_multiprocessors(device.index or 0) if device.type == "cuda" else 1
-
-
-@functools.cache
-def _gpu_multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return device_facts(device.index or 0)[1] if device.type == "cuda" else 1
 
 
 def num_kv_splits(programs: int, cache_len: int, num_sms: int, min_keys_per_split: int, max_splits: int,

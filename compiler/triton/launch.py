@@ -39,9 +39,10 @@ def wrap_triton(kernel):
 
 
 @functools.cache
-def _sm(index: int) -> int:
-    major, minor = torch.cuda.get_device_capability(index)
-    return 10 * major + minor
+def device_facts(index: int) -> tuple[tuple[int, int], int]:
+    """(compute capability, SM or CU count) of GPU `index`, asked once: the one place kernels learn them."""
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.multi_processor_count
 
 
 def programmatic(family: str, sm: int) -> bool:
@@ -58,7 +59,8 @@ def programmatic_launch(device: torch.device) -> dict:
     if device.type != "cuda" or torch.version.hip or traced():
         return {"PDL": False}
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return {"PDL": True, "launch_pdl": True} if programmatic("cuda", _sm(index)) else {"PDL": False}
+    major, minor = device_facts(index)[0]
+    return {"PDL": True, "launch_pdl": True} if programmatic("cuda", 10 * major + minor) else {"PDL": False}
 
 
 @triton.jit

@@ -15,7 +15,6 @@ state. Gluon kernels do not run under TRITON_INTERPRET: CI compiles this one for
 are tested on the GPU (tests/kernels/test_gluon_mhc.py, `pytest -m gpu`).
 """
 
-import functools
 import math
 
 import torch
@@ -25,17 +24,11 @@ from ...errors import InputError
 from ..providers import Provider, register
 from .aot import KernelSpec, pointer_args
 from .configs import launch_config
+from .launch import device_facts
 from .mhc import fn_bf16_parts, shaped_outputs, unsupported_arguments
 from .mhc_single_pass_kernels import B, MIX_WARPS, W, layouts, single_pass_kernel
 
 STREAMS = 4
-
-
-@functools.cache
-def device_facts(index: int) -> tuple[tuple[int, int], int]:
-    """(compute capability, SM count) of CUDA device `index`."""
-    props = torch.cuda.get_device_properties(index)
-    return (props.major, props.minor), props.multi_processor_count
 
 
 def _config() -> dict[str, int]:

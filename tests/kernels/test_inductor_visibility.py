@@ -25,7 +25,7 @@ import torch_dflash
 from torch_dflash.compiler import lowering
 from torch_dflash.compiler.triton import attention_decode
 
-attention_decode._gpu_multiprocessors = lambda index: 132   # an H100's SMs: no device to ask here
+attention_decode.device_facts = lambda index: ((9, 0), 132)   # an H100's: no device to ask here (decode's view only)
 dflash = torch.ops.dflash
 H, NQ, NKV, HD, T, CTX, N = 1024, 8, 2, 128, 16, 256, 4
 

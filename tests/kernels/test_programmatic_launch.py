@@ -115,15 +115,15 @@ def test_every_launch_site_passes_the_programmatic_launch_arguments():
 
 def test_off_on_cpu_rocm_older_gpus_and_while_traced(monkeypatch):
     assert launch.programmatic_launch(torch.device("cpu")) == {"PDL": False}
-    monkeypatch.setattr(launch, "_sm", lambda index: 90)
+    monkeypatch.setattr(launch, "device_facts", lambda index: ((9, 0), 132))
     monkeypatch.setattr(torch.version, "hip", None)
     cuda = torch.device("cuda", 0)
     assert launch.programmatic_launch(cuda) == {"PDL": True, "launch_pdl": True}
     with FakeTensorMode():
         assert launch.programmatic_launch(cuda) == {"PDL": False}   # torch's traceable launch takes no options
-    monkeypatch.setattr(launch, "_sm", lambda index: 80)
+    monkeypatch.setattr(launch, "device_facts", lambda index: ((8, 0), 108))
     assert launch.programmatic_launch(cuda) == {"PDL": False}
-    monkeypatch.setattr(launch, "_sm", lambda index: 90)
+    monkeypatch.setattr(launch, "device_facts", lambda index: ((9, 0), 132))
     monkeypatch.setitem(configs.TABLE, "programmatic_launch", {"cuda": {"on": 0, "min_sm": 90}})
     assert launch.programmatic_launch(cuda) == {"PDL": False}
     monkeypatch.setattr(torch.version, "hip", "6.4")
